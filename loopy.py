@@ -1,0 +1,1249 @@
+# MIT License
+#
+# Copyright (c) 2026 The loopy authors
+#
+# Permission is hereby granted, free of charge, to any person obtaining a copy
+# of this software and associated documentation files (the "Software"), to deal
+# in the Software without restriction, including without limitation the rights
+# to use, copy, modify, merge, publish, distribute, sublicense, and/or sell
+# copies of the Software, and to permit persons to whom the Software is
+# furnished to do so, subject to the following conditions:
+#
+# The above copyright notice and this permission notice shall be included in all
+# copies or substantial portions of the Software.
+#
+# THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+# IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+# FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+# AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+# LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+# OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+# SOFTWARE.
+"""loopy: the PyTorch training loop in one call, with hooks written as plain generators.
+
+    import torch, loopy
+    X, y = torch.randn(512, 20), torch.randint(0, 3, (512,))
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loop = loopy.fit(model, torch.nn.functional.cross_entropy, optimizer, (X, y),
+                     batch_size=64, shuffle=True, epochs=3, metrics={"acc": loopy.accuracy})
+    print(loop.history["loss"], loop.history["acc"])
+
+A hook is a generator: code before its first ``yield`` runs when training starts, each
+``loop = yield "epoch"`` waits for an event and receives the live Loop, ``finally:`` is teardown.
+"""
+
+__version__ = "0.1.0"
+__all__ = [
+    "fit", "evaluate", "predict", "accuracy", "lr_find", "Loop", "HookError", "EVENTS",
+    "progress", "early_stopping", "checkpoint", "csv_logger", "tensorboard",
+]
+
+import contextlib
+import dataclasses
+import inspect
+import math
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+
+import torch
+
+EVENTS = ("start", "batch", "backward", "step", "epoch", "end")
+
+
+class HookError(RuntimeError):
+    """A hook broke the generator protocol (the message names the hook and the fix)."""
+
+
+def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=None, metrics=None,
+        device="auto", progress=True, step=None, batch_size=32, shuffle=False, scheduler=None,
+        scheduler_interval="epoch", scheduler_monitor="val_loss", precision=None, accumulate=1,
+        clip_grad=None, seed=None, max_steps=None, dry_run=False, nonfinite="raise", resume=None):
+    """Train ``model`` and return the :class:`Loop` that the hooks saw.
+
+    The same as the hand-written loop (bit for bit, with the same seed)::
+
+        for epoch in range(epochs):
+            for x, y in loader:
+                loss = loss_fn(model(x), y); loss.backward(); optimizer.step(); optimizer.zero_grad()
+
+    Parameters:
+        model: an ``nn.Module``; moved to ``device`` once. Batches ``(x, y)`` call ``model(x)``,
+            ``model(*x)`` when ``x`` is a tuple or list, ``model(**x)`` when it is a dict.
+        loss_fn: ``loss_fn(output, y) -> scalar tensor``; may be None when ``step`` is given.
+        optimizer: a ``torch.optim.Optimizer`` over the model's parameters.
+        loader: any iterable of batches (a ``DataLoader``), or in-memory tensors ``(X, y)``
+            batched by ``batch_size`` and ``shuffle`` exactly as ``DataLoader(TensorDataset(X, y))``.
+        hooks: generator objects, e.g. ``[loopy.early_stopping(patience=3)]`` (see ``EVENTS``).
+        epochs: number of passes over ``loader`` (the total, also when resuming).
+        val_loader: evaluated after every epoch under ``torch.no_grad()`` and ``model.eval()``;
+            its results enter ``loop.history`` with a ``val_`` prefix.
+        metrics: ``{"name": fn(output, target) -> tensor}`` (averaged over the epoch, weighted by
+            batch size) or objects with ``update/compute/reset`` (a torchmetrics ``Metric``).
+        device: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda:1"``, a ``torch.device``.
+        progress: show the :func:`progress` hook (a bar on a terminal, a line per epoch elsewhere).
+        step: ``step(model, batch)`` for any other update; returns the loss, or
+            ``(loss, output, target)`` for metrics. It also runs for validation, where
+            ``model.training`` is False and gradients are off.
+        batch_size, shuffle: for in-memory tensors only.
+        scheduler: a ``torch.optim.lr_scheduler`` object, stepped every ``scheduler_interval``
+            (``"epoch"``, the default, or ``"step"``); ``ReduceLROnPlateau`` gets the value of
+            ``scheduler_monitor`` (``"val_loss"``, or ``"loss"`` without validation).
+            The learning rate enters ``loop.history["lr"]``.
+        precision: None (full), ``"bf16"`` or ``"fp16"`` (autocast; fp16 adds a GradScaler).
+        accumulate: optimizer step every n batches, the loss scaled so that the gradient equals
+            one n-times-larger batch (the last partial group of an epoch still steps).
+        clip_grad: clip the gradient norm to this value; ``loop.grad_norm`` is the norm before.
+        seed: seed Python, NumPy (if imported) and torch before anything else; None leaves them.
+        max_steps: stop after this many optimizer steps (that epoch is completed and recorded).
+        dry_run: run one epoch of 2 batches and 2 validation batches; checkpoints are not written.
+        nonfinite: ``"raise"`` (a FloatingPointError naming the first bad epoch and step, checked
+            whenever numbers are pulled, so without a per-step sync), ``"skip"`` (no update for
+            that batch, counted in ``history["skipped"]``; syncs every step) or ``"ignore"``.
+        resume: path of a :func:`checkpoint` file; the run continues where it stopped, exactly.
+
+    Returns:
+        The :class:`Loop`; ``loop.history`` maps each metric to its per-epoch floats.
+
+    Raises:
+        TypeError, ValueError: bad arguments, before training starts.
+        HookError: a hook broke the protocol. Errors from the model, loss or hooks propagate as is.
+    """
+    hooks = _check_hooks(hooks)
+    _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, nonfinite,
+                         scheduler_interval, max_steps)
+    metrics = _check_metrics(metrics)
+    device = _resolve_device(device)
+    if seed is not None:
+        _seed_everything(seed)
+    loader = _as_batches(loader, "loader", batch_size, shuffle)
+    if val_loader is not None:
+        val_loader = _as_batches(val_loader, "val_loader", batch_size, False)
+    autocast, scaler = _mixed_precision(precision, device)
+    if progress:
+        hooks.append(_default_progress())
+    model.to(device)
+    for metric in metrics.values():
+        if isinstance(metric, torch.nn.Module):
+            metric.to(device)
+    loop = Loop(model, loss_fn, optimizer, loader, device, epochs)
+    loop.val_loader, loop.scheduler, loop.scaler, loop.dry_run = val_loader, scheduler, scaler, dry_run
+    loop._metrics, loop._step_fn, loop._autocast, loop._accumulate = metrics, step, autocast, accumulate
+    loop._clip_grad, loop._max_steps, loop._nonfinite = clip_grad, max_steps, nonfinite
+    loop._scheduler_interval, loop._scheduler_monitor = scheduler_interval, scheduler_monitor
+    loop._non_blocking = device.type == "cuda" and getattr(loader, "pin_memory", False)
+    loop._limit = 2 if dry_run else None
+    if dry_run:
+        loop.epochs = 1
+    runner = _HookRunner(hooks, loop)
+    with runner, _ctrl_c_stops(loop):
+        if resume is not None:
+            _restore(loop, _load_checkpoint(resume))
+        optimizer.zero_grad()
+        runner.emit("start")
+        while loop.stop_reason is None and loop.epoch + loop._epoch_complete < loop.epochs:
+            loop.epoch += loop._epoch_complete
+            if _train_epoch(loop, runner):
+                _end_epoch(loop, runner)
+            if loop._interrupted:
+                loop.stop("interrupted by Ctrl+C")
+        runner.emit("end")
+    if loop._interrupted:
+        where = f"resume with fit(..., resume={loop._last_save!r})" if loop._last_save else \
+            "add hooks=[loopy.checkpoint(path)] to be able to resume"
+        warnings.warn(f"training interrupted by Ctrl+C in epoch {loop.epoch + 1}, after step "
+                      f"{loop.step}; {where}", stacklevel=2)
+    return loop
+
+
+def evaluate(model, loader, loss_fn=None, metrics=None, device="auto", *, step=None,
+             batch_size=32, precision=None):
+    """Evaluate ``model`` on ``loader`` under ``torch.no_grad()`` and ``model.eval()``.
+
+    Returns a dict of floats: ``"loss"`` (when ``loss_fn`` or ``step`` is given; the mean
+    weighted by batch size) and each metric. The model's train/eval mode is restored.
+
+        >>> loopy.evaluate(model, (X_test, y_test), F.cross_entropy, {"acc": loopy.accuracy})
+        {'loss': 0.21, 'acc': 0.94}
+    """
+    metrics = _check_metrics(metrics)
+    device = _resolve_device(device)
+    loader = _as_batches(loader, "loader", batch_size, False)
+    model.to(device)
+    for metric in metrics.values():
+        if isinstance(metric, torch.nn.Module):
+            metric.to(device)
+    autocast, _ = _mixed_precision(precision, device)
+    non_blocking = device.type == "cuda" and getattr(loader, "pin_memory", False)
+    return _evaluate(model, loader, loss_fn, metrics, step, device, non_blocking, autocast, None)
+
+
+def predict(model, loader, device="auto", *, batch_size=32):
+    """Run ``model`` over ``loader`` (batches of inputs, or ``(x, y)`` pairs whose ``y`` is
+    ignored) under ``torch.no_grad()`` and ``model.eval()``; return the outputs concatenated
+    along dim 0, on the CPU (a tuple or dict of them when the model returns one).
+
+        >>> probabilities = loopy.predict(model, X_test).softmax(dim=1)
+    """
+    device = _resolve_device(device)
+    loader = _as_batches(loader, "loader", batch_size, False)
+    model.to(device)
+    outputs = []
+    with _eval_mode(model):
+        for batch in loader:
+            batch = _to_device(batch, device, False)
+            if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+                batch = batch[0]
+            outputs.append(_to_device(_call_model(model, batch), torch.device("cpu"), False))
+    if not outputs:
+        raise ValueError(f"loader is empty: predict got {_describe(loader)} with no batches")
+    return _concat(outputs)
+
+
+def accuracy(output, target):
+    """Top-1 accuracy as a 0-dim tensor (no host sync). Class scores ``(N, C, ...)`` are
+    compared by argmax over dim 1; binary logits (same shape as ``target``, or ``(N, 1)``)
+    count as positive above 0."""
+    if output.dim() == target.dim() + 1 and output.size(1) > 1:
+        predicted = output.argmax(dim=1)
+    else:
+        predicted = output.reshape(target.shape) > 0
+        target = target > 0.5
+    return (predicted == target).float().mean()
+
+
+def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_steps=100,
+            smoothing=0.98, diverge=4.0, device="auto", step=None, batch_size=32):
+    """The learning-rate range test: train ``num_steps`` batches while the learning rate grows
+    exponentially from ``min_lr`` to ``max_lr``; stop early when the smoothed loss exceeds
+    ``diverge`` times its best. Model, optimizer and RNG states are restored afterwards.
+
+    Returns ``{"lr": [...], "loss": [...smoothed...], "suggestion": lr}``, the suggestion being
+    the learning rate where the smoothed loss falls fastest.
+
+        >>> found = loopy.lr_find(model, F.cross_entropy, optimizer, (X, y))
+        >>> for group in optimizer.param_groups: group["lr"] = found["suggestion"]
+    """
+    if not 0 < min_lr < max_lr or num_steps < 2:
+        raise ValueError(f"lr_find needs 0 < min_lr < max_lr and num_steps >= 2; got min_lr="
+                         f"{min_lr}, max_lr={max_lr}, num_steps={num_steps}")
+    saved_model = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
+    saved_optimizer = _clone(optimizer.state_dict())
+    saved_rng = _rng_state()
+    lrs, losses = [], []
+
+    def sweep():
+        mean, best = 0.0, math.inf
+        while True:
+            loop = yield "batch"
+            lr = min_lr * (max_lr / min_lr) ** (len(lrs) / (num_steps - 1))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loop = yield "step"
+            mean = smoothing * mean + (1 - smoothing) * float(loop.loss)
+            smoothed = mean / (1 - smoothing ** (len(lrs) + 1))
+            lrs.append(lr)
+            losses.append(smoothed)
+            best = min(best, smoothed)
+            if len(lrs) >= num_steps or not math.isfinite(smoothed) or smoothed > diverge * best:
+                loop.stop("lr_find finished")
+
+    batches = _as_batches(loader, "loader", batch_size, True)
+    try:
+        fit(model, loss_fn, optimizer, batches, [sweep()], progress=False, step=step,
+            epochs=num_steps // max(len(batches), 1) + 1 if hasattr(batches, "__len__") else 10**9,
+            nonfinite="ignore", device=device)
+    finally:
+        _unwrap(model).load_state_dict(saved_model)
+        optimizer.load_state_dict(saved_optimizer)
+        _set_rng_state(saved_rng)
+    # the steepest fall of the loss between the first tenth of the sweep and its minimum
+    lowest = min(range(len(losses)), key=losses.__getitem__)
+    candidates = range(len(losses) // 10, max(lowest, len(losses) // 10 + 1))
+    best = min(candidates, key=lambda i: losses[min(i + 1, len(losses) - 1)] - losses[i])
+    return {"lr": lrs, "loss": losses, "suggestion": lrs[best]}
+
+
+class Loop:
+    """The live state of one :func:`fit` run: what every hook receives from ``yield``.
+
+    Attributes: ``model``, ``optimizer``, ``loss_fn``, ``loader`` (the user's own objects),
+    ``device``, ``epoch`` (0-based index of the current epoch), ``epochs``, ``step``
+    (optimizer steps so far), ``batch_index`` (within the epoch), ``batch`` (on the device;
+    a ``"batch"`` hook may replace it), ``output``, ``loss`` (detached tensor), ``grad_norm``
+    (with ``clip_grad``), ``metrics`` (the last epoch's floats), ``history`` (lists of floats
+    per epoch), ``event`` (the current event), ``stop_reason``.
+    """
+
+    def __init__(self, model, loss_fn, optimizer, loader, device, epochs):
+        self.model, self.loss_fn, self.optimizer, self.loader = model, loss_fn, optimizer, loader
+        self.device, self.epochs = device, epochs
+        self.epoch = self.step = 0
+        self.batch_index = -1
+        self.batch = self.output = self.loss = self.grad_norm = None
+        self.val_loader = self.scheduler = self.scaler = None
+        self.metrics, self.history = {}, {}
+        self.event = self.stop_reason = None
+        self.dry_run = False
+        self._interrupted, self._last_save, self._resume_position = False, None, None
+        self._meters, self._pending_grads, self._epoch_complete = {}, False, False
+
+    def stop(self, reason="stopped by a hook"):
+        """End training at the next boundary (after this step, or this epoch); ``"end"`` still
+        runs. An epoch cut short is not recorded in the history."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def averages(self):
+        """The running means of this epoch so far, as floats (this pulls numbers off the device)."""
+        values = {name: meter.mean() for name, meter in self._meters.items() if meter.count}
+        _check_finite(self, values.get("loss"))
+        return values
+
+    def state_dict(self):
+        """The full training state that :func:`checkpoint` saves and ``fit(resume=...)`` loads."""
+        return {
+            "format": "loopy-checkpoint/1",
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.epoch + self._epoch_complete, "step": self.step,
+            "history": self.history, "rng": _rng_state(),
+            "position": _epoch_position(self),
+        }
+
+    def save(self, path):
+        """Write :meth:`state_dict` to ``path`` atomically: a crash mid-write keeps the old file."""
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        try:
+            with open(temporary, "wb") as file:
+                torch.save(self.state_dict(), file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        self._last_save = path
+
+
+# --- built-in hooks ---
+
+def progress(refresh=0.5):
+    """Show training progress: with tqdm on a terminal or in a notebook, one bar per epoch
+    whose loss and metrics refresh at most every ``refresh`` seconds; otherwise (CI, a log
+    file, no tqdm) one plain line per epoch. ``fit`` adds it unless ``progress=False``."""
+    bar_class = _tqdm_if_interactive()
+    started = time.monotonic()
+    bar, shown = None, 0.0
+    try:
+        while True:
+            loop = yield ("step", "epoch") if bar_class else "epoch"
+            if loop.event == "step":
+                if bar is None:
+                    bar = bar_class(total=_length(loop.loader), unit="batch", leave=True,
+                                    desc=f"epoch {loop.epoch + 1}/{loop.epochs}")
+                if time.monotonic() - shown >= refresh:
+                    bar.n = loop.batch_index + 1
+                    bar.set_postfix(_format(loop.averages()), refresh=False)
+                    bar.refresh()
+                    shown = time.monotonic()
+            elif bar is not None:
+                bar.n = loop.batch_index + 1
+                bar.set_postfix(_format(loop.metrics), refresh=False)
+                bar.close()
+                bar = None
+            else:
+                line = " - ".join(f"{k} {v}" for k, v in _format(loop.metrics).items())
+                print(f"epoch {loop.epoch + 1}/{loop.epochs}: {line} "
+                      f"({time.monotonic() - started:.1f}s)", flush=True)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+_default_progress = progress
+
+
+def early_stopping(monitor="val_loss", patience=3, mode="min", min_delta=0.0, restore_best=False):
+    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience``
+    epochs; with ``restore_best``, load the best epoch's weights back at the end.
+
+        >>> loopy.fit(..., val_loader=val, hooks=[loopy.early_stopping(patience=5)])
+    """
+    better = _improvement_test(mode, min_delta, "early_stopping")
+    best, best_weights, waited = None, None, 0
+    loop = yield "epoch"
+    while loop.event == "epoch":
+        value = _monitored(loop, monitor, "early_stopping")
+        if best is None or better(value, best):
+            best, waited = value, 0
+            if restore_best:
+                best_weights = _clone(_unwrap(loop.model).state_dict())
+        else:
+            waited += 1
+            if waited >= patience:
+                loop.stop(f"early stopping: {monitor} did not improve for {patience} epochs "
+                          f"(best {best:.6g})")
+        loop = yield ("epoch", "end")
+    if best_weights is not None:
+        _unwrap(loop.model).load_state_dict(best_weights)
+
+
+def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
+    """Save the full training state (see ``fit(resume=...)``) atomically to ``path``: after
+    every epoch, or every ``every`` optimizer steps, and when training ends or is interrupted.
+    With ``monitor``, save only epochs that improve it. ``path`` may contain ``{epoch}`` and
+    ``{step}``; then the ``keep`` newest (or best) files are kept.
+
+        >>> loopy.fit(..., hooks=[loopy.checkpoint("run.pt")])
+        >>> loopy.fit(..., epochs=20, resume="run.pt")      # continues the same run exactly
+    """
+    if every != "epoch" and not (isinstance(every, int) and every > 0):
+        raise ValueError(f"checkpoint(every={every!r}): use 'epoch' or a number of steps > 0")
+    if not (isinstance(keep, int) and keep > 0):
+        raise ValueError(f"checkpoint(keep={keep!r}): use a number of files > 0")
+    better = _improvement_test(mode, 0.0, "checkpoint")
+    kept, best, saved_at = [], None, None
+    events = ("epoch", "end") if every == "epoch" else ("step", "epoch", "end")
+    while True:
+        loop = yield events
+        if loop.dry_run or (loop.event == "step" and loop.step % every):
+            continue
+        if monitor is not None:
+            if loop.event != "epoch":
+                continue
+            value = _monitored(loop, monitor, "checkpoint")
+            if best is not None and not better(value, best):
+                continue
+            best = value
+        if saved_at == (loop.step, loop.epoch, loop.event == "end"):
+            continue
+        target = os.fspath(path).format(epoch=loop.epoch + 1, step=loop.step)
+        loop.save(target)
+        saved_at = (loop.step, loop.epoch + (loop.event == "epoch"), False)
+        kept = [p for p in kept if p != target] + [target]
+        while len(kept) > keep:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(kept.pop(0))
+
+
+def csv_logger(path, append=False):
+    """Append one row per epoch (``epoch`` and every metric) to the CSV file ``path``."""
+    import csv
+    with open(path, "a" if append else "w", newline="") as file:
+        writer = None
+        while True:
+            loop = yield "epoch"
+            row = {"epoch": loop.epoch + 1, **loop.metrics}
+            if writer is None:
+                writer = csv.DictWriter(file, fieldnames=list(row), extrasaction="ignore")
+                if file.tell() == 0:
+                    writer.writeheader()
+            writer.writerow(row)
+            file.flush()
+
+
+def tensorboard(log_dir=None, every=50):
+    """Log the loss and learning rate every ``every`` steps, and every metric each epoch, to
+    TensorBoard (``pip install tensorboard``; reading a step's loss is a device sync)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ImportError("loopy.tensorboard needs the tensorboard package: "
+                          "pip install tensorboard") from error
+    writer = SummaryWriter(log_dir)
+    try:
+        while True:
+            loop = yield ("step", "epoch", "end")
+            if loop.event == "step" and loop.step % every == 0:
+                writer.add_scalar("step/loss", float(loop.loss), loop.step)
+                writer.add_scalar("step/lr", loop.optimizer.param_groups[0]["lr"], loop.step)
+            elif loop.event == "epoch":
+                for name, value in loop.metrics.items():
+                    writer.add_scalar(f"epoch/{name}", value, loop.epoch + 1)
+            writer.flush() if loop.event != "step" else None
+    finally:
+        writer.close()
+
+
+# --- the training loop ---
+
+def _train_epoch(loop, runner):
+    """One pass over the loader; False when training stopped before the epoch was complete."""
+    loop.model.train()
+    loop.batch_index, loop._epoch_complete = -1, False
+    loop._meters = {name: _Meter() for name in ("loss", *loop._metrics)}
+    _reset_metric_objects(loop._metrics)
+    loop._skipped, loop._epoch_first_step = 0, loop.step
+    batches = _resume_batches(loop) if loop._resume_position else _fresh_batches(loop)
+    loop._batches_in_epoch = _length(loop.loader)
+    for loop.batch_index, batch in batches:
+        if loop._limit is not None and loop.batch_index >= loop._limit:
+            break
+        loop.batch = _to_device(batch, loop.device, loop._non_blocking)
+        runner.emit("batch")
+        _train_batch(loop, runner)
+        if loop._pending_grads:
+            continue  # stop only between optimizer steps, so that a resume is exact
+        if loop._interrupted:
+            loop.stop("interrupted by Ctrl+C")
+        if loop.stop_reason is not None:
+            return False
+        if loop._max_steps is not None and loop.step >= loop._max_steps:
+            loop.stop(f"reached max_steps={loop._max_steps}")
+            break
+    if loop.batch_index < 0:
+        raise ValueError(f"loader yielded no batches in epoch {loop.epoch + 1}: a one-shot "
+                         f"iterator (a generator) cannot be re-iterated; pass a DataLoader or a list")
+    _finish_group(loop, runner)
+    return True
+
+
+def _train_batch(loop, runner):
+    with loop._autocast or contextlib.nullcontext():
+        loss, output, target = _forward(loop, loop.batch)
+    _check_loss(loss, loop)
+    if loop._nonfinite == "skip" and not torch.isfinite(loss):
+        loop._skipped += 1
+    else:
+        group = _group_size(loop)
+        scaled = loss / group if group > 1 else loss
+        (loop.scaler.scale(scaled) if loop.scaler is not None else scaled).backward()
+        loop._pending_grads = True
+        _record(loop, loss.detach(), output, target, loop.batch)
+    loop.loss, loop.output = loss.detach(), output
+    if (loop.batch_index + 1) % loop._accumulate == 0:
+        _optimizer_step(loop, runner)
+
+
+def _optimizer_step(loop, runner):
+    # the last partial accumulation group of an epoch also steps (see _finish_group)
+    optimizer, scaler = loop.optimizer, loop.scaler
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if loop._clip_grad is not None:
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        loop.grad_norm = torch.nn.utils.clip_grad_norm_(parameters, loop._clip_grad)
+    runner.emit("backward")
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad()
+    loop._pending_grads = False
+    loop.step += 1
+    if loop.scheduler is not None and loop._scheduler_interval == "step":
+        loop.scheduler.step()
+    runner.emit("step")
+
+
+def _finish_group(loop, runner):
+    if loop._pending_grads:
+        _optimizer_step(loop, runner)
+
+
+def _group_size(loop):
+    n = loop._accumulate
+    if n == 1:
+        return 1
+    total = loop._batches_in_epoch
+    if total is None:
+        return n
+    if loop._limit is not None:
+        total = min(total, loop._limit)
+    group_start = loop.batch_index - loop.batch_index % n
+    return min(n, total - group_start)
+
+
+def _forward(loop, batch):
+    if loop._step_fn is not None:
+        return _unpack_step_result(loop._step_fn(loop.model, batch))
+    x, y = _split_batch(batch)
+    output = _call_model(loop.model, x)
+    return loop.loss_fn(output, y), output, y
+
+
+def _end_epoch(loop, runner):
+    values = {name: meter.mean() for name, meter in loop._meters.items()}
+    _check_finite(loop, values.get("loss"))
+    values.update(_compute_metric_objects(loop._metrics))
+    if loop._nonfinite == "skip":
+        values["skipped"] = float(loop._skipped)
+    if loop.val_loader is not None:
+        limit = loop._limit
+        results = _evaluate(loop.model, loop.val_loader, loop.loss_fn, loop._metrics, loop._step_fn,
+                            loop.device, loop._non_blocking, loop._autocast, limit)
+        values.update({f"val_{name}": value for name, value in results.items()})
+    _step_scheduler_per_epoch(loop, values)
+    values["lr"] = float(loop.optimizer.param_groups[0]["lr"])
+    loop.metrics = values
+    for name, value in values.items():
+        loop.history.setdefault(name, []).append(value)
+    loop._epoch_complete = True
+    runner.emit("epoch")
+
+
+def _step_scheduler_per_epoch(loop, values):
+    scheduler = loop.scheduler
+    if scheduler is None or loop._scheduler_interval != "epoch":
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        monitor = loop._scheduler_monitor
+        if monitor not in values and monitor == "val_loss":
+            monitor = "loss"
+        if monitor not in values:
+            raise ValueError(f"scheduler_monitor={loop._scheduler_monitor!r} is not a metric of "
+                             f"this run; choose one of {sorted(values)}")
+        scheduler.step(values[monitor])
+    else:
+        scheduler.step()
+
+
+def _evaluate(model, loader, loss_fn, metrics, step_fn, device, non_blocking, autocast, limit):
+    meters = {name: _Meter() for name in ("loss", *metrics)}
+    _reset_metric_objects(metrics)
+    with _eval_mode(model):
+        for index, batch in enumerate(loader):
+            if limit is not None and index >= limit:
+                break
+            batch = _to_device(batch, device, non_blocking)
+            with autocast or contextlib.nullcontext():
+                if step_fn is not None:
+                    loss, output, target = _unpack_step_result(step_fn(model, batch))
+                else:
+                    x, target = _split_batch(batch)
+                    output = _call_model(model, x)
+                    loss = loss_fn(output, target) if loss_fn is not None else None
+            size = _batch_size(target if target is not None else batch)
+            if loss is not None:
+                meters["loss"].add(loss.detach(), size)
+            for name, metric in metrics.items():
+                _update_metric(meters, name, metric, output, target, size)
+    results = {name: meter.mean() for name, meter in meters.items() if meter.count}
+    results.update(_compute_metric_objects(metrics))
+    return results
+
+
+def _record(loop, loss, output, target, batch):
+    size = _batch_size(target if target is not None else batch)
+    loop._meters["loss"].add(loss, size)
+    if loop._metrics:
+        if target is None or output is None:
+            raise TypeError("metrics need the output and the target: make step= return "
+                            "(loss, output, target) instead of the loss alone")
+        with torch.no_grad():
+            for name, metric in loop._metrics.items():
+                _update_metric(loop._meters, name, metric, output.detach(), target, size)
+
+
+def _update_metric(meters, name, metric, output, target, size):
+    if _is_metric_object(metric):
+        metric.update(output, target)
+    else:
+        meters[name].add(metric(output, target).detach(), size)
+
+
+class _Meter:
+    """A batch-size-weighted mean whose sum stays on the device. Values are folded into the
+    sum every FOLD batches (fixed points, so the result never depends on when it is read)."""
+    FOLD = 64
+
+    def __init__(self):
+        self.total = self.first_bad = None
+        self.count = self.folded = 0
+        self.values, self.sizes = [], []
+
+    def add(self, value, size):
+        self.values.append(value)
+        self.sizes.append(size)
+        self.count += size
+        if len(self.values) == self.FOLD:
+            self.total, self.first_bad = self._fold()
+            self.folded += len(self.values)
+            self.values, self.sizes = [], []
+
+    def _fold(self):
+        if not self.values:
+            return self.total, self.first_bad
+        values = torch.stack(self.values).float().reshape(-1)
+        sizes = torch.tensor(self.sizes, dtype=values.dtype).to(values.device, non_blocking=True)
+        total = (values * sizes).sum()
+        total = total if self.total is None else self.total + total
+        # the index of the first non-finite value, kept on the device: no sync until it is read
+        bad = ~torch.isfinite(values)
+        index = torch.where(bad.any(), bad.int().argmax() + self.folded, -1)
+        if self.first_bad is not None:
+            index = torch.where(self.first_bad >= 0, self.first_bad, index)
+        return total, index
+
+    def mean(self):
+        total, _ = self._fold()
+        return float(total) / self.count if self.count else math.nan
+
+    def first_nonfinite(self):
+        _, index = self._fold()
+        return int(index) if index is not None and int(index) >= 0 else None
+
+    def state_dict(self):
+        return {name: getattr(self, name) for name in
+                ("total", "first_bad", "count", "folded", "values", "sizes")}
+
+    def load_state_dict(self, state, device):
+        for name, value in state.items():
+            setattr(self, name, _to_device(value, device, False))
+
+
+# --- hooks: the generator protocol ---
+
+class _HookRunner:
+    """Primes the hooks, sends each event to those waiting for it, closes them in reverse."""
+
+    def __init__(self, hooks, loop):
+        self.hooks, self.loop, self.waiting = hooks, loop, []
+
+    def __enter__(self):
+        try:
+            for hook in self.hooks:
+                wanted = self._advance(hook, first=True)
+                if wanted is not _FINISHED:
+                    self.waiting.append([hook, wanted])
+        except BaseException as error:
+            self.__exit__(type(error), error, None)
+            raise
+        return self
+
+    def emit(self, event):
+        self.loop.event = event
+        finished = False
+        for entry in self.waiting:
+            if entry[1] is None or event in entry[1]:
+                entry[1] = self._advance(entry[0])
+                finished = finished or entry[1] is _FINISHED
+        if finished:
+            self.waiting = [entry for entry in self.waiting if entry[1] is not _FINISHED]
+
+    def _advance(self, hook, first=False):
+        try:
+            wanted = next(hook) if first else hook.send(self.loop)
+        except StopIteration:
+            return _FINISHED
+        except RuntimeError as error:
+            if isinstance(error.__cause__, StopIteration):
+                raise HookError(f"{_name(hook)} raised StopIteration, which Python turns into "
+                                f"a RuntimeError (PEP 479): use return to end a hook") from error
+            raise
+        if wanted is None:
+            return None
+        events = (wanted,) if isinstance(wanted, str) else wanted
+        if not isinstance(events, (tuple, list, set, frozenset)) or \
+                not all(isinstance(e, str) and e in EVENTS for e in events):
+            raise HookError(f"{_name(hook)} yielded {wanted!r}, which is not an event: yield one "
+                            f"of {', '.join(map(repr, EVENTS))}, a tuple of them, or nothing")
+        return frozenset(events)
+
+    def __exit__(self, error_type, error, traceback):
+        failures = []
+        for hook, _ in reversed(self.waiting):
+            try:
+                hook.close()
+            except RuntimeError as failure:
+                if "ignored GeneratorExit" not in str(failure):
+                    failures.append(failure)
+                    continue
+                failures.append(HookError(
+                    f"{_name(hook)} ignored GeneratorExit: it yielded again while being closed. "
+                    f"Do not yield inside finally:, and do not catch GeneratorExit (a bare except: "
+                    f"around yield does); put teardown in finally: without yield"))
+            except Exception as failure:
+                failures.append(failure)
+        self.waiting = []
+        if failures and error is None:
+            raise failures[0]
+        for failure in failures:
+            error.add_note(f"while closing the hooks after this error: {failure!r}")
+        return False
+
+
+_FINISHED = object()
+
+
+def _name(hook):
+    code = hook.gi_code
+    return f"hook '{code.co_name}' ({code.co_filename}:{code.co_firstlineno})"
+
+
+def _check_hooks(hooks):
+    if inspect.isgenerator(hooks):
+        hooks = [hooks]
+    if isinstance(hooks, (str, bytes)) or not hasattr(hooks, "__iter__"):
+        raise TypeError(f"hooks must be a list of generator objects, like hooks=[loopy."
+                        f"early_stopping()]; got {_describe(hooks)}")
+    hooks = list(hooks)
+    for i, hook in enumerate(hooks):
+        if inspect.isgeneratorfunction(hook):
+            raise TypeError(f"hooks[{i}] is the generator function {hook.__name__!r}, not a "
+                            f"hook: call it, hooks=[{hook.__name__}()]")
+        if not inspect.isgenerator(hook):
+            hint = (" is a function without yield" if callable(hook) else " is not a generator")
+            raise TypeError(f"hooks[{i}] ({_describe(hook)}){hint}: a hook is a generator object, "
+                            f"e.g. def my_hook(): loop = yield 'epoch' ... then hooks=[my_hook()]")
+        if inspect.getgeneratorstate(hook) != inspect.GEN_CREATED or hooks.index(hook) != i:
+            raise HookError(f"hooks[{i}], {_name(hook)}, was already used (by an earlier fit, or "
+                            f"twice in this list): a hook runs once; create a new one for each "
+                            f"run, hooks=[{hook.gi_code.co_name}(...)]")
+    return hooks
+
+
+# --- argument checks ---
+
+def _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, nonfinite,
+                         scheduler_interval, max_steps):
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, like torch.optim.Adam("
+                        f"model.parameters()); got {_describe(optimizer)}")
+    own = {id(p) for p in model.parameters()}
+    if own and not any(id(p) in own for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError("optimizer holds none of the model's parameters: it was built for "
+                         "another model (or before the model was re-created); build it from "
+                         "this one: torch.optim.SGD(model.parameters(), lr=...)")
+    if step is None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, like torch.nn.functional.cross_entropy "
+                        f"(or pass step= for a custom update); got {_describe(loss_fn)}")
+    if step is not None and not callable(step):
+        raise TypeError(f"step must be a function step(model, batch) -> loss; got "
+                        f"{_describe(step)}")
+    for name, value in (("epochs", epochs), ("accumulate", accumulate), ("max_steps", max_steps)):
+        if (value is not None or name != "max_steps") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+    for name, value, allowed in (("nonfinite", nonfinite, ("raise", "skip", "ignore")),
+                                 ("scheduler_interval", scheduler_interval, ("epoch", "step"))):
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r}: use one of {', '.join(map(repr, allowed))}")
+
+
+def _check_metrics(metrics):
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, dict):
+        raise TypeError(f"metrics must be a dict of name -> metric, like metrics={{'acc': "
+                        f"loopy.accuracy}}; got {_describe(metrics)}")
+    for name, metric in metrics.items():
+        if not isinstance(name, str) or name in ("loss", "lr", "skipped") or name.startswith("val_"):
+            raise ValueError(f"metrics: {name!r} cannot name a metric (loss, lr, skipped and val_* "
+                             f"are loopy's own); pick another name")
+        if not (_is_metric_object(metric) or callable(metric)):
+            raise TypeError(f"metrics[{name!r}] is {_describe(metric)}: a metric is a function "
+                            f"(output, target) -> tensor, or an object with update/compute/reset")
+    return dict(metrics)
+
+
+def _is_metric_object(metric):
+    return all(callable(getattr(metric, name, None)) for name in ("update", "compute", "reset"))
+
+
+def _reset_metric_objects(metrics):
+    for metric in metrics.values():
+        if _is_metric_object(metric):
+            metric.reset()
+
+
+def _compute_metric_objects(metrics):
+    results = {}
+    for name, metric in metrics.items():
+        if _is_metric_object(metric):
+            value = metric.compute()
+            try:
+                results[name] = float(value)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"metrics[{name!r}].compute() returned {_describe(value)}; "
+                                f"loopy records one number per metric") from None
+    return results
+
+
+def _resolve_device(device):
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda', "
+                         f"'cuda:1', 'mps' or a torch.device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but CUDA is not available here (torch "
+                         f"{torch.__version__}, torch.cuda.is_available() is False): use "
+                         f"device='auto' or 'cpu', or install a CUDA build of torch")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device={str(device)!r}, but only {torch.cuda.device_count()} CUDA "
+                         f"device(s) exist: use an index below that")
+    return device
+
+
+def _mixed_precision(precision, device):
+    if precision is None:
+        return None, None
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision={precision!r}: use None (full precision), 'bf16' or 'fp16'")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision='bf16' needs a GPU with bfloat16 support, and "
+                         f"{torch.cuda.get_device_name(device)} has none: use precision='fp16'")
+    try:
+        autocast = torch.autocast(device.type, dtype=dtypes[precision])
+    except RuntimeError as error:
+        raise ValueError(f"precision={precision!r} is not supported on {device}: {error}") from None
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return autocast, scaler
+
+
+def _seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed % 2**32)
+
+
+# --- batches and data ---
+
+def _as_batches(data, name, batch_size, shuffle):
+    if isinstance(data, torch.Tensor) or (isinstance(data, (tuple, list)) and data and
+                                          all(isinstance(t, torch.Tensor) for t in data)):
+        return _TensorBatches(data, name, batch_size, shuffle)
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"{name} must be an iterable of batches (a DataLoader) or tensors "
+                        f"(X, y); got {_describe(data)}")
+    if _length(data) == 0:
+        raise ValueError(f"{name} is empty ({_describe(data)} has no batches): check the "
+                         f"dataset's size, batch_size and drop_last")
+    return data
+
+
+class _TensorBatches:
+    """Batches of in-memory tensors by slicing. Draws the same random numbers as
+    ``DataLoader(TensorDataset(*tensors), batch_size, shuffle)``, so the batches are identical."""
+
+    def __init__(self, data, name, batch_size, shuffle):
+        self.single = isinstance(data, torch.Tensor)
+        self.tensors = (data,) if self.single else tuple(data)
+        lengths = {t.shape[0] if t.dim() else None for t in self.tensors}
+        if len(lengths) != 1 or None in lengths or 0 in lengths:
+            raise ValueError(f"{name}: in-memory tensors must be non-empty and equally long "
+                             f"along dim 0; got shapes {[tuple(t.shape) for t in self.tensors]}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+        self.size, self.batch_size, self.shuffle = lengths.pop(), batch_size, shuffle
+
+    def __len__(self):
+        return -(-self.size // self.batch_size)
+
+    def __iter__(self):
+        torch.empty((), dtype=torch.int64).random_()  # DataLoader draws its workers' base seed
+        order = None
+        if self.shuffle:  # as RandomSampler does
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
+            order = order.to(self.tensors[0].device)
+        for start in range(0, self.size, self.batch_size):
+            if order is None:
+                batch = [t[start:start + self.batch_size] for t in self.tensors]
+            else:
+                indices = order[start:start + self.batch_size]
+                batch = [t.index_select(0, indices) for t in self.tensors]
+            yield batch[0] if self.single else batch
+
+
+def _length(data):
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def _to_device(batch, device, non_blocking):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, (tuple, list)):
+        moved = [_to_device(item, device, non_blocking) for item in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    if isinstance(batch, dict):
+        moved = {key: _to_device(value, device, non_blocking) for key, value in batch.items()}
+        with contextlib.suppress(TypeError):
+            return type(batch)(moved)
+        return moved
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: _to_device(getattr(batch, f.name), device,
+                                                                 non_blocking)
+                                             for f in dataclasses.fields(batch) if f.init})
+    return batch
+
+
+def _split_batch(batch):
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(f"loopy cannot unpack this batch: the loader yielded {_describe(batch)}, and "
+                    f"fit expects (inputs, target) pairs. For any other batch pass "
+                    f"step=fn(model, batch) returning the loss, or (loss, output, target)")
+
+
+def _call_model(model, x):
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    if isinstance(x, dict):
+        return model(**x)
+    return model(x)
+
+
+def _unpack_step_result(result):
+    if isinstance(result, torch.Tensor):
+        return result, None, None
+    if isinstance(result, (tuple, list)) and len(result) == 3:
+        return tuple(result)
+    raise TypeError(f"step= must return the loss (a scalar tensor) or (loss, output, target); "
+                    f"it returned {_describe(result)}")
+
+
+def _check_loss(loss, loop):
+    source = "step=" if loop._step_fn is not None else "loss_fn"
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(f"the loss must be a scalar tensor, but {source} returned "
+                        f"{_describe(loss)}: reduce it (reduction='mean' or .mean())")
+    if not loss.requires_grad:
+        raise ValueError(f"the loss from {source} does not require grad, so backward() cannot "
+                         f"run: was it computed under torch.no_grad(), through .item(), .detach() "
+                         f"or numpy, or are all of the model's parameters frozen?")
+
+
+def _check_finite(loop, loss):
+    if loss is None or math.isfinite(loss) or loop._nonfinite != "raise":
+        return
+    index = loop._meters["loss"].first_nonfinite() or 0
+    step = loop._epoch_first_step + index // loop._accumulate + 1
+    raise FloatingPointError(f"the loss is not finite ({loss}) at epoch {loop.epoch + 1}, batch "
+                             f"{index + 1} of the epoch (optimizer step {step}): lower the "
+                             f"learning rate or check the data for nan/inf; fit(nonfinite='skip') "
+                             f"skips such batches")
+
+
+def _batch_size(data):
+    if isinstance(data, torch.Tensor):
+        return data.shape[0] if data.dim() else 1
+    if isinstance(data, dict):
+        data = list(data.values())
+    elif dataclasses.is_dataclass(data):
+        data = [getattr(data, f.name) for f in dataclasses.fields(data)]
+    for item in data if isinstance(data, (tuple, list)) else ():
+        size = _batch_size(item)
+        if size:
+            return size
+    return 1
+
+
+def _concat(outputs):
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs)
+    if isinstance(first, dict):
+        return {key: _concat([o[key] for o in outputs]) for key in first}
+    if isinstance(first, (tuple, list)):
+        parts = [_concat([o[i] for o in outputs]) for i in range(len(first))]
+        return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
+    return outputs
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)
+
+
+def _describe(value):
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} ({value.dtype})"
+    if isinstance(value, (tuple, list)) and len(value) <= 8:
+        return f"a {type(value).__name__} of ({', '.join(_describe(v) for v in value)})"
+    if isinstance(value, dict) and len(value) <= 8:
+        return f"a dict with keys {list(value)}"
+    text = repr(value)
+    return f"{text[:60] + '...' if len(text) > 63 else text} (type {type(value).__name__})"
+
+
+# --- checkpoints and resume ---
+
+def _epoch_position(loop):
+    """Where inside an unfinished epoch the loop stands (None between epochs)."""
+    if loop._epoch_complete or loop.batch_index < 0:
+        return None
+    return {"batches": loop.batch_index + 1, "first_step": loop._epoch_first_step,
+            "skipped": loop._skipped, "epoch_rng": loop._epoch_rng,
+            "meters": {name: meter.state_dict() for name, meter in loop._meters.items()}}
+
+
+def _fresh_batches(loop):
+    loop._epoch_rng = torch.get_rng_state()
+    return enumerate(loop.loader)
+
+
+def _resume_batches(loop):
+    """Replay the interrupted epoch's shuffle order and skip the batches it had consumed."""
+    position, loop._resume_position = loop._resume_position, None
+    loop._epoch_rng = position["epoch_rng"]
+    torch.set_rng_state(loop._epoch_rng)
+    batches = enumerate(loop.loader)
+    for _ in range(position["batches"]):
+        loop.batch_index, _ = next(batches)
+    _set_rng_state(loop._resume_rng)
+    loop._epoch_first_step, loop._skipped = position["first_step"], position["skipped"]
+    for name, state in position["meters"].items():
+        loop._meters[name].load_state_dict(state, loop.device)
+    return batches
+
+
+def _load_checkpoint(path):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"resume={path!r}: no such file; pass the path that a "
+                                f"loopy.checkpoint hook wrote")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"resume={path!r} cannot be loaded ({type(error).__name__}: {error}); "
+                         f"the file is corrupt or not a loopy checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != "loopy-checkpoint/1":
+        raise ValueError(f"resume={path!r} is not a loopy checkpoint (no 'format' entry): "
+                         f"pass a file written by loopy.checkpoint or Loop.save")
+    state["path"] = path
+    return state
+
+
+def _restore(loop, state):
+    _load_model_state(loop.model, state["model"], state["path"])
+    loop.optimizer.load_state_dict(state["optimizer"])
+    for name in ("scheduler", "scaler"):
+        if getattr(loop, name) is not None and state[name] is not None:
+            getattr(loop, name).load_state_dict(state[name])
+    loop.epoch, loop.step, loop.history = state["epoch"], state["step"], state["history"]
+    loop.metrics = {name: values[-1] for name, values in loop.history.items() if values}
+    loop._resume_position, loop._resume_rng = state["position"], state["rng"]
+    _set_rng_state(state["rng"])
+
+
+def _load_model_state(model, weights, path):
+    own = _unwrap(model).state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    mismatched = [f"{k}: {tuple(weights[k].shape)} in the file, {tuple(v.shape)} in the model"
+                  for k, v in own.items() if k in weights and weights[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"resume={path!r} holds the weights of a different model: missing keys "
+                         f"{missing}, unexpected keys {unexpected}, shape mismatches {mismatched}; "
+                         f"resume with the model that the checkpoint was saved from")
+    _unwrap(model).load_state_dict(weights)
+
+
+def _rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if "numpy" in sys.modules:
+        kind, keys, position, has_gauss, gauss = sys.modules["numpy"].random.get_state()
+        state["numpy"] = (kind, keys.tolist(), position, has_gauss, gauss)
+    return state
+
+
+def _set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state and "numpy" in sys.modules:
+        numpy = sys.modules["numpy"]
+        kind, keys, position, has_gauss, gauss = state["numpy"]
+        numpy.random.set_state((kind, numpy.array(keys, dtype=numpy.uint32), position,
+                                has_gauss, gauss))
+
+
+def _unwrap(model):
+    """The user's own module inside torch.compile's and DistributedDataParallel's wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+
+
+def _clone(state):
+    import copy
+    return copy.deepcopy(state)
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops(loop):
+    """The first Ctrl+C finishes the current step and stops cleanly; a second one interrupts."""
+    def handle(signum, frame):
+        if loop._interrupted:
+            raise KeyboardInterrupt
+        loop._interrupted = True
+    previous = None
+    with contextlib.suppress(ValueError):  # signals can only be handled in the main thread
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+# --- small helpers for the built-in hooks ---
+
+def _improvement_test(mode, min_delta, who):
+    if mode == "min":
+        return lambda value, best: value < best - min_delta
+    if mode == "max":
+        return lambda value, best: value > best + min_delta
+    raise ValueError(f"{who}(mode={mode!r}): use 'min' (lower is better) or 'max'")
+
+
+def _monitored(loop, monitor, who):
+    if monitor not in loop.metrics:
+        hint = " (val_* metrics need fit(val_loader=...))" if monitor.startswith("val_") else ""
+        raise ValueError(f"{who}(monitor={monitor!r}): this run has no such metric{hint}; it "
+                         f"has {', '.join(map(repr, loop.metrics))}")
+    return loop.metrics[monitor]
+
+
+def _tqdm_if_interactive():
+    if "ipykernel" not in sys.modules and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+def _format(values):
+    return {name: f"{value:.4g}" for name, value in values.items()}
