@@ -42,6 +42,7 @@ __all__ = [
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import math
 import os
 import random
@@ -486,9 +487,7 @@ def _train_epoch(loop, runner):
     loop._skipped, loop._epoch_first_step = 0, loop.step
     batches = _resume_batches(loop) if loop._resume_position else _fresh_batches(loop)
     loop._batches_in_epoch = _length(loop.loader)
-    for loop.batch_index, batch in batches:
-        if loop._limit is not None and loop.batch_index >= loop._limit:
-            break
+    for loop.batch_index, batch in itertools.islice(batches, loop._limit):
         loop.batch = _to_device(batch, loop.device, loop._non_blocking)
         runner.emit("batch")
         _train_batch(loop, runner)
@@ -584,8 +583,8 @@ def _end_epoch(loop, runner):
         results = _evaluate(loop.model, loop.val_loader, loop.loss_fn, loop._metrics, loop._step_fn,
                             loop.device, loop._non_blocking, loop._autocast, limit)
         values.update({f"val_{name}": value for name, value in results.items()})
+    values["lr"] = float(loop.optimizer.param_groups[0]["lr"])  # the rate this epoch used
     _step_scheduler_per_epoch(loop, values)
-    values["lr"] = float(loop.optimizer.param_groups[0]["lr"])
     loop.metrics = values
     for name, value in values.items():
         loop.history.setdefault(name, []).append(value)
@@ -613,9 +612,7 @@ def _evaluate(model, loader, loss_fn, metrics, step_fn, device, non_blocking, au
     meters = {name: _Meter() for name in ("loss", *metrics)}
     _reset_metric_objects(metrics)
     with _eval_mode(model):
-        for index, batch in enumerate(loader):
-            if limit is not None and index >= limit:
-                break
+        for batch in itertools.islice(loader, limit):
             batch = _to_device(batch, device, non_blocking)
             with autocast or contextlib.nullcontext():
                 if step_fn is not None:

@@ -720,3 +720,454 @@ def test_importing_loopy_has_no_side_effects():
                             cwd=HERE, timeout=120)
     assert result.returncode == 0 and result.stderr == ""
     assert eval(result.stdout) == ["loopy"]
+
+
+# --- training options ---
+
+def test_scheduler_per_epoch_matches_the_hand_loop_and_records_the_lr():
+    X, y = make_data(96)
+    by_hand, model = make_mlp(), make_mlp()
+    optimizer = torch.optim.SGD(by_hand.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    for _ in range(3):
+        hand_loop(by_hand, optimizer, tensor_loader(X, y), 1)
+        scheduler.step()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop = loopy.fit(model, F.cross_entropy, optimizer, (X, y), epochs=3, progress=False,
+                     scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5))
+    assert same_weights(model, by_hand)
+    assert loop.history["lr"] == [0.1, 0.05, 0.025]
+
+
+def test_scheduler_per_step_matches_the_hand_loop():
+    X, y = make_data(96)
+    by_hand, model = make_mlp(), make_mlp()
+    optimizer = torch.optim.SGD(by_hand.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.5, total_steps=6)
+    for _ in range(2):
+        for x, target in tensor_loader(X, y):
+            F.cross_entropy(by_hand(x), target).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.5, total_steps=6)
+    loopy.fit(model, F.cross_entropy, optimizer, (X, y), epochs=2, progress=False,
+              scheduler=scheduler, scheduler_interval="step")
+    assert same_weights(model, by_hand)
+
+
+def test_reduce_lr_on_plateau_gets_the_monitored_metric():
+    X, y = make_data(64)
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-12)  # so the loss stays flat
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=0)
+    loop = loopy.fit(model, F.cross_entropy, optimizer, (X, y), val_loader=(X, y), epochs=3,
+                     scheduler=scheduler, progress=False)
+    assert loop.history["lr"] == pytest.approx([1e-12, 1e-13, 1e-14])
+    message = fit_error(ValueError, scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(
+        torch.optim.SGD(make_mlp().parameters())), scheduler_monitor="val_f1")
+    assert "scheduler_monitor='val_f1'" in message and "'loss'" in message
+
+
+def test_accumulation_equals_one_larger_batch_including_the_last_partial_group():
+    X, y = make_data(80)  # batches of 16: groups of 2, 2 and a last group of 1
+    big, small = make_mlp(), make_mlp()
+    hand_loop(big, torch.optim.SGD(big.parameters(), lr=0.5),
+              [(X[:32], y[:32]), (X[32:64], y[32:64]), (X[64:], y[64:])], 2)
+    steps = []
+
+    def count():
+        while True:
+            steps.append((yield "step").step)
+
+    loopy.fit(small, F.cross_entropy, torch.optim.SGD(small.parameters(), lr=0.5), (X, y),
+              batch_size=16, accumulate=2, epochs=2, hooks=[count()], progress=False)
+    assert steps == [1, 2, 3, 4, 5, 6]
+    for p, q in zip(big.parameters(), small.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_grad_matches_the_hand_loop_and_shows_the_norm():
+    X, y = make_data(96)
+    by_hand, model = make_mlp(), make_mlp()
+    optimizer = torch.optim.SGD(by_hand.parameters(), lr=0.5)
+    norms = []
+    for x, target in tensor_loader(X, y):
+        F.cross_entropy(by_hand(x), target).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(by_hand.parameters(), 0.1))
+        optimizer.step()
+        optimizer.zero_grad()
+    seen = []
+
+    def norm_logger():
+        while True:
+            loop = yield "backward"
+            seen.append(loop.grad_norm)
+            assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in
+                                                         loop.model.parameters()])) <= 0.1 + 1e-6
+
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
+              clip_grad=0.1, hooks=[norm_logger()], progress=False)
+    assert same_weights(model, by_hand)
+    assert torch.equal(torch.stack(seen), torch.stack(norms))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_close_to_full_precision(precision):
+    X, y = make_data(128)
+    results, first_norms = {}, {}
+    for mode in (None, precision):
+        model = make_mlp()
+        norms = []
+
+        def first_norm():
+            loop = yield "backward"
+            norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm()
+                                                               for p in loop.model.parameters()])))
+
+        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                         (X, y), epochs=3, precision=mode, hooks=[first_norm()], progress=False)
+        results[mode], first_norms[mode] = loop.history["loss"], norms[0]
+        assert (loop.scaler is not None) == (mode == "fp16")
+    assert results[precision] == pytest.approx(results[None], rel=0.05)
+    # the "backward" hooks see unscaled gradients, also under the fp16 GradScaler
+    assert first_norms[precision].item() == pytest.approx(first_norms[None].item(), rel=0.05)
+
+
+def test_seed_makes_runs_reproducible_and_is_left_alone_when_not_given():
+    X, y = make_data(96)
+    models = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        model = make_mlp(dropout=0.3)
+        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                  shuffle=True, seed=7, epochs=2, progress=False)
+        models.append(model)
+    assert same_weights(*models)
+    torch.manual_seed(11)
+    model = make_mlp()
+    torch.manual_seed(11)
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+              progress=False)
+    assert torch.initial_seed() == 11
+
+
+def test_max_steps_completes_the_epoch_it_stops_in():
+    X, y = make_data(96)
+    model = make_mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                     epochs=10, max_steps=5, progress=False)
+    assert loop.step == 5 and len(loop.history["loss"]) == 2
+    assert loop.stop_reason == "reached max_steps=5"
+
+
+def test_dry_run_runs_two_batches_of_train_and_validation_and_writes_nothing(tmp_path):
+    X, y = make_data(320)
+    model = make_mlp()
+    val_batches = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __len__(self):
+            return 320
+
+        def __getitem__(self, index):
+            val_batches.append(index)
+            return X[index], y[index]
+
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                     epochs=5, val_loader=DataLoader(Counting(), batch_size=32), dry_run=True,
+                     hooks=[loopy.checkpoint(tmp_path / "run.pt")], progress=False)
+    assert loop.step == 2 and len(loop.history["loss"]) == 1 and len(val_batches) == 64
+    assert not os.listdir(tmp_path)
+
+
+# --- built-in hooks ---
+
+def scripted_score(scores):
+    """A hook that puts a made-up metric 'score' into each epoch's metrics."""
+    while True:
+        loop = yield "epoch"
+        loop.metrics["score"] = scores[loop.epoch]
+
+
+def test_early_stopping_stops_after_patience_and_restores_the_best_weights():
+    X, y = make_data(64)
+    model = make_mlp()
+    snapshots = []
+
+    def snapshot():
+        while True:
+            loop = yield "epoch"
+            snapshots.append({k: v.clone() for k, v in loop.model.state_dict().items()})
+
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
+                     epochs=10, progress=False,
+                     hooks=[scripted_score([0.5, 0.9, 0.7, 0.6, 0.8]), snapshot(),
+                            loopy.early_stopping("score", patience=2, mode="max",
+                                                 restore_best=True)])
+    assert len(snapshots) == 4 and "score did not improve for 2 epochs" in loop.stop_reason
+    assert all(torch.equal(snapshots[1][k], v) for k, v in model.state_dict().items())
+    assert not all(torch.equal(snapshots[3][k], v) for k, v in model.state_dict().items())
+
+
+def test_early_stopping_on_a_missing_metric_names_the_available_ones():
+    X, y = make_data(64)
+    model = make_mlp()
+    with pytest.raises(ValueError) as raised:
+        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
+                  hooks=[loopy.early_stopping("val_acc")], progress=False)
+    message = str(raised.value)
+    assert "early_stopping(monitor='val_acc')" in message and "'loss'" in message
+    assert "val_loader" in message
+    with pytest.raises(ValueError, match="mode='best'"):
+        next(loopy.early_stopping(mode="best"))
+
+
+def test_checkpoint_keeps_the_best_files_when_monitoring(tmp_path):
+    X, y = make_data(64)
+    model = make_mlp()
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
+              epochs=5, progress=False,
+              hooks=[scripted_score([0.5, 0.9, 0.7, 0.95, 0.8]),
+                     loopy.checkpoint(tmp_path / "best-{epoch}.pt", monitor="score", mode="max",
+                                      keep=2)])
+    assert sorted(os.listdir(tmp_path)) == ["best-2.pt", "best-4.pt"]
+    state = torch.load(tmp_path / "best-4.pt", weights_only=True)
+    assert state["epoch"] == 4 and state["history"]["loss"][-1] > 0
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    X, y = make_data(64)
+    model = make_mlp()
+    path = tmp_path / "run.pt"
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
+              hooks=[loopy.checkpoint(path)], progress=False)
+    good = path.read_bytes()
+    real_save = torch.save
+
+    def crash_midway(obj, file):
+        real_save(obj, file)
+        file.truncate(100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
+                  hooks=[loopy.checkpoint(path)], progress=False)
+    assert path.read_bytes() == good and os.listdir(tmp_path) == ["run.pt"]
+
+
+def test_csv_logger_writes_one_row_per_epoch(tmp_path):
+    import csv
+    X, y = make_data(64)
+    model = make_mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
+                     epochs=3, val_loader=(X, y), hooks=[loopy.csv_logger(tmp_path / "log.csv")],
+                     progress=False)
+    with open(tmp_path / "log.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
+    assert [float(row["val_loss"]) for row in rows] == loop.history["val_loss"]
+
+
+def test_tensorboard_without_the_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    X, y = make_data(64)
+    model = make_mlp()
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
+                  hooks=[loopy.tensorboard("runs")], progress=False)
+
+
+def test_lr_find_suggests_a_rate_and_leaves_model_optimizer_and_rng_as_they_were():
+    X, y = make_data(256)
+    model = make_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loopy.fit(model, F.cross_entropy, optimizer, (X, y), progress=False)  # so Adam has state
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: {n: t.clone() for n, t in s.items()} for k, s in optimizer.state_dict()["state"].items()}
+    rng = torch.get_rng_state()
+    found = loopy.lr_find(model, F.cross_entropy, optimizer, (X, y), num_steps=30, batch_size=16)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    after = optimizer.state_dict()
+    assert all(torch.equal(state[k][n], t) for k, s in after["state"].items() for n, t in s.items())
+    assert after["param_groups"][0]["lr"] == 1e-3 and torch.equal(rng, torch.get_rng_state())
+    assert 2 <= len(found["lr"]) <= 30 and found["lr"] == sorted(found["lr"])
+    assert found["suggestion"] in found["lr"] and len(found["loss"]) == len(found["lr"])
+
+
+# --- checkpoint and resume: the same run, bit for bit ---
+
+def resumable_run(path=None, epochs=4, stop_at_step=None, resume=None, seed=0):
+    """A run that uses the RNG everywhere: shuffling, dropout, a per-epoch scheduler."""
+    X, y = make_data(150)
+    model = make_mlp(seed=seed, dropout=0.2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    hooks = [loopy.checkpoint(path)] if path else []
+    if stop_at_step:
+        def stop():
+            while (yield "step").step < stop_at_step:
+                pass
+            loop = yield "end"
+            loop.stop("test stop")
+        hooks.insert(0, stop_when(stop_at_step))
+    loop = loopy.fit(model, F.cross_entropy, optimizer, (X, y), batch_size=16, shuffle=True,
+                     val_loader=(X[:50], y[:50]), metrics={"acc": loopy.accuracy}, epochs=epochs,
+                     scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.7),
+                     seed=None if resume else 123, hooks=hooks, resume=resume, progress=False)
+    return model, loop
+
+
+def stop_when(step):
+    while True:
+        loop = yield "step"
+        if loop.step == step:
+            loop.stop("test stop")
+
+
+@pytest.mark.parametrize("stop_at_step", [20, 27, 36])  # an epoch boundary, mid-epoch, mid-epoch
+def test_a_resumed_run_equals_the_straight_run_bit_for_bit(tmp_path, stop_at_step):
+    straight, straight_loop = resumable_run()
+    path = tmp_path / "run.pt"
+    _, stopped = resumable_run(path, stop_at_step=stop_at_step)
+    assert stopped.step == stop_at_step and stopped.stop_reason == "test stop"
+    torch.manual_seed(999)  # the resumed run must not depend on the global RNG
+    resumed, resumed_loop = resumable_run(path, resume=path, seed=5)
+    assert same_weights(resumed, straight)
+    assert resumed_loop.history == straight_loop.history and resumed_loop.step == 40
+
+
+def test_resuming_twice_from_the_final_checkpoint_trains_nothing_more(tmp_path):
+    path = tmp_path / "run.pt"
+    model, loop = resumable_run(path, epochs=2)
+    again, loop_again = resumable_run(path, epochs=2, resume=path, seed=3)
+    assert same_weights(model, again) and loop_again.history == loop.history
+
+
+def test_resume_errors_name_the_file_and_the_mismatch(tmp_path):
+    message = fit_error(FileNotFoundError, resume=tmp_path / "missing.pt")
+    assert "missing.pt" in message and "no such file" in message
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    message = fit_error(ValueError, resume=tmp_path / "junk.pt")
+    assert "junk.pt" in message and "corrupt" in message
+    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
+    message = fit_error(ValueError, resume=tmp_path / "other.pt")
+    assert "not a loopy checkpoint" in message
+    path = tmp_path / "run.pt"
+    resumable_run(path, epochs=1)
+    wider = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    message = fit_error(ValueError, model=wider, resume=path,
+                        optimizer=torch.optim.SGD(wider.parameters(), lr=0.1))
+    assert "different model" in message and "missing keys ['2.bias', '2.weight']" in message
+    assert "unexpected keys ['3.bias', '3.weight']" in message
+    assert "0.weight: (16, 8) in the file, (32, 8) in the model" in message
+
+
+def test_a_malicious_checkpoint_cannot_run_code(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo owned > " + str(tmp_path / "owned"),))
+
+    torch.save({"format": "loopy-checkpoint/1", "model": Exploit()}, tmp_path / "evil.pt")
+    message = fit_error(ValueError, resume=tmp_path / "evil.pt")
+    assert "cannot be loaded" in message and not (tmp_path / "owned").exists()
+
+
+TRAINING_SCRIPT = """
+import sys, time, torch, loopy
+torch.set_num_threads(1)
+path, epochs, resume, out = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume", sys.argv[4]
+torch.manual_seed(0)
+X, y = torch.randn(512, 64), torch.randint(0, 10, (512,))
+model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+                            torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+def slow_and_chatty():
+    while True:
+        loop = yield "step"
+        print("step", loop.step, flush=True)
+        time.sleep(0.02)
+
+hooks = ([loopy.checkpoint(path, every=3)] if path != "-" else []) + [slow_and_chatty()]
+loop = loopy.fit(model, torch.nn.functional.cross_entropy, optimizer, (X, y), batch_size=32,
+                 shuffle=True, epochs=epochs, seed=1, hooks=hooks, progress=False,
+                 resume=path if resume and path != "-" else None)
+torch.save({"model": model.state_dict(), "history": loop.history}, out)
+print("stop_reason", loop.stop_reason, flush=True)
+"""
+
+
+def run_training(tmp_path, path, epochs, resume, out, **popen):
+    script = tmp_path / "train.py"
+    script.write_text(TRAINING_SCRIPT)
+    return subprocess.Popen([sys.executable, str(script), str(path), str(epochs),
+                             "resume" if resume else "fresh", str(out)], cwd=HERE,
+                            env={**os.environ, "PYTHONPATH": HERE}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def wait_for_step(process, step):
+    for line in process.stdout:
+        if line.startswith("step") and int(line.split()[1]) >= step:
+            return
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_random_moments_resumes_to_the_same_weights(tmp_path):
+    import random
+    straight = run_training(tmp_path, "-", 2, False, tmp_path / "straight.pt")
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    path = tmp_path / "run.pt"
+    chooser = random.Random()
+    for attempt in range(3):
+        process = run_training(tmp_path, path, 2, attempt > 0, tmp_path / "killed.pt")
+        wait_for_step(process, 3 * attempt + 3)  # a checkpoint exists, then a random moment
+        time.sleep(chooser.uniform(0.0, 0.3))
+        process.kill()
+        process.wait()
+        assert torch.load(path, weights_only=True)["format"] == "loopy-checkpoint/1"
+    process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt")
+    assert process.wait(timeout=300) == 0, process.stderr.read()
+    expected = torch.load(tmp_path / "straight.pt", weights_only=True)
+    got = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert all(torch.equal(expected["model"][k], v) for k, v in got["model"].items())
+    assert got["history"] == expected["history"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
+    straight = run_training(tmp_path, "-", 2, False, tmp_path / "straight.pt")
+    assert straight.wait(timeout=300) == 0
+    path = tmp_path / "run.pt"
+    process = run_training(tmp_path, path, 2, False, tmp_path / "interrupted.pt")
+    wait_for_step(process, 5)
+    process.send_signal(signal.SIGINT)
+    output, errors = process.communicate(timeout=300)
+    assert process.returncode == 0, errors
+    assert "stop_reason interrupted by Ctrl+C" in output
+    assert "training interrupted by Ctrl+C" in errors and f"resume={str(path)!r}" in errors
+    interrupted = torch.load(tmp_path / "interrupted.pt", weights_only=True)
+    assert interrupted["history"] == {}  # stopped inside the first epoch, which is not recorded
+    assert torch.load(path, weights_only=True)["position"]["batches"] < 16
+    process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt")
+    assert process.wait(timeout=300) == 0
+    expected = torch.load(tmp_path / "straight.pt", weights_only=True)
+    got = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert all(torch.equal(expected["model"][k], v) for k, v in got["model"].items())
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_and_checkpoints_under_the_original_names(tmp_path):
+    X, y = make_data(64)
+    model = make_mlp()
+    compiled = torch.compile(model)
+    path = tmp_path / "compiled.pt"
+    loopy.fit(compiled, F.cross_entropy, torch.optim.SGD(compiled.parameters(), lr=0.1), (X, y),
+              hooks=[loopy.checkpoint(path)], progress=False)
+    state = torch.load(path, weights_only=True)
+    assert set(state["model"]) == set(make_mlp().state_dict())
+    plain = make_mlp(seed=3)
+    loop = loopy.fit(plain, F.cross_entropy, torch.optim.SGD(plain.parameters(), lr=0.1), (X, y),
+                     epochs=2, resume=path, progress=False)
+    assert loop.step == 4

@@ -1,0 +1,347 @@
+"""Shared pieces of the loopy benchmarks: workloads, the hand-written loops, the timing
+harness (interleaved rounds, medians, paired ratios), fresh-process import timing, memory
+readings and Markdown output. Not a public module; used by overhead.py and peers.py."""
+
+import contextlib
+import gc
+import io
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # benchmark the working copy of loopy.py
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SEED = 1234
+BATCH = 64
+LR, MOMENTUM = 0.1, 0.9
+
+
+# --- workloads -----------------------------------------------------------------------------
+
+def mlp():
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+
+
+def cnn():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 10))
+
+
+class Workload:
+    """Model, data and loaders of one benchmark workload (identical for every runner)."""
+
+    def __init__(self, key, title, make_model, input_shape, steps, val_steps=0, metric=False,
+                 epochs=1):
+        self.key, self.title, self.make_model = key, title, make_model
+        self.input_shape, self.metric, self.epochs = input_shape, metric, epochs
+        self.steps, self.val_steps = steps, val_steps
+        g = torch.Generator().manual_seed(SEED)
+        n, nv = steps * BATCH, val_steps * BATCH
+        self.X = torch.randn(n + nv, *input_shape, generator=g)
+        w = torch.randn(self.X[0].numel(), 10, generator=g)
+        self.y = (self.X.flatten(1) @ w).argmax(1)  # learnable labels, so accuracy moves
+        self.X, self.Xv = self.X[:n].contiguous(), self.X[n:].contiguous()
+        self.y, self.yv = self.y[:n].contiguous(), self.y[n:].contiguous()
+        from torch.utils.data import DataLoader, TensorDataset
+        self.loader = DataLoader(TensorDataset(self.X, self.y), batch_size=BATCH, shuffle=True)
+        self.val_loader = (DataLoader(TensorDataset(self.Xv, self.yv), batch_size=BATCH)
+                           if val_steps else None)
+
+    @property
+    def total_steps(self):
+        return self.steps * self.epochs
+
+    def build(self):
+        """A fresh model and optimizer, identically initialised for every runner."""
+        torch.manual_seed(SEED)
+        model = self.make_model()
+        return model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+
+
+def workload_mlp(steps=256, epochs=1):
+    return Workload("mlp", f"overhead-bound MLP 32-64-10, {steps} steps", mlp, (32,), steps,
+                    epochs=epochs)
+
+
+def workload_cnn(steps=32, epochs=1):
+    return Workload("cnn", f"compute-bound CNN on 1x28x28, {steps} steps", cnn, (1, 28, 28),
+                    steps, epochs=epochs)
+
+
+def workload_mlp_val(steps=256, val_steps=64, epochs=1):
+    return Workload("mlp_val", f"MLP + accuracy + validation ({val_steps} val batches) per "
+                    f"epoch, {steps} steps", mlp, (32,), steps, val_steps, metric=True,
+                    epochs=epochs)
+
+
+def accuracy(output, target):
+    return (output.argmax(dim=1) == target).float().mean()
+
+
+# --- the hand-written loops (the floor) ----------------------------------------------------
+
+def hand_loop(model, optimizer, loader, epochs, val_loader=None, metric=False):
+    """The hand-written loop. With ``metric`` or ``val_loader`` it does the same work as
+    loopy: per-epoch mean loss and accuracy kept on the device (no per-step sync), then
+    validation under no_grad/eval, and the numbers pulled once per epoch."""
+    track = metric or val_loader is not None
+    history = []
+    for _ in range(epochs):
+        model.train()
+        if track:
+            loss_sum, acc_sum, count = torch.zeros(()), torch.zeros(()), 0
+        for x, y in loader:
+            output = model(x)
+            loss = F.cross_entropy(output, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if track:
+                n = y.shape[0]
+                loss_sum += loss.detach() * n
+                if metric:
+                    acc_sum += accuracy(output.detach(), y) * n
+                count += n
+        if track:
+            row = {"loss": float(loss_sum) / count}
+            if metric:
+                row["acc"] = float(acc_sum) / count
+            if val_loader is not None:
+                row.update(_hand_validate(model, val_loader, metric))
+            history.append(row)
+    return history
+
+
+def _hand_validate(model, batches, metric):
+    model.eval()
+    loss_sum, acc_sum, count = torch.zeros(()), torch.zeros(()), 0
+    with torch.no_grad():
+        for x, y in batches:
+            output = model(x)
+            n = y.shape[0]
+            loss_sum += F.cross_entropy(output, y) * n
+            if metric:
+                acc_sum += accuracy(output, y) * n
+            count += n
+    model.train()
+    row = {"val_loss": float(loss_sum) / count}
+    if metric:
+        row["val_acc"] = float(acc_sum) / count
+    return row
+
+
+def hand_sliced(model, optimizer, X, y, epochs, batch_size=BATCH, val=None, metric=False):
+    """The hand-written loop over in-memory tensors, sliced by a random permutation (as users
+    write it: torch.randperm, fancy indexing; no DataLoader)."""
+    track = metric or val is not None
+    n_total = X.shape[0]
+    history = []
+    for _ in range(epochs):
+        model.train()
+        if track:
+            loss_sum, acc_sum, count = torch.zeros(()), torch.zeros(()), 0
+        order = torch.randperm(n_total)
+        for start in range(0, n_total, batch_size):
+            index = order[start:start + batch_size]
+            xb, yb = X[index], y[index]
+            output = model(xb)
+            loss = F.cross_entropy(output, yb)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if track:
+                n = yb.shape[0]
+                loss_sum += loss.detach() * n
+                if metric:
+                    acc_sum += accuracy(output.detach(), yb) * n
+                count += n
+        if track:
+            row = {"loss": float(loss_sum) / count}
+            if metric:
+                row["acc"] = float(acc_sum) / count
+            if val is not None:
+                Xv, yv = val
+                row.update(_hand_validate(
+                    model, ((Xv[i:i + batch_size], yv[i:i + batch_size])
+                            for i in range(0, Xv.shape[0], batch_size)), metric))
+            history.append(row)
+    return history
+
+
+# --- output suppression --------------------------------------------------------------------
+
+class _FakeTTY(io.TextIOWrapper):
+    def isatty(self):
+        return True
+
+
+@contextlib.contextmanager
+def quiet(tty=False):
+    """Send stdout/stderr of a timed run to /dev/null (a real file, so writes cost what they
+    cost in a log file). With ``tty``, stderr claims to be a terminal, so that progress bars
+    (tqdm) take their interactive path."""
+    null = open(os.devnull, "w")
+    err = _FakeTTY(open(os.devnull, "wb"), write_through=True) if tty else null
+    try:
+        with contextlib.redirect_stdout(null), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        null.close()
+        if tty:
+            err.close()
+
+
+# --- timing harness ------------------------------------------------------------------------
+
+class Runner:
+    def __init__(self, key, name, fn, baseline=None, tty=False, note=""):
+        self.key, self.name, self.fn, self.baseline = key, name, fn, baseline
+        self.tty, self.note = tty, note
+
+
+def time_runners(runners, workload, rounds, warmup=1, threads=1):
+    """Interleaved rounds: every round runs every runner once (the order rotates per round),
+    each on a freshly built, identically seeded model. Returns per-runner lists of seconds per
+    training step (rounds after the warm-up) and the final weights of the first timed round."""
+    times = {r.key: [] for r in runners}
+    weights = {}
+    for round_index in range(warmup + rounds):
+        shift = round_index % len(runners)
+        for runner in runners[shift:] + runners[:shift]:
+            model, optimizer = workload.build()
+            torch.set_num_threads(threads)
+            gc.collect()
+            torch.manual_seed(SEED + 1)  # the same shuffle order for every runner
+            with quiet(runner.tty):
+                start = time.perf_counter()
+                runner.fn(model, optimizer, workload)
+                elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                times[runner.key].append(elapsed / workload.total_steps)
+                if runner.key not in weights:
+                    weights[runner.key] = [p.detach().clone() for p in model.parameters()]
+    return times, weights
+
+
+def summarize(runners, times, weights=None, reference="hand"):
+    """Median time per step, and the median over rounds of the paired ratio to the runner's
+    baseline (runner time in round r / baseline time in round r)."""
+    rows = []
+    for runner in runners:
+        t = times[runner.key]
+        row = {"key": runner.key, "runner": runner.name, "ms_per_step": 1e3 * median(t),
+               "ms_spread": [1e3 * min(t), 1e3 * max(t)], "rounds": len(t)}
+        if runner.baseline is not None:
+            base = times[runner.baseline]
+            row["baseline"] = runner.baseline
+            row["ratio"] = median([a / b for a, b in zip(t, base)])
+        if weights is not None and reference in weights and runner.key in weights:
+            row.update(compare_weights(weights[runner.key], weights[reference]))
+        if runner.note:
+            row["note"] = runner.note
+        rows.append(row)
+    return rows
+
+
+def compare_weights(a, b):
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return {"bit_identical": False, "max_abs_diff": None}
+    return {"bit_identical": all(torch.equal(x, y) for x, y in zip(a, b)),
+            "max_abs_diff": max(float((x - y).abs().max()) for x, y in zip(a, b))}
+
+
+def median(values):
+    return statistics.median(values)
+
+
+# --- fresh processes -----------------------------------------------------------------------
+
+IMPORT_PROBE = """
+import json, os, sys, time
+sys.path.insert(0, {root!r})
+{setup}
+t0 = time.perf_counter(); import torch; t1 = time.perf_counter()
+{stmt}
+t2 = time.perf_counter()
+print("IMPORT-TIMES", json.dumps([t1 - t0, t2 - t1]))
+"""
+
+
+def import_cost(stmt, repeats, setup="", env=None):
+    """Median over fresh processes of the time of ``stmt`` (an import) right after
+    ``import torch`` in the same process, i.e. its cost beyond torch. One unrecorded warm-up
+    process first (it writes the .pyc files). Returns (median beyond torch, median torch)."""
+    code = IMPORT_PROBE.format(root=ROOT, setup=setup, stmt=stmt)
+    beyond, base = [], []
+    for i in range(repeats + 1):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=ROOT, env={**os.environ, **(env or {})}, check=True).stdout
+        t_torch, t_stmt = json.loads(out.split("IMPORT-TIMES", 1)[1])
+        if i:
+            base.append(t_torch)
+            beyond.append(t_stmt)
+    return median(beyond), median(base)
+
+
+def rss_kib():
+    """Current and peak resident set size of this process, KiB (Linux /proc)."""
+    status = open("/proc/self/status").read()
+    get = lambda key: int(re.search(key + r":\s+(\d+)", status).group(1))  # noqa: E731
+    return get("VmRSS"), get("VmHWM")
+
+
+def reset_peak_rss():
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# --- reporting -----------------------------------------------------------------------------
+
+def machine():
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform(), "threads": 1,
+            "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])}
+
+
+def markdown_table(headers, rows):
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt(value, spec):
+    return "—" if value is None else format(value, spec)
+
+
+def weights_cell(row):
+    if "bit_identical" not in row:
+        return "—"
+    if row["bit_identical"]:
+        return "bit-identical"
+    diff = row["max_abs_diff"]
+    return "shape differs" if diff is None else f"max diff {diff:.2e}"

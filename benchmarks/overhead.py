@@ -1,0 +1,128 @@
+"""loopy's own cost per training step, against the hand-written loop (issue 2).
+
+Tiny MLP 32-64-10, batch 64, CPU, torch.set_num_threads(1): the loop's own Python cost
+dominates. Every runner trains one epoch of the same data from the same initial weights;
+runners are interleaved round by round (the order rotates) so that machine drift hits all of
+them alike; the figure is the median time per optimizer step, and the ratio is the median over
+rounds of the paired ratio to the row's baseline. Also: ``import loopy`` beyond ``import torch``
+(fresh processes, median).
+
+    python benchmarks/overhead.py            # Markdown table
+    python benchmarks/overhead.py --json     # JSON
+    python benchmarks/overhead.py --quick    # a smoke run (tiny sizes)
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import loopy  # noqa: E402
+
+TARGETS = {"loopy_lean": 1.02, "loopy_lean_work": 1.02, "loopy_defaults_work": 1.05,
+           "loopy_tty_work": 1.05}
+
+
+def runners():
+    def hand(model, optimizer, w):
+        C.hand_loop(model, optimizer, w.loader, w.epochs)
+
+    def hand_work(model, optimizer, w):
+        C.hand_loop(model, optimizer, w.loader, w.epochs, w.val_loader, metric=True)
+
+    def fit(work, **options):
+        def run(model, optimizer, w):
+            extra = {"val_loader": w.val_loader, "metrics": {"acc": loopy.accuracy}} if work else {}
+            loopy.fit(model, F.cross_entropy, optimizer, w.loader, epochs=w.epochs, **extra,
+                      **options)
+        return run
+
+    return [
+        C.Runner("hand", "hand-written loop", hand),
+        C.Runner("loopy_lean", "loopy `progress=False`", fit(work=False, progress=False),
+                 "hand"),
+        C.Runner("loopy_defaults", "loopy defaults (progress on; a line per epoch)",
+                 fit(work=False), "hand"),
+        C.Runner("hand_work", "hand-written loop + accuracy + validation", hand_work),
+        C.Runner("loopy_defaults_work", "loopy defaults + accuracy + validation "
+                 "(not a terminal: a line per epoch)", fit(work=True), "hand_work"),
+        C.Runner("loopy_lean_work", "loopy `progress=False` + accuracy + validation",
+                 fit(work=True, progress=False), "hand_work"),
+        C.Runner("loopy_tty_work", "loopy defaults + accuracy + validation, stderr a terminal "
+                 "(tqdm bar)", fit(work=True), "hand_work", tty=True),
+    ]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--steps", type=int, help="training steps per epoch (default 256)")
+    parser.add_argument("--rounds", type=int, help="timed rounds (default 21)")
+    parser.add_argument("--import-repeats", type=int, help="fresh processes (default 9)")
+    args = parser.parse_args(argv)
+    steps = args.steps or (16 if args.quick else 256)
+    rounds = args.rounds or (2 if args.quick else 21)
+    repeats = args.import_repeats or (1 if args.quick else 9)
+
+    torch.set_num_threads(1)
+    workload = C.workload_mlp_val(steps=steps, val_steps=max(steps // 4, 1))
+    rs = runners()
+    times, weights = C.time_runners(rs, workload, rounds, warmup=1)
+    rows = C.summarize(rs, times, weights)
+    # loopy must train exactly like the hand-written loop doing the same work
+    for row in rows:
+        reference = "hand_work" if row["key"].endswith("_work") else "hand"
+        row.update(C.compare_weights(weights[row["key"]], weights[reference]))
+        if row["key"] in TARGETS:
+            row["target"] = TARGETS[row["key"]]
+            row["meets_target"] = row["ratio"] <= TARGETS[row["key"]]
+    beyond, torch_import = C.import_cost("import loopy", repeats)
+    result = {
+        "machine": C.machine(), "workload": workload.title, "batch_size": C.BATCH,
+        "steps_per_epoch": steps, "val_batches": workload.val_steps, "rounds": rounds,
+        "rows": rows,
+        "import": {"loopy_beyond_torch_ms": 1e3 * beyond, "torch_ms": 1e3 * torch_import,
+                   "repeats": repeats, "target_ms": 30.0, "meets_target": beyond < 0.030},
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(render(result))
+    return result
+
+
+def render(result):
+    table = []
+    for row in result["rows"]:
+        ratio = f"{row['ratio']:.3f}x" if "ratio" in row else "1 (baseline)"
+        target = (f"≤ {row['target']:.2f}x: {'met' if row['meets_target'] else '**missed**'}"
+                  if "target" in row else "")
+        table.append([row["runner"], f"{row['ms_per_step']:.4f}", ratio, target,
+                      C.weights_cell(row)])
+    imp = result["import"]
+    m = result["machine"]
+    return "\n".join([
+        f"### loopy overhead: {result['workload']}, batch {result['batch_size']}, CPU, 1 thread",
+        "",
+        f"{m['cpu']} ({m['logical_cpus']} logical CPUs), Python {m['python']}, torch "
+        f"{m['torch']}; median of {result['rounds']} interleaved rounds; ratio = median of the "
+        f"per-round ratios to the row's baseline (the hand-written row above it). Command: "
+        f"`{m['command']}`",
+        "",
+        C.markdown_table(["runner", "ms/step", "ratio", "target", "weights vs hand loop"],
+                         table),
+        "",
+        f"`import loopy` beyond `import torch`: **{imp['loopy_beyond_torch_ms']:.1f} ms** "
+        f"(target < 30 ms: {'met' if imp['meets_target'] else '**missed**'}; `import torch` "
+        f"itself {imp['torch_ms']:.0f} ms; median of {imp['repeats']} fresh processes).",
+    ])
+
+
+if __name__ == "__main__":
+    main()
