@@ -118,26 +118,21 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
     _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, nonfinite,
                          scheduler_interval, max_steps)
     metrics = _check_metrics(metrics)
-    device = _resolve_device(device)
+    device = _join_process_group(_resolve_device(device))
     if seed is not None:
         _seed_everything(seed)
     loader = _as_batches(loader, "loader", batch_size, shuffle)
     if val_loader is not None:
         val_loader = _as_batches(val_loader, "val_loader", batch_size, False)
     autocast, scaler = _mixed_precision(precision, device)
-    if progress:
-        hooks.append(_default_progress())
-    model.to(device)
-    for metric in metrics.values():
-        if isinstance(metric, torch.nn.Module):
-            metric.to(device)
-    loop = Loop(model, loss_fn, optimizer, loader, device, epochs)
-    loop.val_loader, loop.scheduler, loop.scaler, loop.dry_run = val_loader, scheduler, scaler, dry_run
-    loop._metrics, loop._step_fn, loop._autocast, loop._accumulate = metrics, step, autocast, accumulate
-    loop._clip_grad, loop._max_steps, loop._nonfinite = clip_grad, max_steps, nonfinite
+    loop = _prepared_loop(model, loss_fn, loader, metrics, step, device, autocast, optimizer)
+    loop.epochs, loop.val_loader, loop.scheduler, loop.scaler = epochs, val_loader, scheduler, scaler
+    loop._accumulate, loop._clip_grad, loop._max_steps = accumulate, clip_grad, max_steps
+    loop._nonfinite, loop.dry_run, loop._limit = nonfinite, dry_run, 2 if dry_run else None
     loop._scheduler_interval, loop._scheduler_monitor = scheduler_interval, scheduler_monitor
-    loop._non_blocking = device.type == "cuda" and getattr(loader, "pin_memory", False)
-    loop._limit = 2 if dry_run else None
+    loop._val_batches = _shard(loop, val_loader, training=False)
+    if progress and loop.rank == 0:
+        hooks.append(_default_progress())
     if dry_run:
         loop.epochs = 1
     runner = _HookRunner(hooks, loop)
@@ -150,8 +145,7 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
             loop.epoch += loop._epoch_complete
             if _train_epoch(loop, runner):
                 _end_epoch(loop, runner)
-            if loop._interrupted:
-                loop.stop("interrupted by Ctrl+C")
+                _should_stop(loop)
         runner.emit("end")
     if loop._interrupted:
         where = f"resume with fit(..., resume={loop._last_save!r})" if loop._last_save else \
@@ -171,16 +165,11 @@ def evaluate(model, loader, loss_fn=None, metrics=None, device="auto", *, step=N
         >>> loopy.evaluate(model, (X_test, y_test), F.cross_entropy, {"acc": loopy.accuracy})
         {'loss': 0.21, 'acc': 0.94}
     """
-    metrics = _check_metrics(metrics)
-    device = _resolve_device(device)
+    device = _join_process_group(_resolve_device(device))
     loader = _as_batches(loader, "loader", batch_size, False)
-    model.to(device)
-    for metric in metrics.values():
-        if isinstance(metric, torch.nn.Module):
-            metric.to(device)
     autocast, _ = _mixed_precision(precision, device)
-    non_blocking = device.type == "cuda" and getattr(loader, "pin_memory", False)
-    return _evaluate(model, loader, loss_fn, metrics, step, device, non_blocking, autocast, None)
+    loop = _prepared_loop(model, loss_fn, loader, _check_metrics(metrics), step, device, autocast)
+    return _evaluate(loop, _shard(loop, loader, training=False), None)
 
 
 def predict(model, loader, device="auto", *, batch_size=32):
@@ -292,6 +281,7 @@ class Loop:
         self.dry_run = False
         self._interrupted, self._last_save, self._resume_position = False, None, None
         self._meters, self._pending_grads, self._epoch_complete = {}, False, False
+        self.rank, self.world_size, self._train_model, self._batches = 0, 1, model, loader
 
     def stop(self, reason="stopped by a hook"):
         """End training at the next boundary (after this step, or this epoch); ``"end"`` still
@@ -319,8 +309,11 @@ class Loop:
         }
 
     def save(self, path):
-        """Write :meth:`state_dict` to ``path`` atomically: a crash mid-write keeps the old file."""
-        path = os.fspath(path)
+        """Write :meth:`state_dict` to ``path`` atomically: a crash mid-write keeps the old file.
+        Under torchrun only the first process (rank 0) writes."""
+        path = self._last_save = os.fspath(path)
+        if self.rank != 0:
+            return
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
@@ -333,7 +326,6 @@ class Loop:
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)
-        self._last_save = path
 
 
 # --- built-in hooks ---
@@ -440,17 +432,18 @@ def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
 def csv_logger(path, append=False):
     """Append one row per epoch (``epoch`` and every metric) to the CSV file ``path``."""
     import csv
+    loop = yield "epoch"
+    if loop.rank != 0:
+        return
     with open(path, "a" if append else "w", newline="") as file:
-        writer = None
+        row = {"epoch": loop.epoch + 1, **loop.metrics}
+        writer = csv.DictWriter(file, fieldnames=list(row), extrasaction="ignore")
+        if file.tell() == 0:
+            writer.writeheader()
         while True:
-            loop = yield "epoch"
-            row = {"epoch": loop.epoch + 1, **loop.metrics}
-            if writer is None:
-                writer = csv.DictWriter(file, fieldnames=list(row), extrasaction="ignore")
-                if file.tell() == 0:
-                    writer.writeheader()
-            writer.writerow(row)
+            writer.writerow({"epoch": loop.epoch + 1, **loop.metrics})
             file.flush()
+            loop = yield "epoch"
 
 
 def tensorboard(log_dir=None, every=50):
@@ -461,10 +454,12 @@ def tensorboard(log_dir=None, every=50):
     except ImportError as error:
         raise ImportError("loopy.tensorboard needs the tensorboard package: "
                           "pip install tensorboard") from error
+    loop = yield ("step", "epoch", "end")
+    if loop.rank != 0:
+        return
     writer = SummaryWriter(log_dir)
     try:
         while True:
-            loop = yield ("step", "epoch", "end")
             if loop.event == "step" and loop.step % every == 0:
                 writer.add_scalar("step/loss", float(loop.loss), loop.step)
                 writer.add_scalar("step/lr", loop.optimizer.param_groups[0]["lr"], loop.step)
@@ -472,6 +467,7 @@ def tensorboard(log_dir=None, every=50):
                 for name, value in loop.metrics.items():
                     writer.add_scalar(f"epoch/{name}", value, loop.epoch + 1)
             writer.flush() if loop.event != "step" else None
+            loop = yield ("step", "epoch", "end")
     finally:
         writer.close()
 
@@ -482,20 +478,18 @@ def _train_epoch(loop, runner):
     """One pass over the loader; False when training stopped before the epoch was complete."""
     loop.model.train()
     loop.batch_index, loop._epoch_complete = -1, False
-    loop._meters = {name: _Meter() for name in ("loss", *loop._metrics)}
+    loop._meters = _new_meters(loop._metrics, True)
     _reset_metric_objects(loop._metrics)
     loop._skipped, loop._epoch_first_step = 0, loop.step
     batches = _resume_batches(loop) if loop._resume_position else _fresh_batches(loop)
-    loop._batches_in_epoch = _length(loop.loader)
+    loop._batches_in_epoch = _length(loop._batches)
     for loop.batch_index, batch in itertools.islice(batches, loop._limit):
         loop.batch = _to_device(batch, loop.device, loop._non_blocking)
         runner.emit("batch")
         _train_batch(loop, runner)
         if loop._pending_grads:
             continue  # stop only between optimizer steps, so that a resume is exact
-        if loop._interrupted:
-            loop.stop("interrupted by Ctrl+C")
-        if loop.stop_reason is not None:
+        if _should_stop(loop):
             return False
         if loop._max_steps is not None and loop.step >= loop._max_steps:
             loop.stop(f"reached max_steps={loop._max_steps}")
@@ -508,17 +502,19 @@ def _train_epoch(loop, runner):
 
 
 def _train_batch(loop, runner):
-    with loop._autocast or contextlib.nullcontext():
-        loss, output, target = _forward(loop, loop.batch)
-    _check_loss(loss, loop)
-    if loop._nonfinite == "skip" and not torch.isfinite(loss):
-        loop._skipped += 1
-    else:
-        group = _group_size(loop)
-        scaled = loss / group if group > 1 else loss
-        (loop.scaler.scale(scaled) if loop.scaler is not None else scaled).backward()
-        loop._pending_grads = True
-        _record(loop, loss.detach(), output, target, loop.batch)
+    syncs = _syncs_gradients(loop)
+    with contextlib.nullcontext() if syncs else loop._train_model.no_sync():
+        with loop._autocast or contextlib.nullcontext():
+            loss, output, target = _forward(loop, loop.batch)
+        _check_loss(loss, loop)
+        if loop._nonfinite == "skip" and not torch.isfinite(loss):
+            loop._skipped += 1
+        else:
+            group = _group_size(loop)
+            scaled = loss / group if group > 1 else loss
+            (loop.scaler.scale(scaled) if loop.scaler is not None else scaled).backward()
+            loop._pending_grads = True
+            _record(loop, loss.detach(), output, target, loop.batch)
     loop.loss, loop.output = loss.detach(), output
     if (loop.batch_index + 1) % loop._accumulate == 0:
         _optimizer_step(loop, runner)
@@ -564,24 +560,30 @@ def _group_size(loop):
     return min(n, total - group_start)
 
 
+def _syncs_gradients(loop):
+    """Under DDP with accumulation only a group's last batch all-reduces the gradients."""
+    n = loop._accumulate
+    if loop.world_size == 1 or n == 1 or loop._batches_in_epoch is None:
+        return True
+    return loop.batch_index % n == _group_size(loop) - 1
+
+
 def _forward(loop, batch):
     if loop._step_fn is not None:
-        return _unpack_step_result(loop._step_fn(loop.model, batch))
+        return _unpack_step_result(loop._step_fn(loop._train_model, batch))
     x, y = _split_batch(batch)
-    output = _call_model(loop.model, x)
+    output = _call_model(loop._train_model, x)
     return loop.loss_fn(output, y), output, y
 
 
 def _end_epoch(loop, runner):
-    values = {name: meter.mean() for name, meter in loop._meters.items()}
-    _check_finite(loop, values.get("loss"))
+    _check_finite(loop, loop._meters["loss"].mean())
+    values = _epoch_means(loop._meters, loop)
     values.update(_compute_metric_objects(loop._metrics))
     if loop._nonfinite == "skip":
         values["skipped"] = float(loop._skipped)
     if loop.val_loader is not None:
-        limit = loop._limit
-        results = _evaluate(loop.model, loop.val_loader, loop.loss_fn, loop._metrics, loop._step_fn,
-                            loop.device, loop._non_blocking, loop._autocast, limit)
+        results = _evaluate(loop, loop._val_batches, loop._limit)
         values.update({f"val_{name}": value for name, value in results.items()})
     values["lr"] = float(loop.optimizer.param_groups[0]["lr"])  # the rate this epoch used
     _step_scheduler_per_epoch(loop, values)
@@ -608,27 +610,46 @@ def _step_scheduler_per_epoch(loop, values):
         scheduler.step()
 
 
-def _evaluate(model, loader, loss_fn, metrics, step_fn, device, non_blocking, autocast, limit):
-    meters = {name: _Meter() for name in ("loss", *metrics)}
-    _reset_metric_objects(metrics)
-    with _eval_mode(model):
+def _evaluate(loop, loader, limit):
+    measured = loop.loss_fn is not None or loop._step_fn is not None
+    meters = _new_meters(loop._metrics, measured)
+    _reset_metric_objects(loop._metrics)
+    with _eval_mode(loop.model):
         for batch in itertools.islice(loader, limit):
-            batch = _to_device(batch, device, non_blocking)
-            with autocast or contextlib.nullcontext():
-                if step_fn is not None:
-                    loss, output, target = _unpack_step_result(step_fn(model, batch))
+            batch = _to_device(batch, loop.device, loop._non_blocking)
+            with loop._autocast or contextlib.nullcontext():
+                if loop._step_fn is not None:
+                    loss, output, target = _unpack_step_result(loop._step_fn(loop.model, batch))
                 else:
                     x, target = _split_batch(batch)
-                    output = _call_model(model, x)
-                    loss = loss_fn(output, target) if loss_fn is not None else None
+                    output = _call_model(loop.model, x)
+                    loss = loop.loss_fn(output, target) if measured else None
             size = _batch_size(target if target is not None else batch)
             if loss is not None:
                 meters["loss"].add(loss.detach(), size)
-            for name, metric in metrics.items():
+            for name, metric in loop._metrics.items():
                 _update_metric(meters, name, metric, output, target, size)
-    results = {name: meter.mean() for name, meter in meters.items() if meter.count}
-    results.update(_compute_metric_objects(metrics))
+    results = _epoch_means(meters, loop)
+    results.update(_compute_metric_objects(loop._metrics))
     return results
+
+
+def _new_meters(metrics, with_loss):
+    names = [name for name, metric in metrics.items() if not _is_metric_object(metric)]
+    return {name: _Meter() for name in ["loss"] * with_loss + names}
+
+
+def _epoch_means(meters, loop):
+    """Batch-size-weighted means; under torchrun, summed over all processes first."""
+    if loop.world_size == 1:
+        return {name: meter.mean() for name, meter in meters.items()}
+    sums = [meter.sum(loop.device).double() for meter in meters.values()]
+    counts = [torch.tensor(float(meter.count), dtype=torch.float64, device=loop.device)
+              for meter in meters.values()]
+    both = torch.stack(sums + counts) if sums else torch.zeros(0, device=loop.device)
+    torch.distributed.all_reduce(both)
+    means = (both[:len(sums)] / both[len(sums):]).tolist()
+    return dict(zip(meters, means))
 
 
 def _record(loop, loss, output, target, batch):
@@ -687,6 +708,10 @@ class _Meter:
         total, _ = self._fold()
         return float(total) / self.count if self.count else math.nan
 
+    def sum(self, device):
+        total, _ = self._fold()
+        return total if total is not None else torch.zeros((), device=device)
+
     def first_nonfinite(self):
         _, index = self._fold()
         return int(index) if index is not None and int(index) >= 0 else None
@@ -698,6 +723,81 @@ class _Meter:
     def load_state_dict(self, state, device):
         for name, value in state.items():
             setattr(self, name, _to_device(value, device, False))
+
+
+# --- setup, and torchrun ---
+
+def _prepared_loop(model, loss_fn, loader, metrics, step, device, autocast, optimizer=None):
+    """Place the model and metrics on the device; under torchrun, wrap and shard for training."""
+    model.to(device)
+    for metric in metrics.values():
+        if isinstance(metric, torch.nn.Module):
+            metric.to(device)
+    loop = Loop(model, loss_fn, optimizer, loader, device, 1)
+    loop._metrics, loop._step_fn, loop._autocast = metrics, step, autocast
+    loop._non_blocking = device.type == "cuda" and getattr(loader, "pin_memory", False)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        loop.rank, loop.world_size = dist.get_rank(), dist.get_world_size()
+    if loop.world_size > 1 and optimizer is not None:
+        cuda = [device.index] if device.type == "cuda" else None
+        loop._train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=cuda)
+        loop._batches = _shard(loop, loader, training=True)
+        # stop flags travel on the CPU, so agreeing to stop never waits for the GPU
+        loop._stop_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    return loop
+
+
+def _join_process_group(device):
+    """Under torchrun (WORLD_SIZE > 1), start the process group unless the user has, and use
+    this process's own GPU, cuda:LOCAL_RANK."""
+    dist = torch.distributed
+    if not dist.is_available():
+        return device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized() and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
+def _shard(loop, loader, training):
+    """Each process's part of the data: a DistributedSampler for training (reshuffled each
+    epoch), a strided slice without padding for evaluation. Other loaders are left as given."""
+    data = torch.utils.data
+    if loop.world_size == 1 or loader is None:
+        return loader
+    if isinstance(loader, _TensorBatches):
+        loader = data.DataLoader(data.TensorDataset(*loader.tensors), loader.batch_size,
+                                 shuffle=loader.shuffle)
+    if not isinstance(loader, data.DataLoader) or isinstance(loader.dataset, data.IterableDataset) \
+            or isinstance(loader.sampler, data.DistributedSampler):
+        return loader
+    if loader.batch_size is None:
+        raise ValueError("loader has a batch_sampler, which loopy cannot shard under torchrun: "
+                         "build it on a torch.utils.data.DistributedSampler yourself")
+    if training:
+        shuffle = isinstance(loader.sampler, data.RandomSampler)
+        sampler = data.DistributedSampler(loader.dataset, shuffle=shuffle, drop_last=loader.drop_last)
+    else:
+        sampler = range(loop.rank, len(loader.dataset), loop.world_size)
+    options = ("num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
+               "multiprocessing_context", "generator", "prefetch_factor", "persistent_workers")
+    return data.DataLoader(loader.dataset, loader.batch_size, sampler=sampler,
+                           **{name: getattr(loader, name) for name in options})
+
+
+def _should_stop(loop):
+    """Turn a Ctrl+C into a stop; under torchrun, every process stops when any one does."""
+    if loop._interrupted:
+        loop.stop("interrupted by Ctrl+C")
+    if loop.world_size > 1:
+        flag = torch.tensor([int(loop.stop_reason is not None)])
+        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=loop._stop_group)
+        if flag.item():
+            loop.stop("stopped by another process")
+    return loop.stop_reason is not None
 
 
 # --- hooks: the generator protocol ---
@@ -1097,21 +1197,23 @@ def _epoch_position(loop):
 
 def _fresh_batches(loop):
     loop._epoch_rng = torch.get_rng_state()
-    return enumerate(loop.loader)
+    if hasattr(getattr(loop._batches, "sampler", None), "set_epoch"):
+        loop._batches.sampler.set_epoch(loop.epoch)  # a DistributedSampler reshuffles per epoch
+    return enumerate(loop._batches)
 
 
 def _resume_batches(loop):
     """Replay the interrupted epoch's shuffle order and skip the batches it had consumed."""
     position, loop._resume_position = loop._resume_position, None
-    loop._epoch_rng = position["epoch_rng"]
-    torch.set_rng_state(loop._epoch_rng)
-    batches = enumerate(loop.loader)
-    for _ in range(position["batches"]):
-        loop.batch_index, _ = next(batches)
+    torch.set_rng_state(position["epoch_rng"])
+    batches = _fresh_batches(loop)
+    for loop.batch_index, _ in itertools.islice(batches, position["batches"]):
+        pass
     _set_rng_state(loop._resume_rng)
     loop._epoch_first_step, loop._skipped = position["first_step"], position["skipped"]
-    for name, state in position["meters"].items():
-        loop._meters[name].load_state_dict(state, loop.device)
+    for name, meter in loop._meters.items():
+        if name in position["meters"]:
+            meter.load_state_dict(position["meters"][name], loop.device)
     return batches
 
 

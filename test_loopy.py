@@ -1171,3 +1171,101 @@ def test_torch_compile_trains_and_checkpoints_under_the_original_names(tmp_path)
     loop = loopy.fit(plain, F.cross_entropy, torch.optim.SGD(plain.parameters(), lr=0.1), (X, y),
                      epochs=2, resume=path, progress=False)
     assert loop.step == 4
+
+
+# --- torchrun: multi-process training on torch.distributed (gloo on CPU) ---
+
+DISTRIBUTED_SCRIPT = """
+import os, sys, torch, loopy
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+torch.set_num_threads(1)
+mode, out = sys.argv[1], sys.argv[2]
+batch_size = int(sys.argv[3]) if len(sys.argv) > 3 else 8
+generator = torch.Generator().manual_seed(0)
+X = torch.randn(96, 8, generator=generator)
+y = (X[:, 0] > 0).long()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+hooks = []
+if mode == "stop":
+    def stop_on_rank_1():
+        while True:
+            loop = yield "step"
+            if loop.rank == 1 and loop.step == 5:
+                loop.stop("rank 1 had enough")
+    hooks = [stop_on_rank_1(), loopy.checkpoint(os.path.join(out, "run.pt"))]
+if mode == "crash":
+    def crash_on_rank_1():
+        loop = yield "step"
+        if loop.rank == 1:
+            raise RuntimeError("rank 1 crashed")
+    hooks = [crash_on_rank_1()]
+loop = loopy.fit(model, F.cross_entropy, optimizer, DataLoader(TensorDataset(X, y), batch_size),
+                 val_loader=DataLoader(TensorDataset(X[:30], y[:30]), 7), epochs=3,
+                 accumulate=2 if mode == "accumulate" else 1,
+                 metrics={"acc": loopy.accuracy}, hooks=hooks, progress=False)
+results = loopy.evaluate(model, (X, y), F.cross_entropy, {"acc": loopy.accuracy})
+rank = int(os.environ.get("RANK", 0))
+torch.save({"model": model.state_dict(), "history": loop.history, "step": loop.step,
+            "stop_reason": loop.stop_reason, "evaluate": results,
+            "world_size": loop.world_size}, os.path.join(out, f"rank{rank}.pt"))
+"""
+
+
+def run_distributed(tmp_path, mode, processes, batch_size=8):
+    script = tmp_path / "ddp.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    out = tmp_path / f"{mode}-{processes}"
+    out.mkdir()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+    result = subprocess.run(launcher + [str(script), mode, str(out), str(batch_size)],
+                            env={**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    if mode == "crash":
+        return result
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(processes)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["plain", "accumulate"])
+def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(tmp_path, mode):
+    _, (rank0, rank1) = run_distributed(tmp_path, mode, 2, batch_size=8)
+    _, (single,) = run_distributed(tmp_path, mode, 1, batch_size=16)
+    assert rank0["world_size"] == 2 and single["world_size"] == 1
+    assert rank0["history"] == rank1["history"] and rank0["evaluate"] == rank1["evaluate"]
+    for name, weights in single["model"].items():  # tolerance: float sums in another order
+        torch.testing.assert_close(rank0["model"][name], weights, rtol=1e-5, atol=1e-6)
+        assert torch.equal(rank0["model"][name], rank1["model"][name])
+    for name in ("loss", "acc", "val_loss", "val_acc"):
+        assert rank0["history"][name] == pytest.approx(single["history"][name], rel=1e-5)
+    assert rank0["evaluate"] == pytest.approx(single["evaluate"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_stop_on_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process(tmp_path):
+    out, (rank0, rank1) = run_distributed(tmp_path, "stop", 2)
+    assert rank0["step"] == rank1["step"] == 5
+    assert rank0["stop_reason"] == "stopped by another process"
+    assert rank1["stop_reason"] == "rank 1 had enough"
+    assert sorted(os.listdir(out)) == ["rank0.pt", "rank1.pt", "run.pt"]
+    saved = torch.load(out / "run.pt", weights_only=True)
+    assert all(torch.equal(rank0["model"][k], v) for k, v in saved["model"].items())
+    assert saved["position"]["batches"] == 5  # 5 of the 6 batches of each rank's first epoch
+    X = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                     (X, (X[:, 0] > 0).long()), batch_size=16, epochs=2, resume=out / "run.pt",
+                     progress=False)
+    assert loop.step == 5 + 1 + 6 and len(loop.history["loss"]) == 2
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_ends_the_whole_run_instead_of_hanging(tmp_path):
+    started = time.monotonic()
+    result = run_distributed(tmp_path, "crash", 2)
+    assert result.returncode != 0 and "rank 1 crashed" in result.stderr
+    assert time.monotonic() - started < 120  # torchrun stopped the other process
