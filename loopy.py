@@ -94,7 +94,7 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
         scheduler: a ``torch.optim.lr_scheduler`` object, stepped every ``scheduler_interval``
             (``"epoch"``, the default, or ``"step"``); ``ReduceLROnPlateau`` gets the value of
             ``scheduler_monitor`` (``"val_loss"``, or ``"loss"`` without validation).
-            The learning rate enters ``loop.history["lr"]``.
+            The learning rate each epoch used enters ``loop.history["lr"]``.
         precision: None (full), ``"bf16"`` or ``"fp16"`` (autocast; fp16 adds a GradScaler).
         accumulate: optimizer step every n batches, the loss scaled so that the gradient equals
             one n-times-larger batch (the last partial group of an epoch still steps).
@@ -107,6 +107,9 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
             that batch, counted in ``history["skipped"]``; syncs every step) or ``"ignore"``.
         resume: path of a :func:`checkpoint` file; the run continues where it stopped, exactly.
 
+    Under ``torchrun`` the model trains as DistributedDataParallel on each process's shard of
+    the data, metrics are reduced over all processes, and only rank 0 shows progress and saves.
+
     Returns:
         The :class:`Loop`; ``loop.history`` maps each metric to its per-epoch floats.
 
@@ -115,8 +118,8 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
         HookError: a hook broke the protocol. Errors from the model, loss or hooks propagate as is.
     """
     hooks = _check_hooks(hooks)
-    _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, nonfinite,
-                         scheduler_interval, max_steps)
+    _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, max_steps,
+                         nonfinite, scheduler_interval)
     metrics = _check_metrics(metrics)
     device = _join_process_group(_resolve_device(device))
     if seed is not None:
@@ -126,17 +129,15 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
         val_loader = _as_batches(val_loader, "val_loader", batch_size, False)
     autocast, scaler = _mixed_precision(precision, device)
     loop = _prepared_loop(model, loss_fn, loader, metrics, step, device, autocast, optimizer)
-    loop.epochs, loop.val_loader, loop.scheduler, loop.scaler = epochs, val_loader, scheduler, scaler
+    loop.epochs = 1 if dry_run else epochs
+    loop.val_loader, loop.scheduler, loop.scaler, loop.dry_run = val_loader, scheduler, scaler, dry_run
     loop._accumulate, loop._clip_grad, loop._max_steps = accumulate, clip_grad, max_steps
-    loop._nonfinite, loop.dry_run, loop._limit = nonfinite, dry_run, 2 if dry_run else None
+    loop._nonfinite, loop._limit = nonfinite, 2 if dry_run else None
     loop._scheduler_interval, loop._scheduler_monitor = scheduler_interval, scheduler_monitor
     loop._val_batches = _shard(loop, val_loader, training=False)
     if progress and loop.rank == 0:
         hooks.append(_default_progress())
-    if dry_run:
-        loop.epochs = 1
-    runner = _HookRunner(hooks, loop)
-    with runner, _ctrl_c_stops(loop):
+    with _HookRunner(hooks, loop) as runner, _ctrl_c_stops(loop):
         if resume is not None:
             _restore(loop, _load_checkpoint(resume))
         optimizer.zero_grad()
@@ -148,10 +149,10 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
                 _should_stop(loop)
         runner.emit("end")
     if loop._interrupted:
-        where = f"resume with fit(..., resume={loop._last_save!r})" if loop._last_save else \
+        how = f"resume with fit(..., resume={loop._last_save!r})" if loop._last_save else \
             "add hooks=[loopy.checkpoint(path)] to be able to resume"
         warnings.warn(f"training interrupted by Ctrl+C in epoch {loop.epoch + 1}, after step "
-                      f"{loop.step}; {where}", stacklevel=2)
+                      f"{loop.step}; {how}", stacklevel=2)
     return loop
 
 
@@ -161,6 +162,7 @@ def evaluate(model, loader, loss_fn=None, metrics=None, device="auto", *, step=N
 
     Returns a dict of floats: ``"loss"`` (when ``loss_fn`` or ``step`` is given; the mean
     weighted by batch size) and each metric. The model's train/eval mode is restored.
+    Under torchrun each process evaluates its shard and all get the same, global, result.
 
         >>> loopy.evaluate(model, (X_test, y_test), F.cross_entropy, {"acc": loopy.accuracy})
         {'loss': 0.21, 'acc': 0.94}
@@ -176,6 +178,7 @@ def predict(model, loader, device="auto", *, batch_size=32):
     """Run ``model`` over ``loader`` (batches of inputs, or ``(x, y)`` pairs whose ``y`` is
     ignored) under ``torch.no_grad()`` and ``model.eval()``; return the outputs concatenated
     along dim 0, on the CPU (a tuple or dict of them when the model returns one).
+    Under torchrun every process predicts the whole loader and returns all outputs.
 
         >>> probabilities = loopy.predict(model, X_test).softmax(dim=1)
     """
@@ -190,7 +193,7 @@ def predict(model, loader, device="auto", *, batch_size=32):
                 batch = batch[0]
             outputs.append(_to_device(_call_model(model, batch), torch.device("cpu"), False))
     if not outputs:
-        raise ValueError(f"loader is empty: predict got {_describe(loader)} with no batches")
+        raise ValueError(f"loader yielded no batches: predict got {_describe(loader)}")
     return _concat(outputs)
 
 
@@ -213,7 +216,7 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
     ``diverge`` times its best. Model, optimizer and RNG states are restored afterwards.
 
     Returns ``{"lr": [...], "loss": [...smoothed...], "suggestion": lr}``, the suggestion being
-    the learning rate where the smoothed loss falls fastest.
+    the learning rate where the smoothed loss falls fastest before its minimum.
 
         >>> found = loopy.lr_find(model, F.cross_entropy, optimizer, (X, y))
         >>> for group in optimizer.param_groups: group["lr"] = found["suggestion"]
@@ -221,37 +224,32 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
     if not 0 < min_lr < max_lr or num_steps < 2:
         raise ValueError(f"lr_find needs 0 < min_lr < max_lr and num_steps >= 2; got min_lr="
                          f"{min_lr}, max_lr={max_lr}, num_steps={num_steps}")
-    saved_model = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
-    saved_optimizer = _clone(optimizer.state_dict())
-    saved_rng = _rng_state()
+    saved = _clone((_unwrap(model).state_dict(), optimizer.state_dict())), _rng_state()
     lrs, losses = [], []
 
     def sweep():
         mean, best = 0.0, math.inf
         while True:
-            loop = yield "batch"
             lr = min_lr * (max_lr / min_lr) ** (len(lrs) / (num_steps - 1))
-            for group in optimizer.param_groups:
+            for group in (yield "batch").optimizer.param_groups:
                 group["lr"] = lr
             loop = yield "step"
             mean = smoothing * mean + (1 - smoothing) * float(loop.loss)
-            smoothed = mean / (1 - smoothing ** (len(lrs) + 1))
             lrs.append(lr)
-            losses.append(smoothed)
-            best = min(best, smoothed)
-            if len(lrs) >= num_steps or not math.isfinite(smoothed) or smoothed > diverge * best:
+            losses.append(mean / (1 - smoothing ** len(lrs)))
+            best = min(best, losses[-1])
+            if len(lrs) == num_steps or not losses[-1] < diverge * best:
                 loop.stop("lr_find finished")
 
     batches = _as_batches(loader, "loader", batch_size, True)
+    epochs = num_steps // _length(batches) + 1 if _length(batches) else 10**9
     try:
-        fit(model, loss_fn, optimizer, batches, [sweep()], progress=False, step=step,
-            epochs=num_steps // max(len(batches), 1) + 1 if hasattr(batches, "__len__") else 10**9,
-            nonfinite="ignore", device=device)
+        fit(model, loss_fn, optimizer, batches, [sweep()], epochs=epochs, progress=False,
+            step=step, nonfinite="ignore", device=device)
     finally:
-        _unwrap(model).load_state_dict(saved_model)
-        optimizer.load_state_dict(saved_optimizer)
-        _set_rng_state(saved_rng)
-    # the steepest fall of the loss between the first tenth of the sweep and its minimum
+        _unwrap(model).load_state_dict(saved[0][0])
+        optimizer.load_state_dict(saved[0][1])
+        _set_rng_state(saved[1])
     lowest = min(range(len(losses)), key=losses.__getitem__)
     candidates = range(len(losses) // 10, max(lowest, len(losses) // 10 + 1))
     best = min(candidates, key=lambda i: losses[min(i + 1, len(losses) - 1)] - losses[i])
@@ -266,22 +264,19 @@ class Loop:
     (optimizer steps so far), ``batch_index`` (within the epoch), ``batch`` (on the device;
     a ``"batch"`` hook may replace it), ``output``, ``loss`` (detached tensor), ``grad_norm``
     (with ``clip_grad``), ``metrics`` (the last epoch's floats), ``history`` (lists of floats
-    per epoch), ``event`` (the current event), ``stop_reason``.
+    per epoch), ``event`` (the current event), ``stop_reason``, ``rank`` and ``world_size``
+    (under torchrun; 0 and 1 otherwise), ``scheduler``, ``scaler``, ``val_loader``.
     """
 
-    def __init__(self, model, loss_fn, optimizer, loader, device, epochs):
+    def __init__(self, model, loss_fn, optimizer, loader, device):
         self.model, self.loss_fn, self.optimizer, self.loader = model, loss_fn, optimizer, loader
-        self.device, self.epochs = device, epochs
-        self.epoch = self.step = 0
-        self.batch_index = -1
-        self.batch = self.output = self.loss = self.grad_norm = None
-        self.val_loader = self.scheduler = self.scaler = None
-        self.metrics, self.history = {}, {}
-        self.event = self.stop_reason = None
-        self.dry_run = False
-        self._interrupted, self._last_save, self._resume_position = False, None, None
-        self._meters, self._pending_grads, self._epoch_complete = {}, False, False
-        self.rank, self.world_size, self._train_model, self._batches = 0, 1, model, loader
+        self.device, self.epochs, self.epoch, self.step, self.batch_index = device, 1, 0, 0, -1
+        self.batch = self.output = self.loss = self.grad_norm = self.event = None
+        self.val_loader = self.scheduler = self.scaler = self.stop_reason = None
+        self.metrics, self.history, self.dry_run, self.rank, self.world_size = {}, {}, False, 0, 1
+        self._train_model, self._batches, self._meters, self._last_save = model, loader, {}, None
+        self._interrupted = self._pending_grads = self._epoch_complete = False
+        self._resume_position = None
 
     def stop(self, reason="stopped by a hook"):
         """End training at the next boundary (after this step, or this epoch); ``"end"`` still
@@ -297,16 +292,12 @@ class Loop:
 
     def state_dict(self):
         """The full training state that :func:`checkpoint` saves and ``fit(resume=...)`` loads."""
-        return {
-            "format": "loopy-checkpoint/1",
-            "model": _unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "epoch": self.epoch + self._epoch_complete, "step": self.step,
-            "history": self.history, "rng": _rng_state(),
-            "position": _epoch_position(self),
-        }
+        return {"format": "loopy-checkpoint/1", "model": _unwrap(self.model).state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "epoch": self.epoch + self._epoch_complete, "step": self.step,
+                "history": self.history, "rng": _rng_state(), "position": _epoch_position(self)}
 
     def save(self, path):
         """Write :meth:`state_dict` to ``path`` atomically: a crash mid-write keeps the old file.
@@ -335,29 +326,25 @@ def progress(refresh=0.5):
     whose loss and metrics refresh at most every ``refresh`` seconds; otherwise (CI, a log
     file, no tqdm) one plain line per epoch. ``fit`` adds it unless ``progress=False``."""
     bar_class = _tqdm_if_interactive()
-    started = time.monotonic()
-    bar, shown = None, 0.0
+    started, shown, bar = time.monotonic(), 0.0, None
     try:
         while True:
             loop = yield ("step", "epoch") if bar_class else "epoch"
-            if loop.event == "step":
-                if bar is None:
-                    bar = bar_class(total=_length(loop.loader), unit="batch", leave=True,
-                                    desc=f"epoch {loop.epoch + 1}/{loop.epochs}")
-                if time.monotonic() - shown >= refresh:
-                    bar.n = loop.batch_index + 1
-                    bar.set_postfix(_format(loop.averages()), refresh=False)
-                    bar.refresh()
-                    shown = time.monotonic()
-            elif bar is not None:
-                bar.n = loop.batch_index + 1
-                bar.set_postfix(_format(loop.metrics), refresh=False)
-                bar.close()
-                bar = None
-            else:
+            if bar_class is None:
                 line = " - ".join(f"{k} {v}" for k, v in _format(loop.metrics).items())
                 print(f"epoch {loop.epoch + 1}/{loop.epochs}: {line} "
                       f"({time.monotonic() - started:.1f}s)", flush=True)
+                continue
+            if bar is None:
+                bar = bar_class(total=_length(loop._batches), unit="batch",
+                                desc=f"epoch {loop.epoch + 1}/{loop.epochs}")
+            if loop.event == "epoch" or time.monotonic() - shown >= refresh:
+                bar.n = loop.batch_index + 1  # reading the averages is a sync: only this often
+                bar.set_postfix(_format(loop.metrics if loop.event == "epoch" else loop.averages()))
+                shown = time.monotonic()
+            if loop.event == "epoch":
+                bar.close()
+                bar = None
     finally:
         if bar is not None:
             bar.close()
@@ -406,9 +393,8 @@ def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
         raise ValueError(f"checkpoint(keep={keep!r}): use a number of files > 0")
     better = _improvement_test(mode, 0.0, "checkpoint")
     kept, best, saved_at = [], None, None
-    events = ("epoch", "end") if every == "epoch" else ("step", "epoch", "end")
     while True:
-        loop = yield events
+        loop = yield ("epoch", "end") if every == "epoch" else ("step", "epoch", "end")
         if loop.dry_run or (loop.event == "step" and loop.step % every):
             continue
         if monitor is not None:
@@ -418,11 +404,11 @@ def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
             if best is not None and not better(value, best):
                 continue
             best = value
-        if saved_at == (loop.step, loop.epoch, loop.event == "end"):
-            continue
-        target = os.fspath(path).format(epoch=loop.epoch + 1, step=loop.step)
+        position = (loop.step, loop.epoch + loop._epoch_complete)
+        if position == saved_at:
+            continue  # "end" right after an "epoch" that was saved
+        saved_at, target = position, os.fspath(path).format(epoch=loop.epoch + 1, step=loop.step)
         loop.save(target)
-        saved_at = (loop.step, loop.epoch + (loop.event == "epoch"), False)
         kept = [p for p in kept if p != target] + [target]
         while len(kept) > keep:
             with contextlib.suppress(FileNotFoundError):
@@ -430,14 +416,13 @@ def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
 
 
 def csv_logger(path, append=False):
-    """Append one row per epoch (``epoch`` and every metric) to the CSV file ``path``."""
+    """Write one row per epoch (``epoch`` and every metric) to the CSV file ``path``."""
     import csv
     loop = yield "epoch"
     if loop.rank != 0:
         return
     with open(path, "a" if append else "w", newline="") as file:
-        row = {"epoch": loop.epoch + 1, **loop.metrics}
-        writer = csv.DictWriter(file, fieldnames=list(row), extrasaction="ignore")
+        writer = csv.DictWriter(file, ["epoch", *loop.metrics], extrasaction="ignore")
         if file.tell() == 0:
             writer.writeheader()
         while True:
@@ -463,10 +448,8 @@ def tensorboard(log_dir=None, every=50):
             if loop.event == "step" and loop.step % every == 0:
                 writer.add_scalar("step/loss", float(loop.loss), loop.step)
                 writer.add_scalar("step/lr", loop.optimizer.param_groups[0]["lr"], loop.step)
-            elif loop.event == "epoch":
-                for name, value in loop.metrics.items():
-                    writer.add_scalar(f"epoch/{name}", value, loop.epoch + 1)
-            writer.flush() if loop.event != "step" else None
+            for name, value in loop.metrics.items() if loop.event == "epoch" else ():
+                writer.add_scalar(f"epoch/{name}", value, loop.epoch + 1)
             loop = yield ("step", "epoch", "end")
     finally:
         writer.close()
@@ -478,8 +461,7 @@ def _train_epoch(loop, runner):
     """One pass over the loader; False when training stopped before the epoch was complete."""
     loop.model.train()
     loop.batch_index, loop._epoch_complete = -1, False
-    loop._meters = _new_meters(loop._metrics, True)
-    _reset_metric_objects(loop._metrics)
+    loop._meters = _new_meters(loop._metrics, with_loss=True)
     loop._skipped, loop._epoch_first_step = 0, loop.step
     batches = _resume_batches(loop) if loop._resume_position else _fresh_batches(loop)
     loop._batches_in_epoch = _length(loop._batches)
@@ -497,15 +479,15 @@ def _train_epoch(loop, runner):
     if loop.batch_index < 0:
         raise ValueError(f"loader yielded no batches in epoch {loop.epoch + 1}: a one-shot "
                          f"iterator (a generator) cannot be re-iterated; pass a DataLoader or a list")
-    _finish_group(loop, runner)
+    if loop._pending_grads:  # the last, partial, accumulation group
+        _optimizer_step(loop, runner)
     return True
 
 
 def _train_batch(loop, runner):
-    syncs = _syncs_gradients(loop)
-    with contextlib.nullcontext() if syncs else loop._train_model.no_sync():
+    with contextlib.nullcontext() if _syncs_gradients(loop) else loop._train_model.no_sync():
         with loop._autocast or contextlib.nullcontext():
-            loss, output, target = _forward(loop, loop.batch)
+            loss, output, target = _forward(loop, loop._train_model, loop.batch)
         _check_loss(loss, loop)
         if loop._nonfinite == "skip" and not torch.isfinite(loss):
             loop._skipped += 1
@@ -514,17 +496,17 @@ def _train_batch(loop, runner):
             scaled = loss / group if group > 1 else loss
             (loop.scaler.scale(scaled) if loop.scaler is not None else scaled).backward()
             loop._pending_grads = True
-            _record(loop, loss.detach(), output, target, loop.batch)
+            with torch.no_grad():
+                _record(loop._meters, loop._metrics, loss, output, target, loop.batch)
     loop.loss, loop.output = loss.detach(), output
     if (loop.batch_index + 1) % loop._accumulate == 0:
         _optimizer_step(loop, runner)
 
 
 def _optimizer_step(loop, runner):
-    # the last partial accumulation group of an epoch also steps (see _finish_group)
     optimizer, scaler = loop.optimizer, loop.scaler
     if scaler is not None:
-        scaler.unscale_(optimizer)
+        scaler.unscale_(optimizer)  # hooks and clipping see the true gradients
     if loop._clip_grad is not None:
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         loop.grad_norm = torch.nn.utils.clip_grad_norm_(parameters, loop._clip_grad)
@@ -535,29 +517,19 @@ def _optimizer_step(loop, runner):
     else:
         optimizer.step()
     optimizer.zero_grad()
-    loop._pending_grads = False
-    loop.step += 1
+    loop._pending_grads, loop.step = False, loop.step + 1
     if loop.scheduler is not None and loop._scheduler_interval == "step":
         loop.scheduler.step()
     runner.emit("step")
 
 
-def _finish_group(loop, runner):
-    if loop._pending_grads:
-        _optimizer_step(loop, runner)
-
-
 def _group_size(loop):
-    n = loop._accumulate
-    if n == 1:
-        return 1
-    total = loop._batches_in_epoch
-    if total is None:
+    """How many batches the current accumulation group has (fewer in an epoch's last group)."""
+    n, total = loop._accumulate, loop._batches_in_epoch
+    if n == 1 or total is None:
         return n
-    if loop._limit is not None:
-        total = min(total, loop._limit)
-    group_start = loop.batch_index - loop.batch_index % n
-    return min(n, total - group_start)
+    total = min(total, loop._limit or total)
+    return min(n, total - (loop.batch_index - loop.batch_index % n))
 
 
 def _syncs_gradients(loop):
@@ -568,12 +540,36 @@ def _syncs_gradients(loop):
     return loop.batch_index % n == _group_size(loop) - 1
 
 
-def _forward(loop, batch):
+def _forward(loop, model, batch):
+    """(loss, output, target) of one batch: ``step(model, batch)``, or ``loss_fn(model(x), y)``."""
     if loop._step_fn is not None:
-        return _unpack_step_result(loop._step_fn(loop._train_model, batch))
-    x, y = _split_batch(batch)
-    output = _call_model(loop._train_model, x)
-    return loop.loss_fn(output, y), output, y
+        result = loop._step_fn(model, batch)
+        if isinstance(result, torch.Tensor):
+            return result, None, None
+        if isinstance(result, (tuple, list)) and len(result) == 3:
+            return tuple(result)
+        raise TypeError(f"step= must return the loss (a scalar tensor) or (loss, output, "
+                        f"target); it returned {_describe(result)}")
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise TypeError(f"loopy cannot unpack this batch: the loader yielded {_describe(batch)}, "
+                        f"and fit expects (inputs, target) pairs. For any other batch pass "
+                        f"step=fn(model, batch) returning the loss, or (loss, output, target)")
+    output = _call_model(model, batch[0])
+    return (loop.loss_fn(output, batch[1]) if loop.loss_fn else None), output, batch[1]
+
+
+def _record(meters, metrics, loss, output, target, batch):
+    size = _batch_size(target if target is not None else batch)
+    if loss is not None and "loss" in meters:
+        meters["loss"].add(loss.detach(), size)
+    if metrics and (output is None or target is None):
+        raise TypeError("metrics need the output and the target: make step= return "
+                        "(loss, output, target) instead of the loss alone")
+    for name, metric in metrics.items():
+        if name in meters:
+            meters[name].add(metric(output, target).detach(), size)
+        else:
+            metric.update(output, target)
 
 
 def _end_epoch(loop, runner):
@@ -595,46 +591,35 @@ def _end_epoch(loop, runner):
 
 
 def _step_scheduler_per_epoch(loop, values):
-    scheduler = loop.scheduler
+    scheduler, monitor = loop.scheduler, loop._scheduler_monitor
     if scheduler is None or loop._scheduler_interval != "epoch":
         return
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        monitor = loop._scheduler_monitor
-        if monitor not in values and monitor == "val_loss":
-            monitor = "loss"
-        if monitor not in values:
-            raise ValueError(f"scheduler_monitor={loop._scheduler_monitor!r} is not a metric of "
-                             f"this run; choose one of {sorted(values)}")
-        scheduler.step(values[monitor])
-    else:
-        scheduler.step()
+    if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return scheduler.step()
+    if monitor == "val_loss" and monitor not in values:
+        monitor = "loss"
+    if monitor not in values:
+        raise ValueError(f"scheduler_monitor={monitor!r} is not a metric of this run; choose "
+                         f"one of {sorted(values)}")
+    scheduler.step(values[monitor])
 
 
 def _evaluate(loop, loader, limit):
-    measured = loop.loss_fn is not None or loop._step_fn is not None
-    meters = _new_meters(loop._metrics, measured)
-    _reset_metric_objects(loop._metrics)
+    meters = _new_meters(loop._metrics, loop.loss_fn is not None or loop._step_fn is not None)
     with _eval_mode(loop.model):
         for batch in itertools.islice(loader, limit):
             batch = _to_device(batch, loop.device, loop._non_blocking)
             with loop._autocast or contextlib.nullcontext():
-                if loop._step_fn is not None:
-                    loss, output, target = _unpack_step_result(loop._step_fn(loop.model, batch))
-                else:
-                    x, target = _split_batch(batch)
-                    output = _call_model(loop.model, x)
-                    loss = loop.loss_fn(output, target) if measured else None
-            size = _batch_size(target if target is not None else batch)
-            if loss is not None:
-                meters["loss"].add(loss.detach(), size)
-            for name, metric in loop._metrics.items():
-                _update_metric(meters, name, metric, output, target, size)
-    results = _epoch_means(meters, loop)
-    results.update(_compute_metric_objects(loop._metrics))
-    return results
+                loss, output, target = _forward(loop, loop.model, batch)
+            _record(meters, loop._metrics, loss, output, target, batch)
+    return {**_epoch_means(meters, loop), **_compute_metric_objects(loop._metrics)}
 
 
 def _new_meters(metrics, with_loss):
+    """Meters for the loss and function metrics; update/compute/reset objects are reset."""
+    for metric in metrics.values():
+        if _is_metric_object(metric):
+            metric.reset()
     names = [name for name, metric in metrics.items() if not _is_metric_object(metric)]
     return {name: _Meter() for name in ["loss"] * with_loss + names}
 
@@ -648,27 +633,7 @@ def _epoch_means(meters, loop):
               for meter in meters.values()]
     both = torch.stack(sums + counts) if sums else torch.zeros(0, device=loop.device)
     torch.distributed.all_reduce(both)
-    means = (both[:len(sums)] / both[len(sums):]).tolist()
-    return dict(zip(meters, means))
-
-
-def _record(loop, loss, output, target, batch):
-    size = _batch_size(target if target is not None else batch)
-    loop._meters["loss"].add(loss, size)
-    if loop._metrics:
-        if target is None or output is None:
-            raise TypeError("metrics need the output and the target: make step= return "
-                            "(loss, output, target) instead of the loss alone")
-        with torch.no_grad():
-            for name, metric in loop._metrics.items():
-                _update_metric(loop._meters, name, metric, output.detach(), target, size)
-
-
-def _update_metric(meters, name, metric, output, target, size):
-    if _is_metric_object(metric):
-        metric.update(output, target)
-    else:
-        meters[name].add(metric(output, target).detach(), size)
+    return dict(zip(meters, (both[:len(sums)] / both[len(sums):]).tolist()))
 
 
 class _Meter:
@@ -687,17 +652,15 @@ class _Meter:
         self.count += size
         if len(self.values) == self.FOLD:
             self.total, self.first_bad = self._fold()
-            self.folded += len(self.values)
-            self.values, self.sizes = [], []
+            self.folded, self.values, self.sizes = self.folded + self.FOLD, [], []
 
     def _fold(self):
         if not self.values:
             return self.total, self.first_bad
         values = torch.stack(self.values).float().reshape(-1)
         sizes = torch.tensor(self.sizes, dtype=values.dtype).to(values.device, non_blocking=True)
-        total = (values * sizes).sum()
-        total = total if self.total is None else self.total + total
-        # the index of the first non-finite value, kept on the device: no sync until it is read
+        total = (values * sizes).sum() + (self.total if self.total is not None else 0)
+        # where the first non-finite value is, kept on the device: no sync until it is read
         bad = ~torch.isfinite(values)
         index = torch.where(bad.any(), bad.int().argmax() + self.folded, -1)
         if self.first_bad is not None:
@@ -705,24 +668,15 @@ class _Meter:
         return total, index
 
     def mean(self):
-        total, _ = self._fold()
-        return float(total) / self.count if self.count else math.nan
+        return float(self._fold()[0]) / self.count if self.count else math.nan
 
     def sum(self, device):
-        total, _ = self._fold()
+        total = self._fold()[0]
         return total if total is not None else torch.zeros((), device=device)
 
     def first_nonfinite(self):
-        _, index = self._fold()
+        index = self._fold()[1]
         return int(index) if index is not None and int(index) >= 0 else None
-
-    def state_dict(self):
-        return {name: getattr(self, name) for name in
-                ("total", "first_bad", "count", "folded", "values", "sizes")}
-
-    def load_state_dict(self, state, device):
-        for name, value in state.items():
-            setattr(self, name, _to_device(value, device, False))
 
 
 # --- setup, and torchrun ---
@@ -733,7 +687,7 @@ def _prepared_loop(model, loss_fn, loader, metrics, step, device, autocast, opti
     for metric in metrics.values():
         if isinstance(metric, torch.nn.Module):
             metric.to(device)
-    loop = Loop(model, loss_fn, optimizer, loader, device, 1)
+    loop = Loop(model, loss_fn, optimizer, loader, device)
     loop._metrics, loop._step_fn, loop._autocast = metrics, step, autocast
     loop._non_blocking = device.type == "cuda" and getattr(loader, "pin_memory", False)
     dist = torch.distributed
@@ -800,6 +754,24 @@ def _should_stop(loop):
     return loop.stop_reason is not None
 
 
+@contextlib.contextmanager
+def _ctrl_c_stops(loop):
+    """The first Ctrl+C finishes the current step and stops cleanly; a second one interrupts."""
+    def handle(signum, frame):
+        if loop._interrupted:
+            raise KeyboardInterrupt
+        loop._interrupted = True
+    previous = None
+    with contextlib.suppress(ValueError):  # signals can only be handled in the main thread
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 # --- hooks: the generator protocol ---
 
 class _HookRunner:
@@ -811,9 +783,7 @@ class _HookRunner:
     def __enter__(self):
         try:
             for hook in self.hooks:
-                wanted = self._advance(hook, first=True)
-                if wanted is not _FINISHED:
-                    self.waiting.append([hook, wanted])
+                self.waiting.append([hook, self._advance(hook, first=True)])
         except BaseException as error:
             self.__exit__(type(error), error, None)
             raise
@@ -821,12 +791,10 @@ class _HookRunner:
 
     def emit(self, event):
         self.loop.event = event
-        finished = False
         for entry in self.waiting:
             if entry[1] is None or event in entry[1]:
                 entry[1] = self._advance(entry[0])
-                finished = finished or entry[1] is _FINISHED
-        if finished:
+        if any(entry[1] is _FINISHED for entry in self.waiting):
             self.waiting = [entry for entry in self.waiting if entry[1] is not _FINISHED]
 
     def _advance(self, hook, first=False):
@@ -839,28 +807,24 @@ class _HookRunner:
                 raise HookError(f"{_name(hook)} raised StopIteration, which Python turns into "
                                 f"a RuntimeError (PEP 479): use return to end a hook") from error
             raise
-        if wanted is None:
-            return None
         events = (wanted,) if isinstance(wanted, str) else wanted
-        if not isinstance(events, (tuple, list, set, frozenset)) or \
-                not all(isinstance(e, str) and e in EVENTS for e in events):
+        if wanted is not None and (not isinstance(events, (tuple, list, set, frozenset)) or
+                                   not all(isinstance(e, str) and e in EVENTS for e in events)):
             raise HookError(f"{_name(hook)} yielded {wanted!r}, which is not an event: yield one "
                             f"of {', '.join(map(repr, EVENTS))}, a tuple of them, or nothing")
-        return frozenset(events)
+        return None if wanted is None else frozenset(events)
 
     def __exit__(self, error_type, error, traceback):
         failures = []
-        for hook, _ in reversed(self.waiting):
+        for hook, wanted in reversed(self.waiting):
             try:
                 hook.close()
             except RuntimeError as failure:
-                if "ignored GeneratorExit" not in str(failure):
-                    failures.append(failure)
-                    continue
                 failures.append(HookError(
                     f"{_name(hook)} ignored GeneratorExit: it yielded again while being closed. "
                     f"Do not yield inside finally:, and do not catch GeneratorExit (a bare except: "
-                    f"around yield does); put teardown in finally: without yield"))
+                    f"around yield does); put teardown in finally: without yield")
+                    if "ignored GeneratorExit" in str(failure) else failure)
             except Exception as failure:
                 failures.append(failure)
         self.waiting = []
@@ -868,7 +832,6 @@ class _HookRunner:
             raise failures[0]
         for failure in failures:
             error.add_note(f"while closing the hooks after this error: {failure!r}")
-        return False
 
 
 _FINISHED = object()
@@ -891,7 +854,7 @@ def _check_hooks(hooks):
             raise TypeError(f"hooks[{i}] is the generator function {hook.__name__!r}, not a "
                             f"hook: call it, hooks=[{hook.__name__}()]")
         if not inspect.isgenerator(hook):
-            hint = (" is a function without yield" if callable(hook) else " is not a generator")
+            hint = " is a function without yield" if callable(hook) else " is not a generator"
             raise TypeError(f"hooks[{i}] ({_describe(hook)}){hint}: a hook is a generator object, "
                             f"e.g. def my_hook(): loop = yield 'epoch' ... then hooks=[my_hook()]")
         if inspect.getgeneratorstate(hook) != inspect.GEN_CREATED or hooks.index(hook) != i:
@@ -903,8 +866,8 @@ def _check_hooks(hooks):
 
 # --- argument checks ---
 
-def _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, nonfinite,
-                         scheduler_interval, max_steps):
+def _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, max_steps,
+                         nonfinite, scheduler_interval):
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -915,12 +878,9 @@ def _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, no
         raise ValueError("optimizer holds none of the model's parameters: it was built for "
                          "another model (or before the model was re-created); build it from "
                          "this one: torch.optim.SGD(model.parameters(), lr=...)")
-    if step is None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, like torch.nn.functional.cross_entropy "
-                        f"(or pass step= for a custom update); got {_describe(loss_fn)}")
-    if step is not None and not callable(step):
-        raise TypeError(f"step must be a function step(model, batch) -> loss; got "
-                        f"{_describe(step)}")
+    if not callable(step if step is not None else loss_fn):
+        raise TypeError(f"loss_fn must be callable, like torch.nn.functional.cross_entropy (or "
+                        f"pass step=fn(model, batch) -> loss); got {_describe(loss_fn)}")
     for name, value in (("epochs", epochs), ("accumulate", accumulate), ("max_steps", max_steps)):
         if (value is not None or name != "max_steps") and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -939,8 +899,8 @@ def _check_metrics(metrics):
                         f"loopy.accuracy}}; got {_describe(metrics)}")
     for name, metric in metrics.items():
         if not isinstance(name, str) or name in ("loss", "lr", "skipped") or name.startswith("val_"):
-            raise ValueError(f"metrics: {name!r} cannot name a metric (loss, lr, skipped and val_* "
-                             f"are loopy's own); pick another name")
+            raise ValueError(f"metrics: {name!r} cannot name a metric (loss, lr, skipped and "
+                             f"val_* are loopy's own); pick another name")
         if not (_is_metric_object(metric) or callable(metric)):
             raise TypeError(f"metrics[{name!r}] is {_describe(metric)}: a metric is a function "
                             f"(output, target) -> tensor, or an object with update/compute/reset")
@@ -949,12 +909,6 @@ def _check_metrics(metrics):
 
 def _is_metric_object(metric):
     return all(callable(getattr(metric, name, None)) for name in ("update", "compute", "reset"))
-
-
-def _reset_metric_objects(metrics):
-    for metric in metrics.values():
-        if _is_metric_object(metric):
-            metric.reset()
 
 
 def _compute_metric_objects(metrics):
@@ -1004,8 +958,7 @@ def _mixed_precision(precision, device):
         autocast = torch.autocast(device.type, dtype=dtypes[precision])
     except RuntimeError as error:
         raise ValueError(f"precision={precision!r} is not supported on {device}: {error}") from None
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    return autocast, scaler
+    return autocast, torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
 def _seed_everything(seed):
@@ -1013,6 +966,28 @@ def _seed_everything(seed):
     torch.manual_seed(seed)
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed(seed % 2**32)
+
+
+def _check_loss(loss, loop):
+    source = "step=" if loop._step_fn is not None else "loss_fn"
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(f"the loss must be a scalar tensor, but {source} returned "
+                        f"{_describe(loss)}: reduce it (reduction='mean' or .mean())")
+    if not loss.requires_grad:
+        raise ValueError(f"the loss from {source} does not require grad, so backward() cannot "
+                         f"run: was it computed under torch.no_grad(), through .item(), .detach() "
+                         f"or numpy, or are all of the model's parameters frozen?")
+
+
+def _check_finite(loop, loss):
+    if loss is None or math.isfinite(loss) or loop._nonfinite != "raise":
+        return
+    index = loop._meters["loss"].first_nonfinite() or 0
+    step = loop._epoch_first_step + index // loop._accumulate + 1
+    raise FloatingPointError(f"the loss is not finite ({loss}) at epoch {loop.epoch + 1}, batch "
+                             f"{index + 1} of the epoch (optimizer step {step}): lower the "
+                             f"learning rate or check the data for nan/inf; fit(nonfinite='skip') "
+                             f"skips such batches")
 
 
 # --- batches and data ---
@@ -1089,64 +1064,20 @@ def _to_device(batch, device, non_blocking):
     return batch
 
 
-def _split_batch(batch):
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise TypeError(f"loopy cannot unpack this batch: the loader yielded {_describe(batch)}, and "
-                    f"fit expects (inputs, target) pairs. For any other batch pass "
-                    f"step=fn(model, batch) returning the loss, or (loss, output, target)")
-
-
 def _call_model(model, x):
     if isinstance(x, (tuple, list)):
         return model(*x)
-    if isinstance(x, dict):
-        return model(**x)
-    return model(x)
-
-
-def _unpack_step_result(result):
-    if isinstance(result, torch.Tensor):
-        return result, None, None
-    if isinstance(result, (tuple, list)) and len(result) == 3:
-        return tuple(result)
-    raise TypeError(f"step= must return the loss (a scalar tensor) or (loss, output, target); "
-                    f"it returned {_describe(result)}")
-
-
-def _check_loss(loss, loop):
-    source = "step=" if loop._step_fn is not None else "loss_fn"
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise TypeError(f"the loss must be a scalar tensor, but {source} returned "
-                        f"{_describe(loss)}: reduce it (reduction='mean' or .mean())")
-    if not loss.requires_grad:
-        raise ValueError(f"the loss from {source} does not require grad, so backward() cannot "
-                         f"run: was it computed under torch.no_grad(), through .item(), .detach() "
-                         f"or numpy, or are all of the model's parameters frozen?")
-
-
-def _check_finite(loop, loss):
-    if loss is None or math.isfinite(loss) or loop._nonfinite != "raise":
-        return
-    index = loop._meters["loss"].first_nonfinite() or 0
-    step = loop._epoch_first_step + index // loop._accumulate + 1
-    raise FloatingPointError(f"the loss is not finite ({loss}) at epoch {loop.epoch + 1}, batch "
-                             f"{index + 1} of the epoch (optimizer step {step}): lower the "
-                             f"learning rate or check the data for nan/inf; fit(nonfinite='skip') "
-                             f"skips such batches")
+    return model(**x) if isinstance(x, dict) else model(x)
 
 
 def _batch_size(data):
     if isinstance(data, torch.Tensor):
         return data.shape[0] if data.dim() else 1
-    if isinstance(data, dict):
-        data = list(data.values())
-    elif dataclasses.is_dataclass(data):
+    if dataclasses.is_dataclass(data):
         data = [getattr(data, f.name) for f in dataclasses.fields(data)]
-    for item in data if isinstance(data, (tuple, list)) else ():
-        size = _batch_size(item)
-        if size:
-            return size
+    for item in data.values() if isinstance(data, dict) else data:
+        if isinstance(item, (torch.Tensor, tuple, list, dict)):
+            return _batch_size(item)
     return 1
 
 
@@ -1156,10 +1087,8 @@ def _concat(outputs):
         return torch.cat(outputs)
     if isinstance(first, dict):
         return {key: _concat([o[key] for o in outputs]) for key in first}
-    if isinstance(first, (tuple, list)):
-        parts = [_concat([o[i] for o in outputs]) for i in range(len(first))]
-        return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
-    return outputs
+    parts = [_concat([o[i] for o in outputs]) for i in range(len(first))]
+    return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
 
 
 @contextlib.contextmanager
@@ -1177,9 +1106,7 @@ def _describe(value):
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)} ({value.dtype})"
     if isinstance(value, (tuple, list)) and len(value) <= 8:
-        return f"a {type(value).__name__} of ({', '.join(_describe(v) for v in value)})"
-    if isinstance(value, dict) and len(value) <= 8:
-        return f"a dict with keys {list(value)}"
+        return f"a {type(value).__name__} of ({', '.join(map(_describe, value))})"
     text = repr(value)
     return f"{text[:60] + '...' if len(text) > 63 else text} (type {type(value).__name__})"
 
@@ -1192,7 +1119,7 @@ def _epoch_position(loop):
         return None
     return {"batches": loop.batch_index + 1, "first_step": loop._epoch_first_step,
             "skipped": loop._skipped, "epoch_rng": loop._epoch_rng,
-            "meters": {name: meter.state_dict() for name, meter in loop._meters.items()}}
+            "meters": {name: dict(vars(meter)) for name, meter in loop._meters.items()}}
 
 
 def _fresh_batches(loop):
@@ -1212,8 +1139,7 @@ def _resume_batches(loop):
     _set_rng_state(loop._resume_rng)
     loop._epoch_first_step, loop._skipped = position["first_step"], position["skipped"]
     for name, meter in loop._meters.items():
-        if name in position["meters"]:
-            meter.load_state_dict(position["meters"][name], loop.device)
+        vars(meter).update(_to_device(position["meters"].get(name, {}), loop.device, False))
     return batches
 
 
@@ -1248,8 +1174,7 @@ def _restore(loop, state):
 
 def _load_model_state(model, weights, path):
     own = _unwrap(model).state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     mismatched = [f"{k}: {tuple(weights[k].shape)} in the file, {tuple(v.shape)} in the model"
                   for k, v in own.items() if k in weights and weights[k].shape != v.shape]
     if missing or unexpected or mismatched:
@@ -1263,9 +1188,9 @@ def _rng_state():
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    if "numpy" in sys.modules:
-        kind, keys, position, has_gauss, gauss = sys.modules["numpy"].random.get_state()
-        state["numpy"] = (kind, keys.tolist(), position, has_gauss, gauss)
+    if "numpy" in sys.modules:  # stored as plain lists, which weights_only loading accepts
+        kind, keys, *rest = sys.modules["numpy"].random.get_state()
+        state["numpy"] = [kind, keys.tolist(), *rest]
     return state
 
 
@@ -1277,20 +1202,16 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state and "numpy" in sys.modules:
         numpy = sys.modules["numpy"]
-        kind, keys, position, has_gauss, gauss = state["numpy"]
-        numpy.random.set_state((kind, numpy.array(keys, dtype=numpy.uint32), position,
-                                has_gauss, gauss))
+        kind, keys, *rest = state["numpy"]
+        numpy.random.set_state((kind, numpy.array(keys, dtype=numpy.uint32), *rest))
 
 
 def _unwrap(model):
     """The user's own module inside torch.compile's and DistributedDataParallel's wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            inner = model.module
-        if inner is None:
-            return model
-        model = inner
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel) or \
+            hasattr(model, "_orig_mod"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
 
 
 def _clone(state):
@@ -1298,32 +1219,14 @@ def _clone(state):
     return copy.deepcopy(state)
 
 
-@contextlib.contextmanager
-def _ctrl_c_stops(loop):
-    """The first Ctrl+C finishes the current step and stops cleanly; a second one interrupts."""
-    def handle(signum, frame):
-        if loop._interrupted:
-            raise KeyboardInterrupt
-        loop._interrupted = True
-    previous = None
-    with contextlib.suppress(ValueError):  # signals can only be handled in the main thread
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            previous = signal.signal(signal.SIGINT, handle)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-
-
 # --- small helpers for the built-in hooks ---
 
 def _improvement_test(mode, min_delta, who):
+    if mode not in ("min", "max"):
+        raise ValueError(f"{who}(mode={mode!r}): use 'min' (lower is better) or 'max'")
     if mode == "min":
         return lambda value, best: value < best - min_delta
-    if mode == "max":
-        return lambda value, best: value > best + min_delta
-    raise ValueError(f"{who}(mode={mode!r}): use 'min' (lower is better) or 'max'")
+    return lambda value, best: value > best + min_delta
 
 
 def _monitored(loop, monitor, who):
