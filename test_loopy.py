@@ -980,6 +980,20 @@ def test_tensorboard_without_the_package_says_what_to_install(monkeypatch):
                   hooks=[loopy.tensorboard("runs")], progress=False)
 
 
+def test_tensorboard_logs_step_and_epoch_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    X, y = make_data(64)
+    model = make_mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
+                     epochs=3, hooks=[loopy.tensorboard(tmp_path, every=2)], progress=False)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.step for e in events.Scalars("step/loss")] == [2, 4, 6]
+    assert [e.value for e in events.Scalars("epoch/loss")] == pytest.approx(loop.history["loss"])
+    assert [e.step for e in events.Scalars("epoch/lr")] == [1, 2, 3]
+
+
 def test_lr_find_suggests_a_rate_and_leaves_model_optimizer_and_rng_as_they_were():
     X, y = make_data(256)
     model = make_mlp()
@@ -1169,8 +1183,13 @@ def test_torch_compile_trains_and_checkpoints_under_the_original_names(tmp_path)
     assert set(state["model"]) == set(make_mlp().state_dict())
     plain = make_mlp(seed=3)
     loop = loopy.fit(plain, F.cross_entropy, torch.optim.SGD(plain.parameters(), lr=0.1), (X, y),
-                     epochs=2, resume=path, progress=False)
+                     epochs=2, resume=path, hooks=[loopy.checkpoint(path)], progress=False)
     assert loop.step == 4
+    compiled_again = torch.compile(make_mlp(seed=4))  # and a plain run's checkpoint resumes compiled
+    loop = loopy.fit(compiled_again, F.cross_entropy,
+                     torch.optim.SGD(compiled_again.parameters(), lr=0.1), (X, y), epochs=3,
+                     resume=path, progress=False)
+    assert loop.step == 6 and not same_weights(compiled_again._orig_mod, make_mlp(seed=4))
 
 
 # --- torchrun: multi-process training on torch.distributed (gloo on CPU) ---
@@ -1269,3 +1288,17 @@ def test_an_error_on_one_rank_ends_the_whole_run_instead_of_hanging(tmp_path):
     result = run_distributed(tmp_path, "crash", 2)
     assert result.returncode != 0 and "rank 1 crashed" in result.stderr
     assert time.monotonic() - started < 120  # torchrun stopped the other process
+
+
+@pytest.mark.slow
+def test_the_ddp_example_runs_alone_and_under_torchrun_to_the_same_accuracy():
+    script = os.path.join(HERE, "examples", "ddp_digits.py")
+    env = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"}
+    accuracies = []
+    for launcher in ([], ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]):
+        result = subprocess.run([sys.executable, *launcher, script, "--epochs", "8", "--plot", ""],
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("final validation") == 1  # only rank 0 reports
+        accuracies.append(float(result.stdout.split("acc=")[-1].split()[0]))
+    assert "on 2 process(es)" in result.stdout and min(accuracies) >= 0.95
