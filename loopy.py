@@ -39,6 +39,7 @@ __all__ = [
     "progress", "early_stopping", "checkpoint", "csv_logger", "tensorboard",
 ]
 
+import atexit
 import contextlib
 import dataclasses
 import inspect
@@ -99,8 +100,9 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
         accumulate: optimizer step every n batches, the loss scaled so that the gradient equals
             one n-times-larger batch (the last partial group of an epoch still steps).
         clip_grad: clip the gradient norm to this value; ``loop.grad_norm`` is the norm before.
-        seed: seed Python, NumPy (if imported) and torch before anything else; None leaves them.
-        max_steps: stop after this many optimizer steps (that epoch is completed and recorded).
+        seed: seed Python, NumPy (if imported) and torch before anything else (the shuffling
+            and dropout; seed the model's initial weights before building it); None leaves them.
+        max_steps: stop after this many optimizer steps, as ``loop.stop()`` does.
         dry_run: run one epoch of 2 batches and 2 validation batches; checkpoints are not written.
         nonfinite: ``"raise"`` (a FloatingPointError naming the first bad epoch and step, checked
             whenever numbers are pulled, so without a per-step sync), ``"skip"`` (no update for
@@ -148,6 +150,7 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
                 _end_epoch(loop, runner)
                 _should_stop(loop)
         runner.emit("end")
+    loop._train_model = model  # release DDP's wrapper (and its hold on the process group) now
     if loop._interrupted:
         how = f"resume with fit(..., resume={loop._last_save!r})" if loop._last_save else \
             "add hooks=[loopy.checkpoint(path)] to be able to resume"
@@ -279,8 +282,9 @@ class Loop:
         self._resume_position = None
 
     def stop(self, reason="stopped by a hook"):
-        """End training at the next boundary (after this step, or this epoch); ``"end"`` still
-        runs. An epoch cut short is not recorded in the history."""
+        """End training at the next boundary (after this optimizer step, or this epoch);
+        ``"end"`` still runs. An epoch cut short is not recorded in the history; a checkpoint
+        taken then resumes it from the next batch."""
         if self.stop_reason is None:
             self.stop_reason = reason
 
@@ -380,7 +384,8 @@ def early_stopping(monitor="val_loss", patience=3, mode="min", min_delta=0.0, re
 
 def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
     """Save the full training state (see ``fit(resume=...)``) atomically to ``path``: after
-    every epoch, or every ``every`` optimizer steps, and when training ends or is interrupted.
+    every epoch (and also every ``every`` optimizer steps when it is a number), and when
+    training ends, stops or is interrupted.
     With ``monitor``, save only epochs that improve it. ``path`` may contain ``{epoch}`` and
     ``{step}``; then the ``keep`` newest (or best) files are kept.
 
@@ -471,17 +476,19 @@ def _train_epoch(loop, runner):
         _train_batch(loop, runner)
         if loop._pending_grads:
             continue  # stop only between optimizer steps, so that a resume is exact
-        if _should_stop(loop):
-            return False
         if loop._max_steps is not None and loop.step >= loop._max_steps:
             loop.stop(f"reached max_steps={loop._max_steps}")
+        if _should_stop(loop):
             break
     if loop.batch_index < 0:
         raise ValueError(f"loader yielded no batches in epoch {loop.epoch + 1}: a one-shot "
                          f"iterator (a generator) cannot be re-iterated; pass a DataLoader or a list")
     if loop._pending_grads:  # the last, partial, accumulation group
         _optimizer_step(loop, runner)
-    return True
+    # a stop inside the epoch leaves it unfinished (a resume continues it), unless it came
+    # with the epoch's last batch
+    last = min(loop._batches_in_epoch or math.inf, loop._limit or math.inf)
+    return loop.stop_reason is None or loop.batch_index + 1 == last
 
 
 def _train_batch(loop, runner):
@@ -710,6 +717,9 @@ def _join_process_group(device):
         return device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # what loopy started it also ends: a group left to die with the interpreter can abort
+        # it ("terminate called without an active exception")
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     if dist.is_initialized() and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

@@ -1,8 +1,11 @@
 """Tests for loopy. The oracle is the hand-written PyTorch loop: same seed, bit-identical weights."""
 import collections
 import dataclasses
+import importlib.util
+import inspect
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import loopy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(HERE, "README.md")
 
 
 # --- fixtures: small data and models ---
@@ -853,13 +857,14 @@ def test_seed_makes_runs_reproducible_and_is_left_alone_when_not_given():
     assert torch.initial_seed() == 11
 
 
-def test_max_steps_completes_the_epoch_it_stops_in():
-    X, y = make_data(96)
+@pytest.mark.parametrize("max_steps, epochs_recorded", [(5, 1), (6, 2)])
+def test_max_steps_stops_like_stop_and_records_only_finished_epochs(max_steps, epochs_recorded):
+    X, y = make_data(96)  # 3 batches per epoch
     model = make_mlp()
     loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                     epochs=10, max_steps=5, progress=False)
-    assert loop.step == 5 and len(loop.history["loss"]) == 2
-    assert loop.stop_reason == "reached max_steps=5"
+                     epochs=10, max_steps=max_steps, val_loader=(X, y), progress=False)
+    assert loop.step == max_steps and len(loop.history["val_loss"]) == epochs_recorded
+    assert loop.stop_reason == f"reached max_steps={max_steps}"
 
 
 def test_dry_run_runs_two_batches_of_train_and_validation_and_writes_nothing(tmp_path):
@@ -1013,23 +1018,19 @@ def test_lr_find_suggests_a_rate_and_leaves_model_optimizer_and_rng_as_they_were
 
 # --- checkpoint and resume: the same run, bit for bit ---
 
-def resumable_run(path=None, epochs=4, stop_at_step=None, resume=None, seed=0):
+def resumable_run(path=None, epochs=4, stop_at_step=None, resume=None, seed=0, max_steps=None):
     """A run that uses the RNG everywhere: shuffling, dropout, a per-epoch scheduler."""
     X, y = make_data(150)
     model = make_mlp(seed=seed, dropout=0.2)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     hooks = [loopy.checkpoint(path)] if path else []
     if stop_at_step:
-        def stop():
-            while (yield "step").step < stop_at_step:
-                pass
-            loop = yield "end"
-            loop.stop("test stop")
         hooks.insert(0, stop_when(stop_at_step))
     loop = loopy.fit(model, F.cross_entropy, optimizer, (X, y), batch_size=16, shuffle=True,
                      val_loader=(X[:50], y[:50]), metrics={"acc": loopy.accuracy}, epochs=epochs,
                      scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.7),
-                     seed=None if resume else 123, hooks=hooks, resume=resume, progress=False)
+                     seed=None if resume else 123, hooks=hooks, resume=resume, progress=False,
+                     max_steps=max_steps)
     return model, loop
 
 
@@ -1050,6 +1051,15 @@ def test_a_resumed_run_equals_the_straight_run_bit_for_bit(tmp_path, stop_at_ste
     resumed, resumed_loop = resumable_run(path, resume=path, seed=5)
     assert same_weights(resumed, straight)
     assert resumed_loop.history == straight_loop.history and resumed_loop.step == 40
+
+
+def test_a_run_stopped_by_max_steps_resumes_to_the_straight_run(tmp_path):
+    straight, straight_loop = resumable_run()
+    path = tmp_path / "run.pt"
+    _, stopped = resumable_run(path, max_steps=13)
+    assert stopped.step == 13 and len(stopped.history["loss"]) == 1
+    resumed, resumed_loop = resumable_run(path, resume=path)
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
 
 
 def test_resuming_twice_from_the_final_checkpoint_trains_nothing_more(tmp_path):
@@ -1290,15 +1300,167 @@ def test_an_error_on_one_rank_ends_the_whole_run_instead_of_hanging(tmp_path):
     assert time.monotonic() - started < 120  # torchrun stopped the other process
 
 
+# --- examples/: each runs (shortened) as a script and reaches its accuracy ---
+
+def _python(*args, cwd=None):
+    """Run ``python *args`` in a fresh process with loopy importable; return its stdout."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (HERE, os.environ.get("PYTHONPATH")) if p))
+    result = subprocess.run([sys.executable, *args], cwd=cwd or HERE, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"python {args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def _run_example(script, *args, plot=""):
+    return _python(os.path.join(HERE, "examples", script), *args, "--plot", str(plot))
+
+
+def _final_metrics(stdout):
+    """The numbers of the example's last line 'final validation: loss=0.0980 acc=0.9750'."""
+    lines = [line for line in stdout.splitlines() if line.startswith("final validation:")]
+    assert lines, f"no 'final validation:' line in:\n{stdout[-2000:]}"
+    return {name: float(value) for name, value in re.findall(r"(\w+)=([-\d.e]+)", lines[-1])}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, epochs, threshold", [
+    ("fc_digits.py", 10, 0.95),
+    ("cnn_digits.py", 10, 0.97),
+    ("rnn_digits.py", 10, 0.95),
+])
+def test_example_reaches_its_accuracy(script, epochs, threshold, tmp_path):
+    plot = tmp_path / "curves.png"
+    stdout = _run_example(script, "--epochs", str(epochs), plot=plot)
+    assert _final_metrics(stdout)["acc"] >= threshold, stdout[-2000:]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plot.stat().st_size > 1000  # the training curves were saved
+
+
+@pytest.mark.slow
+def test_example_custom_step_learns():
+    stdout = _run_example("custom_step_digits.py", "--epochs", "10")
+    before, after = map(float, re.search(r"reconstruction error \(validation\): ([\d.]+) before "
+                                         r"training, ([\d.]+) after", stdout).groups())
+    assert after < before / 4, stdout[-2000:]
+    assert _final_metrics(stdout)["acc"] >= 0.93, stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_example_checkpoint_resume_equals_the_straight_run():
+    stdout = _run_example("checkpoint_resume.py", "--epochs", "10")
+    assert "simulated crash after step" in stdout
+    assert "resumed run == straight run: weights True, history True" in stdout, stdout[-2000:]
+    assert _final_metrics(stdout)["acc"] >= 0.95, stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_example_early_stopping_stops_and_restores_the_best_epoch():
+    stdout = _run_example("early_stopping.py", "--epochs", "60")
+    assert "early stopping: val_loss did not improve for 5 epochs" in stdout, stdout[-2000:]
+    best = float(re.search(r"the best was epoch \d+ \(val_loss ([\d.]+)\)", stdout).group(1))
+    final = _final_metrics(stdout)
+    assert final["loss"] == pytest.approx(best, abs=1e-4)  # the best epoch's weights are back
+    assert final["acc"] >= 0.95, stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_example_without_matplotlib_skips_the_plot(tmp_path):
+    plot = tmp_path / "curves.png"
+    examples = os.path.join(HERE, "examples")
+    stdout = _python("-c", "import runpy, sys; sys.modules['matplotlib'] = None; "
+                         f"sys.path.insert(0, {examples!r}); sys.argv = ['fc_digits.py', "
+                         f"'--epochs', '2', '--plot', {str(plot)!r}]; "
+                         f"runpy.run_path({os.path.join(examples, 'fc_digits.py')!r}, "
+                         "run_name='__main__')")
+    assert "matplotlib is not installed: no plot" in stdout and not plot.exists()
+    assert "final validation:" in stdout
+
+
 @pytest.mark.slow
 def test_the_ddp_example_runs_alone_and_under_torchrun_to_the_same_accuracy():
-    script = os.path.join(HERE, "examples", "ddp_digits.py")
-    env = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"}
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     accuracies = []
-    for launcher in ([], ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]):
-        result = subprocess.run([sys.executable, *launcher, script, "--epochs", "8", "--plot", ""],
-                                env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert result.stdout.count("final validation") == 1  # only rank 0 reports
-        accuracies.append(float(result.stdout.split("acc=")[-1].split()[0]))
-    assert "on 2 process(es)" in result.stdout and min(accuracies) >= 0.95
+    for launcher in ([], torchrun):
+        stdout = _python(*launcher, os.path.join(HERE, "examples", "ddp_digits.py"),
+                         "--epochs", "8", "--plot", "")
+        assert stdout.count("final validation:") == 1  # only rank 0 reports
+        accuracies.append(_final_metrics(stdout)["acc"])
+    assert "on 2 process(es)" in stdout and min(accuracies) >= 0.95
+
+
+# --- README.md: its code runs, its commands match CI, its API reference is complete ---
+
+def _readme():
+    with open(README, encoding="utf-8") as file:
+        return file.read()
+
+
+def _fenced_blocks(text, language):
+    """(first line number, code, skipped) for each ```language block; a block is skipped when
+    the line before it (blank lines aside) is a <!-- skip-test: why --> comment."""
+    blocks, lines, previous, i = [], text.splitlines(), "", 0
+    while i < len(lines):
+        if lines[i].strip() == "```" + language:
+            start = i + 1
+            while lines[i + 1].strip() != "```":
+                i += 1
+            blocks.append((start + 1, "\n".join(lines[start:i + 1]),
+                           previous.startswith("<!-- skip-test")))
+            i, previous = i + 1, "```"
+        elif lines[i].strip():
+            previous = lines[i].strip()
+        i += 1
+    return blocks
+
+
+def test_readme_python_blocks_run(tmp_path):
+    """The README's ```python blocks run in order in one namespace, like a notebook, in a
+    fresh process; tracebacks point at README.md's line numbers."""
+    blocks = _fenced_blocks(_readme(), "python")
+    runnable = [(line, code) for line, code, skipped in blocks if not skipped]
+    assert len(runnable) >= 15 and len(blocks) - len(runnable) <= 3  # skip markers stay rare
+    driver = ["import torch",
+              "torch.set_num_threads(1)  # the fastest for networks this small, even on a busy machine",
+              "namespace = {'__name__': '__main__'}"]
+    for line, code in runnable:
+        source = "\n" * (line - 1) + code  # so that line numbers are the README's
+        driver.append(f"exec(compile({source!r}, 'README.md', 'exec'), namespace)")
+    script = tmp_path / "readme_blocks.py"
+    script.write_text("\n".join(driver))
+    _python(str(script), cwd=tmp_path)
+
+
+def test_readme_setup_commands_match_ci():
+    text = _readme()
+    commands = [code for _, code, _ in _fenced_blocks(text, "bash")]
+    assert len(commands) == 2, "the README has exactly two setup commands"
+    assert text.index("```bash") < text.index("\n## ")  # near the top, before the first section
+    assert "examples/fc_digits.py" in commands[0] and os.path.exists(
+        os.path.join(HERE, "examples", "fc_digits.py"))
+    with open(os.path.join(HERE, ".ci", "run"), encoding="utf-8") as file:
+        ci_test_command = [line for line in file.read().splitlines() if line.strip()][-1]
+    assert commands[1].rstrip().endswith(ci_test_command.strip())
+
+
+def _api_reference():
+    text = _readme()
+    start = text.index("\n## API reference")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+@pytest.mark.parametrize("name", loopy.__all__)
+def test_readme_api_reference_documents(name):
+    section = _api_reference()
+    assert f"\n### loopy.{name}\n" in section, f"README's API reference has no '### loopy.{name}'"
+    value = getattr(loopy, name)
+    if inspect.isfunction(value):  # the documented signature is the code's, spaces aside
+        squash = lambda text: re.sub(r"\s+", "", text)
+        assert squash(f"{name}{inspect.signature(value)}") in squash(section), \
+            f"README's signature of loopy.{name} differs from {name}{inspect.signature(value)}"
+
+
+def test_readme_shows_the_plot():
+    assert "](docs/fc_digits.png)" in _readme()
+    assert os.path.getsize(os.path.join(HERE, "docs", "fc_digits.png")) < 200_000

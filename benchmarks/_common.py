@@ -3,7 +3,6 @@ harness (interleaved rounds, medians, paired ratios), fresh-process import timin
 readings and Markdown output. Not a public module; used by overhead.py and peers.py."""
 
 import contextlib
-import gc
 import io
 import json
 import os
@@ -212,10 +211,20 @@ class Runner:
         self.tty, self.note = tty, note
 
 
-def time_runners(runners, workload, rounds, warmup=1, threads=1):
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK_WORDS = {"wall": "wall-clock time", "cpu": "process CPU time"}
+
+
+def time_runners(runners, workload, rounds, warmup=1, threads=1, clock="wall"):
     """Interleaved rounds: every round runs every runner once (the order rotates per round),
     each on a freshly built, identically seeded model. Returns per-runner lists of seconds per
-    training step (rounds after the warm-up) and the final weights of the first timed round."""
+    training step (rounds after the warm-up) and the final weights of the first timed round.
+
+    No gc.collect() before a timed run: a full collection walks every object of torch and
+    leaves the caches cold, which added ~0.6 ms to the next call here (more to the runner
+    that touches more code), an artifact of the harness rather than a cost of the loop.
+    ``clock="cpu"`` times with process_time, which a busy machine disturbs less."""
+    timer = CLOCKS[clock]
     times = {r.key: [] for r in runners}
     weights = {}
     for round_index in range(warmup + rounds):
@@ -223,12 +232,11 @@ def time_runners(runners, workload, rounds, warmup=1, threads=1):
         for runner in runners[shift:] + runners[:shift]:
             model, optimizer = workload.build()
             torch.set_num_threads(threads)
-            gc.collect()
             torch.manual_seed(SEED + 1)  # the same shuffle order for every runner
             with quiet(runner.tty):
-                start = time.perf_counter()
+                start = timer()
                 runner.fn(model, optimizer, workload)
-                elapsed = time.perf_counter() - start
+                elapsed = timer() - start
             if round_index >= warmup:
                 times[runner.key].append(elapsed / workload.total_steps)
                 if runner.key not in weights:
@@ -283,12 +291,16 @@ print("IMPORT-TIMES", json.dumps([t1 - t0, t2 - t1]))
 def import_cost(stmt, repeats, setup="", env=None):
     """Median over fresh processes of the time of ``stmt`` (an import) right after
     ``import torch`` in the same process, i.e. its cost beyond torch. One unrecorded warm-up
-    process first (it writes the .pyc files). Returns (median beyond torch, median torch)."""
+    process first (it writes the .pyc files, so the figure is that of an installed package).
+    Returns (median beyond torch, median torch)."""
     code = IMPORT_PROBE.format(root=ROOT, setup=setup, stmt=stmt)
+    # as installed: with cached bytecode (pip compiles .pyc files at install time)
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    environment.update(env or {})
     beyond, base = [], []
     for i in range(repeats + 1):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             cwd=ROOT, env={**os.environ, **(env or {})}, check=True).stdout
+                             cwd=ROOT, env=environment, check=True).stdout
         t_torch, t_stmt = json.loads(out.split("IMPORT-TIMES", 1)[1])
         if i:
             base.append(t_torch)

@@ -61,7 +61,10 @@ def runners():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    parser.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time (default) or process CPU time (steadier on a busy box)")
     parser.add_argument("--steps", type=int, help="training steps per epoch (default 256)")
     parser.add_argument("--rounds", type=int, help="timed rounds (default 21)")
     parser.add_argument("--import-repeats", type=int, help="fresh processes (default 9)")
@@ -73,7 +76,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     workload = C.workload_mlp_val(steps=steps, val_steps=max(steps // 4, 1))
     rs = runners()
-    times, weights = C.time_runners(rs, workload, rounds, warmup=1)
+    times, weights = C.time_runners(rs, workload, rounds, warmup=1, clock=args.clock)
     rows = C.summarize(rs, times, weights)
     # loopy must train exactly like the hand-written loop doing the same work
     for row in rows:
@@ -84,17 +87,24 @@ def main(argv=None):
             row["meets_target"] = row["ratio"] <= TARGETS[row["key"]]
     beyond, torch_import = C.import_cost("import loopy", repeats)
     result = {
-        "machine": C.machine(), "workload": workload.title, "batch_size": C.BATCH,
+        "machine": C.machine(), "clock": args.clock, "workload": workload.title,
+        "batch_size": C.BATCH,
         "steps_per_epoch": steps, "val_batches": workload.val_steps, "rounds": rounds,
         "rows": rows,
         "import": {"loopy_beyond_torch_ms": 1e3 * beyond, "torch_ms": 1e3 * torch_import,
                    "repeats": repeats, "target_ms": 30.0, "meets_target": beyond < 0.030},
     }
+    if args.save:
+        with open(args.save, "w") as file:
+            json.dump(result, file, indent=2)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(render(result))
     return result
+
+
+CLOCK_WORDS = C.CLOCK_WORDS
 
 
 def render(result):
@@ -111,7 +121,8 @@ def render(result):
         f"### loopy overhead: {result['workload']}, batch {result['batch_size']}, CPU, 1 thread",
         "",
         f"{m['cpu']} ({m['logical_cpus']} logical CPUs), Python {m['python']}, torch "
-        f"{m['torch']}; median of {result['rounds']} interleaved rounds; ratio = median of the "
+        f"{m['torch']}; {CLOCK_WORDS[result['clock']]}, median of {result['rounds']} interleaved "
+        f"rounds; ratio = median of the "
         f"per-round ratios to the row's baseline (the hand-written row above it). Command: "
         f"`{m['command']}`",
         "",

@@ -21,13 +21,19 @@ def load(shape=(64,)):
 
 
 def arguments(script, description, epochs):
-    """The examples' command line: ``--epochs N`` (the tests pass fewer) and ``--plot PATH``
-    (default: a PNG beside the script, ``examples/fc_digits.png``; ``--plot ''`` skips it)."""
+    """Parse the examples' command line: ``--epochs N`` (the tests pass fewer), ``--plot PATH``
+    (default: a PNG beside the script, ``examples/fc_digits.png``; ``--plot ''`` skips it) and
+    ``--threads N``, which this applies with ``torch.set_num_threads``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--epochs", type=int, default=epochs, help=f"default {epochs}")
     parser.add_argument("--plot", default=os.path.splitext(os.path.abspath(script))[0] + ".png",
                         help="PNG file for the training curves; '' skips the plot")
-    return parser.parse_args()
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch's CPU threads; the default, 1, is the fastest for networks "
+                             "this small, and gives the same numbers on any machine")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def plot(history, path, title):
