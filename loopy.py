@@ -41,6 +41,7 @@ __all__ = [
 
 import atexit
 import contextlib
+import copy
 import dataclasses
 import inspect
 import itertools
@@ -65,83 +66,81 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
         device="auto", progress=True, step=None, batch_size=32, shuffle=False, scheduler=None,
         scheduler_interval="epoch", scheduler_monitor="val_loss", precision=None, accumulate=1,
         clip_grad=None, seed=None, max_steps=None, dry_run=False, nonfinite="raise", resume=None):
-    """Train ``model`` and return the :class:`Loop` that the hooks saw.
-
-    The same as the hand-written loop (bit for bit, with the same seed)::
+    """Train ``model`` and return the :class:`Loop` that the hooks saw; with the same seed, the
+    weights equal the hand-written loop's bit for bit::
 
         for epoch in range(epochs):
             for x, y in loader:
-                loss = loss_fn(model(x), y); loss.backward(); optimizer.step(); optimizer.zero_grad()
+                loss_fn(model(x), y).backward(); optimizer.step(); optimizer.zero_grad()
 
     Parameters:
-        model: an ``nn.Module``; moved to ``device`` once. Batches ``(x, y)`` call ``model(x)``,
-            ``model(*x)`` when ``x`` is a tuple or list, ``model(**x)`` when it is a dict.
+        model: an ``nn.Module``, moved to ``device``; called as ``model(x)``, ``model(*x)`` (a
+            tuple or list ``x``) or ``model(**x)`` (a dict).
         loss_fn: ``loss_fn(output, y) -> scalar tensor``; may be None when ``step`` is given.
         optimizer: a ``torch.optim.Optimizer`` over the model's parameters.
-        loader: any iterable of batches (a ``DataLoader``), or in-memory tensors ``(X, y)``
-            batched by ``batch_size`` and ``shuffle`` exactly as ``DataLoader(TensorDataset(X, y))``.
+        loader: an iterable of batches (a ``DataLoader``), or tensors ``(X, y)``, batched by
+            ``batch_size`` and ``shuffle`` exactly as ``DataLoader(TensorDataset(X, y))`` does.
         hooks: generator objects, e.g. ``[loopy.early_stopping(patience=3)]`` (see ``EVENTS``).
-        epochs: number of passes over ``loader`` (the total, also when resuming).
-        val_loader: evaluated after every epoch under ``torch.no_grad()`` and ``model.eval()``;
+        epochs: the total number of passes over ``loader``, also when resuming.
+        val_loader: evaluated after each epoch under ``torch.no_grad()`` and ``model.eval()``;
             its results enter ``loop.history`` with a ``val_`` prefix.
-        metrics: ``{"name": fn(output, target) -> tensor}`` (averaged over the epoch, weighted by
-            batch size) or objects with ``update/compute/reset`` (a torchmetrics ``Metric``).
+        metrics: ``{"name": fn(output, target) -> tensor}`` (epoch means weighted by batch size)
+            or objects with ``update/compute/reset`` (a torchmetrics ``Metric``).
         device: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda:1"``, a ``torch.device``.
-        progress: show the :func:`progress` hook (a bar on a terminal, a line per epoch elsewhere).
-        step: ``step(model, batch)`` for any other update; returns the loss, or
-            ``(loss, output, target)`` for metrics. It also runs for validation, where
-            ``model.training`` is False and gradients are off.
+        progress: add the :func:`progress` hook (a bar on a terminal, else a line per epoch).
+        step: ``step(model, batch)`` for any other update, returning the loss or ``(loss, output,
+            target)``; validation runs it too, with ``model.training`` False and no grad.
         batch_size, shuffle: for in-memory tensors only.
-        scheduler: a ``torch.optim.lr_scheduler`` object, stepped every ``scheduler_interval``
-            (``"epoch"``, the default, or ``"step"``); ``ReduceLROnPlateau`` gets the value of
-            ``scheduler_monitor`` (``"val_loss"``, or ``"loss"`` without validation).
-            The learning rate each epoch used enters ``loop.history["lr"]``.
+        scheduler: a ``torch.optim.lr_scheduler``, stepped every ``scheduler_interval`` (``"epoch"``
+            or ``"step"``); ``ReduceLROnPlateau`` gets ``scheduler_monitor`` (``"val_loss"``, or
+            ``"loss"`` without validation). Each epoch's learning rate enters ``history["lr"]``.
         precision: None (full), ``"bf16"`` or ``"fp16"`` (autocast; fp16 adds a GradScaler).
-        accumulate: optimizer step every n batches, the loss scaled so that the gradient equals
-            one n-times-larger batch (the last partial group of an epoch still steps).
+        accumulate: step every n batches, the loss scaled to give the gradient of one n times
+            larger batch (an epoch's last partial group still steps).
         clip_grad: clip the gradient norm to this value; ``loop.grad_norm`` is the norm before.
-        seed: seed Python, NumPy (if imported) and torch before anything else (the shuffling
-            and dropout; seed the model's initial weights before building it); None leaves them.
+        seed: seed Python, NumPy (if imported) and torch first, for shuffling and dropout (seed
+            the initial weights before building the model); None leaves them.
         max_steps: stop after this many optimizer steps, as ``loop.stop()`` does.
-        dry_run: run one epoch of 2 batches and 2 validation batches; checkpoints are not written.
+        dry_run: one epoch of 2 batches and 2 validation batches; checkpoints are not written.
         nonfinite: ``"raise"`` (a FloatingPointError naming the first bad epoch and step, checked
-            whenever numbers are pulled, so without a per-step sync), ``"skip"`` (no update for
-            that batch, counted in ``history["skipped"]``; syncs every step) or ``"ignore"``.
-        resume: path of a :func:`checkpoint` file; the run continues where it stopped, exactly.
+            when numbers are pulled: no per-step sync), ``"skip"`` (no update for that batch,
+            counted in ``history["skipped"]``; syncs every step) or ``"ignore"``.
+        resume: path of a :func:`checkpoint` file; the run continues exactly where it stopped.
 
     Under ``torchrun`` the model trains as DistributedDataParallel on each process's shard of
     the data, metrics are reduced over all processes, and only rank 0 shows progress and saves.
 
-    Returns:
-        The :class:`Loop`; ``loop.history`` maps each metric to its per-epoch floats.
+    Returns the :class:`Loop`; ``loop.history`` maps each metric to its per-epoch floats.
 
-    Raises:
-        TypeError, ValueError: bad arguments, before training starts.
-        HookError: a hook broke the protocol. Errors from the model, loss or hooks propagate as is.
+    Raises TypeError or ValueError for bad arguments, before training starts, and HookError when
+    a hook breaks the protocol; errors from the model, loss or hooks propagate as they are.
     """
     hooks = _check_hooks(hooks)
     _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, max_steps,
                          nonfinite, scheduler_interval)
     metrics = _check_metrics(metrics)
     device = _join_process_group(_resolve_device(device))
-    if seed is not None:
-        _seed_everything(seed)
+    if seed is not None:  # before anything draws a random number
+        random.seed(seed)
+        torch.manual_seed(seed)
+        if "numpy" in sys.modules:
+            sys.modules["numpy"].random.seed(seed % 2**32)
     loader = _as_batches(loader, "loader", batch_size, shuffle)
     if val_loader is not None:
         val_loader = _as_batches(val_loader, "val_loader", batch_size, False)
     autocast, scaler = _mixed_precision(precision, device)
     loop = _prepared_loop(model, loss_fn, loader, metrics, step, device, autocast, optimizer)
-    loop.epochs = 1 if dry_run else epochs
-    loop.val_loader, loop.scheduler, loop.scaler, loop.dry_run = val_loader, scheduler, scaler, dry_run
-    loop._accumulate, loop._clip_grad, loop._max_steps = accumulate, clip_grad, max_steps
-    loop._nonfinite, loop._limit = nonfinite, 2 if dry_run else None
-    loop._scheduler_interval, loop._scheduler_monitor = scheduler_interval, scheduler_monitor
+    loop.epochs, loop._limit = (1, 2) if dry_run else (epochs, None)
+    loop.val_loader, loop.scheduler, loop.scaler = val_loader, scheduler, scaler
+    loop.dry_run, loop._accumulate, loop._clip_grad = dry_run, accumulate, clip_grad
+    loop._max_steps, loop._nonfinite = max_steps, nonfinite
     loop._val_batches = _shard(loop, val_loader, training=False)
+    loop._scheduler_interval, loop._scheduler_monitor = scheduler_interval, scheduler_monitor
     if progress and loop.rank == 0:
         hooks.append(_default_progress())
     with _HookRunner(hooks, loop) as runner, _ctrl_c_stops(loop):
         if resume is not None:
-            _restore(loop, _load_checkpoint(resume))
+            _restore(loop, _load_checkpoint(resume, model))
         optimizer.zero_grad()
         runner.emit("start")
         while loop.stop_reason is None and loop.epoch + loop._epoch_complete < loop.epochs:
@@ -227,7 +226,7 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
     if not 0 < min_lr < max_lr or num_steps < 2:
         raise ValueError(f"lr_find needs 0 < min_lr < max_lr and num_steps >= 2; got min_lr="
                          f"{min_lr}, max_lr={max_lr}, num_steps={num_steps}")
-    saved = _clone((_unwrap(model).state_dict(), optimizer.state_dict())), _rng_state()
+    saved = copy.deepcopy((_unwrap(model).state_dict(), optimizer.state_dict())), _rng_state()
     lrs, losses = [], []
 
     def sweep():
@@ -329,13 +328,16 @@ def progress(refresh=0.5):
     """Show training progress: with tqdm on a terminal or in a notebook, one bar per epoch
     whose loss and metrics refresh at most every ``refresh`` seconds; otherwise (CI, a log
     file, no tqdm) one plain line per epoch. ``fit`` adds it unless ``progress=False``."""
-    bar_class = _tqdm_if_interactive()
+    bar_class = None  # a bar only where a person watches: a terminal or a notebook
+    if "ipykernel" in sys.modules or (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        with contextlib.suppress(ImportError):
+            from tqdm.auto import tqdm as bar_class
     started, shown, bar = time.monotonic(), 0.0, None
     try:
         while True:
             loop = yield ("step", "epoch") if bar_class else "epoch"
             if bar_class is None:
-                line = " - ".join(f"{k} {v}" for k, v in _format(loop.metrics).items())
+                line = " - ".join(f"{name} {value:.4g}" for name, value in loop.metrics.items())
                 print(f"epoch {loop.epoch + 1}/{loop.epochs}: {line} "
                       f"({time.monotonic() - started:.1f}s)", flush=True)
                 continue
@@ -343,8 +345,9 @@ def progress(refresh=0.5):
                 bar = bar_class(total=_length(loop._batches), unit="batch",
                                 desc=f"epoch {loop.epoch + 1}/{loop.epochs}")
             if loop.event == "epoch" or time.monotonic() - shown >= refresh:
-                bar.n = loop.batch_index + 1  # reading the averages is a sync: only this often
-                bar.set_postfix(_format(loop.metrics if loop.event == "epoch" else loop.averages()))
+                values = loop.metrics if loop.event == "epoch" else loop.averages()  # a sync
+                bar.n = loop.batch_index + 1
+                bar.set_postfix({name: f"{value:.4g}" for name, value in values.items()})
                 shown = time.monotonic()
             if loop.event == "epoch":
                 bar.close()
@@ -371,7 +374,7 @@ def early_stopping(monitor="val_loss", patience=3, mode="min", min_delta=0.0, re
         if best is None or better(value, best):
             best, waited = value, 0
             if restore_best:
-                best_weights = _clone(_unwrap(loop.model).state_dict())
+                best_weights = copy.deepcopy(_unwrap(loop.model).state_dict())
         else:
             waited += 1
             if waited >= patience:
@@ -482,7 +485,7 @@ def _train_epoch(loop, runner):
             break
     if loop.batch_index < 0:
         raise ValueError(f"loader yielded no batches in epoch {loop.epoch + 1}: a one-shot "
-                         f"iterator (a generator) cannot be re-iterated; pass a DataLoader or a list")
+                         f"iterator (a generator) cannot be re-iterated; pass a DataLoader or list")
     if loop._pending_grads:  # the last, partial, accumulation group
         _optimizer_step(loop, runner)
     # a stop inside the epoch leaves it unfinished (a resume continues it), unless it came
@@ -492,14 +495,17 @@ def _train_epoch(loop, runner):
 
 
 def _train_batch(loop, runner):
-    with contextlib.nullcontext() if _syncs_gradients(loop) else loop._train_model.no_sync():
-        with loop._autocast or contextlib.nullcontext():
+    group = _group_size(loop)
+    # under DDP with accumulation only a group's last batch all-reduces the gradients
+    syncs = loop.world_size == 1 or loop._batches_in_epoch is None or \
+        loop.batch_index % loop._accumulate == group - 1
+    with contextlib.nullcontext() if syncs else loop._train_model.no_sync():
+        with loop._autocast:
             loss, output, target = _forward(loop, loop._train_model, loop.batch)
         _check_loss(loss, loop)
         if loop._nonfinite == "skip" and not torch.isfinite(loss):
             loop._skipped += 1
         else:
-            group = _group_size(loop)
             scaled = loss / group if group > 1 else loss
             (loop.scaler.scale(scaled) if loop.scaler is not None else scaled).backward()
             loop._pending_grads = True
@@ -537,14 +543,6 @@ def _group_size(loop):
         return n
     total = min(total, loop._limit or total)
     return min(n, total - (loop.batch_index - loop.batch_index % n))
-
-
-def _syncs_gradients(loop):
-    """Under DDP with accumulation only a group's last batch all-reduces the gradients."""
-    n = loop._accumulate
-    if loop.world_size == 1 or n == 1 or loop._batches_in_epoch is None:
-        return True
-    return loop.batch_index % n == _group_size(loop) - 1
 
 
 def _forward(loop, model, batch):
@@ -589,7 +587,8 @@ def _end_epoch(loop, runner):
         results = _evaluate(loop, loop._val_batches, loop._limit)
         values.update({f"val_{name}": value for name, value in results.items()})
     values["lr"] = float(loop.optimizer.param_groups[0]["lr"])  # the rate this epoch used
-    _step_scheduler_per_epoch(loop, values)
+    if loop.scheduler is not None and loop._scheduler_interval == "epoch":
+        _step_scheduler(loop.scheduler, loop._scheduler_monitor, values)
     loop.metrics = values
     for name, value in values.items():
         loop.history.setdefault(name, []).append(value)
@@ -597,10 +596,7 @@ def _end_epoch(loop, runner):
     runner.emit("epoch")
 
 
-def _step_scheduler_per_epoch(loop, values):
-    scheduler, monitor = loop.scheduler, loop._scheduler_monitor
-    if scheduler is None or loop._scheduler_interval != "epoch":
-        return
+def _step_scheduler(scheduler, monitor, values):
     if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         return scheduler.step()
     if monitor == "val_loss" and monitor not in values:
@@ -616,7 +612,7 @@ def _evaluate(loop, loader, limit):
     with _eval_mode(loop.model):
         for batch in itertools.islice(loader, limit):
             batch = _to_device(batch, loop.device, loop._non_blocking)
-            with loop._autocast or contextlib.nullcontext():
+            with loop._autocast:
                 loss, output, target = _forward(loop, loop.model, batch)
             _record(meters, loop._metrics, loss, output, target, batch)
     return {**_epoch_means(meters, loop), **_compute_metric_objects(loop._metrics)}
@@ -742,8 +738,8 @@ def _shard(loop, loader, training):
         raise ValueError("loader has a batch_sampler, which loopy cannot shard under torchrun: "
                          "build it on a torch.utils.data.DistributedSampler yourself")
     if training:
-        shuffle = isinstance(loader.sampler, data.RandomSampler)
-        sampler = data.DistributedSampler(loader.dataset, shuffle=shuffle, drop_last=loader.drop_last)
+        sampler = data.DistributedSampler(loader.dataset, drop_last=loader.drop_last,
+                                          shuffle=isinstance(loader.sampler, data.RandomSampler))
     else:
         sampler = range(loop.rank, len(loader.dataset), loop.world_size)
     options = ("num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
@@ -788,12 +784,12 @@ class _HookRunner:
     """Primes the hooks, sends each event to those waiting for it, closes them in reverse."""
 
     def __init__(self, hooks, loop):
-        self.hooks, self.loop, self.waiting = hooks, loop, []
+        self.hooks, self.loop, self.waiting = hooks, loop, {}  # hook -> its events, None for all
 
     def __enter__(self):
         try:
             for hook in self.hooks:
-                self.waiting.append([hook, self._advance(hook, first=True)])
+                self._send(hook, None)  # primes it: runs its setup up to the first yield
         except BaseException as error:
             self.__exit__(type(error), error, None)
             raise
@@ -801,17 +797,16 @@ class _HookRunner:
 
     def emit(self, event):
         self.loop.event = event
-        for entry in self.waiting:
-            if entry[1] is None or event in entry[1]:
-                entry[1] = self._advance(entry[0])
-        if any(entry[1] is _FINISHED for entry in self.waiting):
-            self.waiting = [entry for entry in self.waiting if entry[1] is not _FINISHED]
+        for hook, wanted in list(self.waiting.items()):
+            if wanted is None or event in wanted:
+                self._send(hook, self.loop)
 
-    def _advance(self, hook, first=False):
+    def _send(self, hook, value):
         try:
-            wanted = next(hook) if first else hook.send(self.loop)
+            wanted = hook.send(value)
         except StopIteration:
-            return _FINISHED
+            self.waiting.pop(hook, None)
+            return
         except RuntimeError as error:
             if isinstance(error.__cause__, StopIteration):
                 raise HookError(f"{_name(hook)} raised StopIteration, which Python turns into "
@@ -822,29 +817,24 @@ class _HookRunner:
                                    not all(isinstance(e, str) and e in EVENTS for e in events)):
             raise HookError(f"{_name(hook)} yielded {wanted!r}, which is not an event: yield one "
                             f"of {', '.join(map(repr, EVENTS))}, a tuple of them, or nothing")
-        return None if wanted is None else frozenset(events)
+        self.waiting[hook] = None if wanted is None else frozenset(events)
 
     def __exit__(self, error_type, error, traceback):
         failures = []
-        for hook, wanted in reversed(self.waiting):
+        for hook in reversed(self.waiting):
             try:
                 hook.close()
-            except RuntimeError as failure:
-                failures.append(HookError(
-                    f"{_name(hook)} ignored GeneratorExit: it yielded again while being closed. "
-                    f"Do not yield inside finally:, and do not catch GeneratorExit (a bare except: "
-                    f"around yield does); put teardown in finally: without yield")
-                    if "ignored GeneratorExit" in str(failure) else failure)
             except Exception as failure:
+                if isinstance(failure, RuntimeError) and "ignored GeneratorExit" in str(failure):
+                    failure = HookError(f"{_name(hook)} ignored GeneratorExit: it yielded while "
+                                        f"being closed. Do not yield inside finally:, nor catch "
+                                        f"GeneratorExit (a bare except: around yield does)")
                 failures.append(failure)
-        self.waiting = []
+        self.waiting = {}
         if failures and error is None:
             raise failures[0]
         for failure in failures:
             error.add_note(f"while closing the hooks after this error: {failure!r}")
-
-
-_FINISHED = object()
 
 
 def _name(hook):
@@ -908,7 +898,7 @@ def _check_metrics(metrics):
         raise TypeError(f"metrics must be a dict of name -> metric, like metrics={{'acc': "
                         f"loopy.accuracy}}; got {_describe(metrics)}")
     for name, metric in metrics.items():
-        if not isinstance(name, str) or name in ("loss", "lr", "skipped") or name.startswith("val_"):
+        if not isinstance(name, str) or name in ("loss", "lr", "skipped") or name[:4] == "val_":
             raise ValueError(f"metrics: {name!r} cannot name a metric (loss, lr, skipped and "
                              f"val_* are loopy's own); pick another name")
         if not (_is_metric_object(metric) or callable(metric)):
@@ -957,7 +947,7 @@ def _resolve_device(device):
 
 def _mixed_precision(precision, device):
     if precision is None:
-        return None, None
+        return contextlib.nullcontext(), None
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in dtypes:
         raise ValueError(f"precision={precision!r}: use None (full precision), 'bf16' or 'fp16'")
@@ -969,13 +959,6 @@ def _mixed_precision(precision, device):
     except RuntimeError as error:
         raise ValueError(f"precision={precision!r} is not supported on {device}: {error}") from None
     return autocast, torch.amp.GradScaler(device.type) if precision == "fp16" else None
-
-
-def _seed_everything(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if "numpy" in sys.modules:
-        sys.modules["numpy"].random.seed(seed % 2**32)
 
 
 def _check_loss(loss, loop):
@@ -1041,11 +1024,9 @@ class _TensorBatches:
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
             order = order.to(self.tensors[0].device)
         for start in range(0, self.size, self.batch_size):
-            if order is None:
-                batch = [t[start:start + self.batch_size] for t in self.tensors]
-            else:
-                indices = order[start:start + self.batch_size]
-                batch = [t.index_select(0, indices) for t in self.tensors]
+            rows = slice(start, start + self.batch_size)
+            batch = [t[rows] if order is None else t.index_select(0, order[rows])
+                     for t in self.tensors]
             yield batch[0] if self.single else batch
 
 
@@ -1068,9 +1049,8 @@ def _to_device(batch, device, non_blocking):
             return type(batch)(moved)
         return moved
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        return dataclasses.replace(batch, **{f.name: _to_device(getattr(batch, f.name), device,
-                                                                 non_blocking)
-                                             for f in dataclasses.fields(batch) if f.init})
+        fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch) if f.init}
+        return dataclasses.replace(batch, **_to_device(fields, device, non_blocking))
     return batch
 
 
@@ -1153,7 +1133,8 @@ def _resume_batches(loop):
     return batches
 
 
-def _load_checkpoint(path):
+def _load_checkpoint(path, model):
+    """The state saved in ``path``, checked to be a loopy checkpoint of this ``model``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"resume={path!r}: no such file; pass the path that a "
@@ -1166,12 +1147,19 @@ def _load_checkpoint(path):
     if not isinstance(state, dict) or state.get("format") != "loopy-checkpoint/1":
         raise ValueError(f"resume={path!r} is not a loopy checkpoint (no 'format' entry): "
                          f"pass a file written by loopy.checkpoint or Loop.save")
-    state["path"] = path
+    own, saved = _unwrap(model).state_dict(), state["model"]
+    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    mismatched = [f"{k}: {tuple(saved[k].shape)} in the file, {tuple(v.shape)} in the model"
+                  for k, v in own.items() if k in saved and saved[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"resume={path!r} holds the weights of a different model: missing keys "
+                         f"{missing}, unexpected keys {unexpected}, shape mismatches {mismatched}; "
+                         f"resume with the model that the checkpoint was saved from")
     return state
 
 
 def _restore(loop, state):
-    _load_model_state(loop.model, state["model"], state["path"])
+    _unwrap(loop.model).load_state_dict(state["model"])
     loop.optimizer.load_state_dict(state["optimizer"])
     for name in ("scheduler", "scaler"):
         if getattr(loop, name) is not None and state[name] is not None:
@@ -1180,18 +1168,6 @@ def _restore(loop, state):
     loop.metrics = {name: values[-1] for name, values in loop.history.items() if values}
     loop._resume_position, loop._resume_rng = state["position"], state["rng"]
     _set_rng_state(state["rng"])
-
-
-def _load_model_state(model, weights, path):
-    own = _unwrap(model).state_dict()
-    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
-    mismatched = [f"{k}: {tuple(weights[k].shape)} in the file, {tuple(v.shape)} in the model"
-                  for k, v in own.items() if k in weights and weights[k].shape != v.shape]
-    if missing or unexpected or mismatched:
-        raise ValueError(f"resume={path!r} holds the weights of a different model: missing keys "
-                         f"{missing}, unexpected keys {unexpected}, shape mismatches {mismatched}; "
-                         f"resume with the model that the checkpoint was saved from")
-    _unwrap(model).load_state_dict(weights)
 
 
 def _rng_state():
@@ -1224,11 +1200,6 @@ def _unwrap(model):
     return model
 
 
-def _clone(state):
-    import copy
-    return copy.deepcopy(state)
-
-
 # --- small helpers for the built-in hooks ---
 
 def _improvement_test(mode, min_delta, who):
@@ -1245,17 +1216,3 @@ def _monitored(loop, monitor, who):
         raise ValueError(f"{who}(monitor={monitor!r}): this run has no such metric{hint}; it "
                          f"has {', '.join(map(repr, loop.metrics))}")
     return loop.metrics[monitor]
-
-
-def _tqdm_if_interactive():
-    if "ipykernel" not in sys.modules and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm
-
-
-def _format(values):
-    return {name: f"{value:.4g}" for name, value in values.items()}
