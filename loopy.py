@@ -34,10 +34,8 @@ A hook is a generator: code before its first ``yield`` runs when training starts
 """
 
 __version__ = "0.1.0"
-__all__ = [
-    "fit", "evaluate", "predict", "accuracy", "lr_find", "Loop", "HookError", "EVENTS",
-    "progress", "early_stopping", "checkpoint", "csv_logger", "tensorboard",
-]
+__all__ = ["fit", "evaluate", "predict", "accuracy", "lr_find", "Loop", "HookError", "EVENTS",
+           "progress", "early_stopping", "checkpoint", "csv_logger", "tensorboard"]
 
 import atexit
 import contextlib
@@ -386,11 +384,10 @@ def early_stopping(monitor="val_loss", patience=3, mode="min", min_delta=0.0, re
 
 
 def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
-    """Save the full training state (see ``fit(resume=...)``) atomically to ``path``: after
-    every epoch (and also every ``every`` optimizer steps when it is a number), and when
-    training ends, stops or is interrupted.
-    With ``monitor``, save only epochs that improve it. ``path`` may contain ``{epoch}`` and
-    ``{step}``; then the ``keep`` newest (or best) files are kept.
+    """Save the full training state (see ``fit(resume=...)``) atomically to ``path`` after every
+    epoch, every ``every`` optimizer steps when it is a number, and when training ends, stops or
+    is interrupted; with ``monitor``, only epochs that improve it. ``path`` may contain
+    ``{epoch}`` and ``{step}``; then the ``keep`` newest (or best) files are kept.
 
         >>> loopy.fit(..., hooks=[loopy.checkpoint("run.pt")])
         >>> loopy.fit(..., epochs=20, resume="run.pt")      # continues the same run exactly
@@ -488,8 +485,7 @@ def _train_epoch(loop, runner):
                          f"iterator (a generator) cannot be re-iterated; pass a DataLoader or list")
     if loop._pending_grads:  # the last, partial, accumulation group
         _optimizer_step(loop, runner)
-    # a stop inside the epoch leaves it unfinished (a resume continues it), unless it came
-    # with the epoch's last batch
+    # a stop inside the epoch leaves it unfinished (a resume continues it), unless at its end
     last = min(loop._batches_in_epoch or math.inf, loop._limit or math.inf)
     return loop.stop_reason is None or loop.batch_index + 1 == last
 
@@ -579,8 +575,7 @@ def _record(meters, metrics, loss, output, target, batch):
 
 def _end_epoch(loop, runner):
     _check_finite(loop, loop._meters["loss"].mean())
-    values = _epoch_means(loop._meters, loop)
-    values.update(_compute_metric_objects(loop._metrics))
+    values = _epoch_results(loop, loop._meters)
     if loop._nonfinite == "skip":
         values["skipped"] = float(loop._skipped)
     if loop.val_loader is not None:
@@ -615,7 +610,7 @@ def _evaluate(loop, loader, limit):
             with loop._autocast:
                 loss, output, target = _forward(loop, loop.model, batch)
             _record(meters, loop._metrics, loss, output, target, batch)
-    return {**_epoch_means(meters, loop), **_compute_metric_objects(loop._metrics)}
+    return _epoch_results(loop, meters)
 
 
 def _new_meters(metrics, with_loss):
@@ -627,16 +622,27 @@ def _new_meters(metrics, with_loss):
     return {name: _Meter() for name in ["loss"] * with_loss + names}
 
 
-def _epoch_means(meters, loop):
-    """Batch-size-weighted means; under torchrun, summed over all processes first."""
+def _epoch_results(loop, meters):
+    """Batch-size-weighted means (under torchrun, summed over all processes first), then the
+    values of the update/compute/reset metrics."""
     if loop.world_size == 1:
-        return {name: meter.mean() for name, meter in meters.items()}
-    sums = [meter.sum(loop.device).double() for meter in meters.values()]
-    counts = [torch.tensor(float(meter.count), dtype=torch.float64, device=loop.device)
-              for meter in meters.values()]
-    both = torch.stack(sums + counts) if sums else torch.zeros(0, device=loop.device)
-    torch.distributed.all_reduce(both)
-    return dict(zip(meters, (both[:len(sums)] / both[len(sums):]).tolist()))
+        results = {name: meter.mean() for name, meter in meters.items()}
+    else:
+        sums = [meter.sum(loop.device).double() for meter in meters.values()]
+        counts = [torch.tensor(float(meter.count), dtype=torch.float64, device=loop.device)
+                  for meter in meters.values()]
+        both = torch.stack(sums + counts) if sums else torch.zeros(0, device=loop.device)
+        torch.distributed.all_reduce(both)
+        results = dict(zip(meters, (both[:len(sums)] / both[len(sums):]).tolist()))
+    for name, metric in loop._metrics.items():
+        if _is_metric_object(metric):
+            value = metric.compute()
+            try:
+                results[name] = float(value)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"metrics[{name!r}].compute() returned {_describe(value)}; "
+                                f"loopy records one number per metric") from None
+    return results
 
 
 class _Meter:
@@ -911,25 +917,10 @@ def _is_metric_object(metric):
     return all(callable(getattr(metric, name, None)) for name in ("update", "compute", "reset"))
 
 
-def _compute_metric_objects(metrics):
-    results = {}
-    for name, metric in metrics.items():
-        if _is_metric_object(metric):
-            value = metric.compute()
-            try:
-                results[name] = float(value)
-            except (TypeError, ValueError, RuntimeError):
-                raise TypeError(f"metrics[{name!r}].compute() returned {_describe(value)}; "
-                                f"loopy records one number per metric") from None
-    return results
-
-
 def _resolve_device(device):
     if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+        mps = torch.backends.mps.is_available()
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
