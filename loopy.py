@@ -80,8 +80,7 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
             ``batch_size`` and ``shuffle`` exactly as ``DataLoader(TensorDataset(X, y))`` does.
         hooks: generator objects, e.g. ``[loopy.early_stopping(patience=3)]`` (see ``EVENTS``).
         epochs: the total number of passes over ``loader``, also when resuming.
-        val_loader: evaluated after each epoch under ``torch.no_grad()`` and ``model.eval()``;
-            its results enter ``loop.history`` with a ``val_`` prefix.
+        val_loader: evaluated after every epoch (no grad, eval mode); recorded as ``val_*``.
         metrics: ``{"name": fn(output, target) -> tensor}`` (epoch means weighted by batch size)
             or objects with ``update/compute/reset`` (a torchmetrics ``Metric``).
         device: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda:1"``, a ``torch.device``.
@@ -836,7 +835,6 @@ class _HookRunner:
                                         f"being closed. Do not yield inside finally:, nor catch "
                                         f"GeneratorExit (a bare except: around yield does)")
                 failures.append(failure)
-        self.waiting = {}
         if failures and error is None:
             raise failures[0]
         for failure in failures:
