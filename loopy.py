@@ -837,7 +837,7 @@ class _HookRunner:
                 failures.append(failure)
         if failures and error is None:
             raise failures[0]
-        for failure in failures:
+        for failure in failures if hasattr(error, "add_note") else ():  # Python 3.11+
             error.add_note(f"while closing the hooks after this error: {failure!r}")
 
 

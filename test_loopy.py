@@ -297,6 +297,21 @@ def test_a_hook_that_returns_is_dropped():
     assert calls == [1]
 
 
+def test_a_hook_that_returns_before_its_first_yield_runs_its_setup_and_is_dropped():
+    X, y = make_data(64)
+    model = make_mlp()
+    setup = []
+
+    def setup_only():
+        setup.append("ran")
+        return
+        yield  # a generator that never waits for an event
+
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                     hooks=[setup_only(), recorder([])], epochs=2, progress=False)
+    assert setup == ["ran"] and loop.step == 4
+
+
 @pytest.mark.parametrize("error", [ValueError("model broke"), KeyboardInterrupt()])
 def test_hooks_are_closed_in_reverse_and_the_error_propagates_unchanged(error):
     X, y = make_data(64)
@@ -321,6 +336,28 @@ def test_hooks_are_closed_in_reverse_and_the_error_propagates_unchanged(error):
     assert raised.value is error
     assert log[-2:] == [("b", "closed"), ("a", "closed")]
     assert ("a", "end") not in log
+
+
+def test_a_hook_failing_to_close_after_an_error_is_noted_on_that_error():
+    X, y = make_data(64)
+    model = make_mlp()
+
+    def broken_teardown():
+        try:
+            while True:
+                yield "step"
+        finally:
+            raise OSError("could not flush")
+
+    def failing_loss(output, target):
+        raise ValueError("loss broke")
+
+    with pytest.raises(ValueError, match="loss broke") as raised:
+        loopy.fit(model, failing_loss, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                  hooks=[broken_teardown()], progress=False)
+    if sys.version_info >= (3, 11):
+        assert "while closing the hooks after this error: OSError('could not flush')" in \
+            raised.value.__notes__
 
 
 def test_an_error_inside_a_hook_propagates_and_the_others_are_closed():
