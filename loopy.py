@@ -490,25 +490,30 @@ def _train_epoch(loop, runner):
 
 
 def _train_batch(loop, runner):
-    group = _group_size(loop)
+    group = 1 if loop._accumulate == 1 else _group_size(loop)
     # under DDP with accumulation only a group's last batch all-reduces the gradients
-    syncs = loop.world_size == 1 or loop._batches_in_epoch is None or \
-        loop.batch_index % loop._accumulate == group - 1
-    with contextlib.nullcontext() if syncs else loop._train_model.no_sync():
-        with loop._autocast:
-            loss, output, target = _forward(loop, loop._train_model, loop.batch)
-        _check_loss(loss, loop)
-        if loop._nonfinite == "skip" and not torch.isfinite(loss):
-            loop._skipped += 1
-        else:
-            scaled = loss / group if group > 1 else loss
-            (loop.scaler.scale(scaled) if loop.scaler is not None else scaled).backward()
-            loop._pending_grads = True
-            with torch.no_grad():
-                _record(loop._meters, loop._metrics, loss, output, target, loop.batch)
-    loop.loss, loop.output = loss.detach(), output
+    if loop.world_size > 1 and loop._batches_in_epoch is not None and \
+            loop.batch_index % loop._accumulate != group - 1:
+        with loop._train_model.no_sync():
+            _forward_backward(loop, group)
+    else:
+        _forward_backward(loop, group)
     if (loop.batch_index + 1) % loop._accumulate == 0:
         _optimizer_step(loop, runner)
+
+
+def _forward_backward(loop, group):
+    with loop._autocast:
+        loss, output, target = _forward(loop, loop._train_model, loop.batch)
+    _check_loss(loss, loop)
+    loop.loss, loop.output = loss.detach(), output
+    if loop._nonfinite == "skip" and not torch.isfinite(loss):
+        loop._skipped += 1
+        return
+    scaled = loss / group if group > 1 else loss
+    (loop.scaler.scale(scaled) if loop.scaler is not None else scaled).backward()
+    loop._pending_grads = True
+    _record(loop._meters, loop._metrics, loop.loss, output, target, loop.batch)
 
 
 def _optimizer_step(loop, runner):
@@ -561,15 +566,18 @@ def _forward(loop, model, batch):
 def _record(meters, metrics, loss, output, target, batch):
     size = _batch_size(target if target is not None else batch)
     if loss is not None and "loss" in meters:
-        meters["loss"].add(loss.detach(), size)
-    if metrics and (output is None or target is None):
+        meters["loss"].add(loss.detach() if loss.requires_grad else loss, size)
+    if not metrics:
+        return
+    if output is None or target is None:
         raise TypeError("metrics need the output and the target: make step= return "
                         "(loss, output, target) instead of the loss alone")
-    for name, metric in metrics.items():
-        if name in meters:
-            meters[name].add(metric(output, target).detach(), size)
-        else:
-            metric.update(output, target)
+    with torch.no_grad():  # metrics never touch the gradients
+        for name, metric in metrics.items():
+            if name in meters:
+                meters[name].add(metric(output, target).detach(), size)
+            else:
+                metric.update(output, target)
 
 
 def _end_epoch(loop, runner):
@@ -647,7 +655,7 @@ def _epoch_results(loop, meters):
 class _Meter:
     """A batch-size-weighted mean whose sum stays on the device. Values are folded into the
     sum every FOLD batches (fixed points, so the result never depends on when it is read)."""
-    FOLD = 64
+    FOLD = 1024
 
     def __init__(self):
         self.total = self.first_bad = None
@@ -789,7 +797,9 @@ class _HookRunner:
     """Primes the hooks, sends each event to those waiting for it, closes them in reverse."""
 
     def __init__(self, hooks, loop):
-        self.hooks, self.loop, self.waiting = hooks, loop, {}  # hook -> its events, None for all
+        self.hooks, self.loop = hooks, loop
+        self.waiting = {}  # hook -> (what it yielded, the events it waits for or None for all)
+        self.listeners = {}  # event -> the hooks waiting for it, rebuilt when `waiting` changes
 
     def __enter__(self):
         try:
@@ -802,27 +812,34 @@ class _HookRunner:
 
     def emit(self, event):
         self.loop.event = event
-        for hook, wanted in list(self.waiting.items()):
-            if wanted is None or event in wanted:
-                self._send(hook, self.loop)
+        if event not in self.listeners:
+            self.listeners[event] = [hook for hook, (_, events) in self.waiting.items()
+                                     if events is None or event in events]
+        for hook in self.listeners[event]:
+            self._send(hook, self.loop)
 
     def _send(self, hook, value):
         try:
             wanted = hook.send(value)
         except StopIteration:
             self.waiting.pop(hook, None)
+            self.listeners = {}
             return
         except RuntimeError as error:
             if isinstance(error.__cause__, StopIteration):
                 raise HookError(f"{_name(hook)} raised StopIteration, which Python turns into "
                                 f"a RuntimeError (PEP 479): use return to end a hook") from error
             raise
+        if hook in self.waiting and self.waiting[hook][0] is wanted and \
+                not isinstance(wanted, (list, set)):
+            return  # waits for the same (unchangeable) events as before, checked then
         events = (wanted,) if isinstance(wanted, str) else wanted
         if wanted is not None and (not isinstance(events, (tuple, list, set, frozenset)) or
                                    not all(isinstance(e, str) and e in EVENTS for e in events)):
             raise HookError(f"{_name(hook)} yielded {wanted!r}, which is not an event: yield one "
                             f"of {', '.join(map(repr, EVENTS))}, a tuple of them, or nothing")
-        self.waiting[hook] = None if wanted is None else frozenset(events)
+        self.waiting[hook] = (wanted, None if wanted is None else frozenset(events))
+        self.listeners = {}
 
     def __exit__(self, error_type, error, traceback):
         failures = []
@@ -1030,6 +1047,11 @@ def _to_device(batch, device, non_blocking):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, (tuple, list)):
+        for item in batch:  # the common case first, cheaply: all there already
+            if not (isinstance(item, torch.Tensor) and item.device == device):
+                break
+        else:
+            return batch
         moved = [_to_device(item, device, non_blocking) for item in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     if isinstance(batch, dict):
@@ -1044,6 +1066,8 @@ def _to_device(batch, device, non_blocking):
 
 
 def _call_model(model, x):
+    if isinstance(x, torch.Tensor):
+        return model(x)
     if isinstance(x, (tuple, list)):
         return model(*x)
     return model(**x) if isinstance(x, dict) else model(x)

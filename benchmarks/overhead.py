@@ -66,11 +66,11 @@ def main(argv=None):
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time (default) or process CPU time (steadier on a busy box)")
     parser.add_argument("--steps", type=int, help="training steps per epoch (default 256)")
-    parser.add_argument("--rounds", type=int, help="timed rounds (default 21)")
+    parser.add_argument("--rounds", type=int, help="timed rounds (default 31)")
     parser.add_argument("--import-repeats", type=int, help="fresh processes (default 9)")
     args = parser.parse_args(argv)
     steps = args.steps or (16 if args.quick else 256)
-    rounds = args.rounds or (2 if args.quick else 21)
+    rounds = args.rounds or (2 if args.quick else 31)
     repeats = args.import_repeats or (1 if args.quick else 9)
 
     torch.set_num_threads(1)

@@ -15,8 +15,9 @@ Figures:
   x hand: the median over rounds of the paired ratio to the hand-written DataLoader loop.
 - weights: the final parameters against the hand-written loop's (torch.equal, else max |diff|).
 - import: ``import X`` beyond ``import torch`` in the same fresh process, median of several.
-- e2e: wall time of a fresh process that imports, builds the data and the model, and trains
-  one epoch of workload 1 (median of several).
+- e2e: wall time (and CPU time, user + system, which a busy machine disturbs less) of a fresh
+  process that imports, builds the data and the model, and trains one epoch of workload 1
+  (median of several).
 - memory: in those processes, the peak RSS of the whole process (VmHWM), and the training
   peak above the RSS just before training (the kernel's peak mark is reset there through
   /proc/self/clear_refs, so the import peak does not hide it). tracemalloc would miss torch's
@@ -29,11 +30,14 @@ Figures:
 """
 
 import argparse
+import atexit
 import contextlib
 import importlib.util
 import json
 import logging
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -113,7 +117,8 @@ def _lightning(lean):
         def configure_optimizers(self):
             return self._optimizer
 
-    root = tempfile.mkdtemp(prefix="bench-lightning-")
+    root = tempfile.mkdtemp(prefix="bench-lightning-")  # its logs and checkpoints go here
+    atexit.register(shutil.rmtree, root, True)
     options = dict(enable_progress_bar=False, logger=False, enable_checkpointing=False,
                    enable_model_summary=False) if lean else {}
 
@@ -296,18 +301,22 @@ def child(key, workload_key, steps):
 
 def fresh_process(key, workload_key, steps, repeats):
     """Median wall time of the whole child process, and its memory figures (medians)."""
-    walls, results = [], []
+    walls, cpus, results = [], [], []
     for _ in range(repeats):
         command = [sys.executable, os.path.abspath(__file__), "--child", key,
                    "--workloads", workload_key] + (["--steps", str(steps)] if steps else [])
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, cwd=C.ROOT)
         walls.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
         if done.returncode != 0 or "CHILD-RESULT" not in done.stdout:
             return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
         results.append(json.loads(done.stdout.split("CHILD-RESULT", 1)[1]))
     med = lambda name: C.median([r[name] for r in results]) / 1024  # noqa: E731
-    return {"e2e_s": C.median(walls), "process_peak_mib": med("process_peak_kib"),
+    return {"e2e_s": C.median(walls), "e2e_cpu_s": C.median(cpus),
+            "process_peak_mib": med("process_peak_kib"),
             "train_growth_mib": C.median([r["train_peak_kib"] - r["rss_before_kib"]
                                           for r in results]) / 1024,
             "peak_reset": all(r["reset_ok"] for r in results), "repeats": repeats}
@@ -469,16 +478,17 @@ def render(result):
         for key, row in proc.items():
             mlp = row["mlp"]
             if "error" in mlp:
-                table.append([names.get(key, key), fmt_ms(row["import_ms"]), "error: " +
-                              " ".join(mlp["error"]), "", ""])
+                table.append([names.get(key, key), fmt_ms(row["import_ms"]),
+                              "error: " + " ".join(mlp["error"]), "", ""])
                 continue
-            table.append([names.get(key, key), fmt_ms(row["import_ms"]), f"{mlp['e2e_s']:.2f}",
+            table.append([names.get(key, key), fmt_ms(row["import_ms"]),
+                          f"{mlp['e2e_s']:.2f} / {mlp['e2e_cpu_s']:.2f}",
                           f"{mlp['process_peak_mib']:.1f}", f"{mlp['train_growth_mib']:.2f}"])
         first = next(iter(proc.values()))["mlp"]
         lines += ["", "**Fresh processes** (workload mlp, one epoch; import: median of "
                   "several processes, beyond `import torch`; e2e and memory: median of "
                   f"{first.get('repeats', '?')})", "",
-                  C.markdown_table(["runner", "import beyond torch (ms)", "e2e wall (s)",
+                  C.markdown_table(["runner", "import beyond torch (ms)", "e2e wall / CPU (s)",
                                     "peak RSS (MiB)", "training RSS growth (MiB)"], table)]
     if result["skipped"]:
         lines += ["", "Skipped: " + "; ".join(result["skipped"].values())]
