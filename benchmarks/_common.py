@@ -264,6 +264,15 @@ def summarize(runners, times, weights=None, reference="hand"):
     return rows
 
 
+def report(result, args, render):
+    """Write the JSON to ``--save``, then print it (``--json``) or the Markdown tables."""
+    if args.save:
+        with open(args.save, "w") as file:
+            json.dump(result, file, indent=2)
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return result
+
+
 def compare_weights(a, b):
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         return {"bit_identical": False, "max_abs_diff": None}

@@ -13,7 +13,6 @@ rounds of the paired ratio to the row's baseline. Also: ``import loopy`` beyond 
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -94,14 +93,7 @@ def main(argv=None):
         "import": {"loopy_beyond_torch_ms": 1e3 * beyond, "torch_ms": 1e3 * torch_import,
                    "repeats": repeats, "target_ms": 30.0, "meets_target": beyond < 0.030},
     }
-    if args.save:
-        with open(args.save, "w") as file:
-            json.dump(result, file, indent=2)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(render(result))
-    return result
+    return C.report(result, args, render)
 
 
 CLOCK_WORDS = C.CLOCK_WORDS

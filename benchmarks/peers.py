@@ -386,14 +386,7 @@ def main(argv=None):
         result["processes"] = processes(runners, chosen, import_repeats, e2e_repeats,
                                         args.steps or (16 if args.quick else None))
     result["targets"] = targets(result)
-    if args.save:
-        with open(args.save, "w") as file:
-            json.dump(result, file, indent=2)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(render(result))
-    return result
+    return C.report(result, args, render)
 
 
 def processes(runners, chosen, import_repeats, e2e_repeats, steps):
