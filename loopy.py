@@ -38,6 +38,7 @@ __all__ = ["fit", "evaluate", "predict", "accuracy", "lr_find", "Loop", "HookErr
            "progress", "early_stopping", "checkpoint", "csv_logger", "tensorboard"]
 
 import atexit
+import collections.abc
 import contextlib
 import copy
 import dataclasses
@@ -90,10 +91,12 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
         batch_size, shuffle: for in-memory tensors only.
         scheduler: a ``torch.optim.lr_scheduler``, stepped every ``scheduler_interval`` (``"epoch"``
             or ``"step"``); ``ReduceLROnPlateau`` gets ``scheduler_monitor`` (``"val_loss"``, or
-            ``"loss"`` without validation). Each epoch's learning rate enters ``history["lr"]``.
+            ``"loss"`` without validation). ``history["lr"]`` holds the rate at each epoch's end
+            (before an epoch scheduler steps: the rate the epoch used).
         precision: None (full), ``"bf16"`` or ``"fp16"`` (autocast; fp16 adds a GradScaler).
         accumulate: step every n batches, the loss scaled to give the gradient of one n times
-            larger batch (an epoch's last partial group still steps).
+            larger batch (an epoch's last partial group still steps, scaled by its own size when
+            the loader has a len(), by n otherwise).
         clip_grad: clip the gradient norm to this value; ``loop.grad_norm`` is the norm before.
         seed: seed Python, NumPy (if imported) and torch first, for shuffling and dropout (seed
             the initial weights before building the model); None leaves them.
@@ -116,6 +119,10 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
     _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, max_steps,
                          nonfinite, scheduler_interval)
     metrics = _check_metrics(metrics)
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and \
+            scheduler_interval == "step":
+        raise ValueError("scheduler_interval='step' cannot drive ReduceLROnPlateau, which needs "
+                         "an epoch's metric: use scheduler_interval='epoch'")
     device = _join_process_group(_resolve_device(device))
     if seed is not None:  # before anything draws a random number
         random.seed(seed)
@@ -224,6 +231,7 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
         raise ValueError(f"lr_find needs 0 < min_lr < max_lr and num_steps >= 2; got min_lr="
                          f"{min_lr}, max_lr={max_lr}, num_steps={num_steps}")
     saved = copy.deepcopy((_unwrap(model).state_dict(), optimizer.state_dict())), _rng_state()
+    training = model.training
     lrs, losses = [], []
 
     def sweep():
@@ -249,6 +257,7 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
         _unwrap(model).load_state_dict(saved[0][0])
         optimizer.load_state_dict(saved[0][1])
         _set_rng_state(saved[1])
+        model.train(training)
     lowest = min(range(len(losses)), key=losses.__getitem__)
     candidates = range(len(losses) // 10, max(lowest, len(losses) // 10 + 1))
     best = min(candidates, key=lambda i: losses[min(i + 1, len(losses) - 1)] - losses[i])
@@ -339,7 +348,8 @@ def progress(refresh=0.5):
                       f"({time.monotonic() - started:.1f}s)", flush=True)
                 continue
             if bar is None:
-                bar = bar_class(total=_length(loop._batches), unit="batch",
+                total = min(_length(loop._batches) or math.inf, loop._limit or math.inf)
+                bar = bar_class(total=None if total == math.inf else total, unit="batch",
                                 desc=f"epoch {loop.epoch + 1}/{loop.epochs}")
             if loop.event == "epoch" or time.monotonic() - shown >= refresh:
                 values = loop.metrics if loop.event == "epoch" else loop.averages()  # a sync
@@ -405,6 +415,8 @@ def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
             if loop.event != "epoch":
                 continue
             value = _monitored(loop, monitor, "checkpoint")
+            for earlier in loop.history.get(monitor, [])[:-1] if best is None else ():  # resumed
+                best = earlier if best is None or better(earlier, best) else best
             if best is not None and not better(value, best):
                 continue
             best = value
@@ -475,8 +487,6 @@ def _train_epoch(loop, runner):
         _train_batch(loop, runner)
         if loop._pending_grads:
             continue  # stop only between optimizer steps, so that a resume is exact
-        if loop._max_steps is not None and loop.step >= loop._max_steps:
-            loop.stop(f"reached max_steps={loop._max_steps}")
         if _should_stop(loop):
             break
     if loop.batch_index < 0:
@@ -498,8 +508,8 @@ def _train_batch(loop, runner):
             _forward_backward(loop, group)
     else:
         _forward_backward(loop, group)
-    if (loop.batch_index + 1) % loop._accumulate == 0:
-        _optimizer_step(loop, runner)
+    if (loop.batch_index + 1) % loop._accumulate == 0 and loop._pending_grads:
+        _optimizer_step(loop, runner)  # (not when nonfinite="skip" skipped the whole group)
 
 
 def _forward_backward(loop, group):
@@ -762,9 +772,11 @@ def _shard(loop, loader, training):
 
 
 def _should_stop(loop):
-    """Turn a Ctrl+C into a stop; under torchrun, every process stops when any one does."""
+    """Turn a Ctrl+C or max_steps into a stop; under torchrun, all processes stop together."""
     if loop._interrupted:
         loop.stop("interrupted by Ctrl+C")
+    if loop._max_steps is not None and loop.step >= loop._max_steps:
+        loop.stop(f"reached max_steps={loop._max_steps}")
     if loop.world_size > 1:
         flag = torch.tensor([int(loop.stop_reason is not None)])
         torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=loop._stop_group)
@@ -836,6 +848,7 @@ class _HookRunner:
         events = (wanted,) if isinstance(wanted, str) else wanted
         if wanted is not None and (not isinstance(events, (tuple, list, set, frozenset)) or
                                    not all(isinstance(e, str) and e in EVENTS for e in events)):
+            hook.close()  # it is not in `waiting`, so close it here: its finally: runs now
             raise HookError(f"{_name(hook)} yielded {wanted!r}, which is not an event: yield one "
                             f"of {', '.join(map(repr, EVENTS))}, a tuple of them, or nothing")
         self.waiting[hook] = (wanted, None if wanted is None else frozenset(events))
@@ -992,7 +1005,7 @@ def _check_finite(loop, loss):
 # --- batches and data ---
 
 def _as_batches(data, name, batch_size, shuffle):
-    if isinstance(data, torch.Tensor) or (isinstance(data, (tuple, list)) and data and
+    if isinstance(data, torch.Tensor) or (isinstance(data, tuple) and data and
                                           all(isinstance(t, torch.Tensor) for t in data)):
         return _TensorBatches(data, name, batch_size, shuffle)
     if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
@@ -1031,7 +1044,8 @@ class _TensorBatches:
             order = order.to(self.tensors[0].device)
         for start in range(0, self.size, self.batch_size):
             rows = slice(start, start + self.batch_size)
-            batch = [t[rows] if order is None else t.index_select(0, order[rows])
+            # copies, as a DataLoader's are: a hook changing a batch in place leaves X alone
+            batch = [t[rows].clone() if order is None else t.index_select(0, order[rows])
                      for t in self.tensors]
             yield batch[0] if self.single else batch
 
@@ -1054,14 +1068,17 @@ def _to_device(batch, device, non_blocking):
             return batch
         moved = [_to_device(item, device, non_blocking) for item in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
-    if isinstance(batch, dict):
+    if isinstance(batch, collections.abc.Mapping):  # dicts, UserDicts (BatchEncoding), ...
         moved = {key: _to_device(value, device, non_blocking) for key, value in batch.items()}
         with contextlib.suppress(TypeError):
             return type(batch)(moved)
         return moved
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch) if f.init}
-        return dataclasses.replace(batch, **_to_device(fields, device, non_blocking))
+        moved = copy.copy(batch)  # not dataclasses.replace, which would rerun __post_init__
+        for field in dataclasses.fields(batch):
+            value = _to_device(getattr(batch, field.name), device, non_blocking)
+            object.__setattr__(moved, field.name, value)  # frozen dataclasses too
+        return moved
     return batch
 
 

@@ -928,10 +928,11 @@ def test_dry_run_runs_two_batches_of_train_and_validation_and_writes_nothing(tmp
 # --- built-in hooks ---
 
 def scripted_score(scores):
-    """A hook that puts a made-up metric 'score' into each epoch's metrics."""
+    """A hook that adds a made-up metric 'score' to each epoch's metrics and history."""
     while True:
         loop = yield "epoch"
         loop.metrics["score"] = scores[loop.epoch]
+        loop.history.setdefault("score", []).append(scores[loop.epoch])
 
 
 def test_early_stopping_stops_after_patience_and_restores_the_best_weights():
@@ -1576,3 +1577,124 @@ def test_peers_rejects_an_unknown_runner():
     done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "peers.py"), "--runners",
                            "nonesuch"], capture_output=True, text=True, cwd=HERE, timeout=60)
     assert done.returncode != 0 and "unknown runners" in done.stderr
+
+
+# --- edge cases found in review ---
+
+def test_max_steps_also_counts_the_last_partial_accumulation_group():
+    X, y = make_data(96)  # 6 batches of 16: a group of 4 and a partial group of 2 per epoch
+    model = make_mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                     batch_size=16, accumulate=4, max_steps=2, epochs=3, progress=False)
+    assert loop.step == 2 and loop.stop_reason == "reached max_steps=2"
+    assert len(loop.history["loss"]) == 1
+
+
+def test_skipping_a_whole_group_makes_no_step_also_under_fp16():
+    X, y = make_data(64)  # 2 batches
+    calls = []
+
+    def nan_first_batch(output, target):
+        calls.append(1)
+        loss = F.cross_entropy(output, target)
+        return loss * math.nan if len(calls) % 2 == 1 else loss
+
+    for precision in (None, "fp16"):
+        model = make_mlp()
+        steps = []
+
+        def count():
+            while True:
+                steps.append((yield "step").step)
+
+        loop = loopy.fit(model, nan_first_batch, torch.optim.SGD(model.parameters(), lr=0.1),
+                         (X, y), epochs=2, nonfinite="skip", precision=precision,
+                         hooks=[count()], progress=False)
+        assert loop.step == 2 and steps == [1, 2] and loop.history["skipped"] == [1.0, 1.0]
+
+
+def test_in_memory_batches_are_copies_as_a_dataloaders_are():
+    X, y = make_data(64)
+    before = X.clone()
+    model = make_mlp()
+
+    def halve_inputs():
+        while True:
+            loop = yield "batch"
+            loop.batch[0].mul_(0.5)
+
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+              hooks=[halve_inputs()], epochs=2, progress=False)
+    assert torch.equal(X, before)
+
+
+def test_dataclass_and_mapping_batches_move_without_side_effects():
+    import collections as c
+
+    @dataclasses.dataclass
+    class Scaled:
+        image: torch.Tensor
+        calls: list = dataclasses.field(default_factory=list)
+
+        def __post_init__(self):
+            self.calls.append("post_init")
+
+    batch = Scaled(torch.ones(2))
+    moved = loopy._to_device(batch, torch.device("meta"), False)
+    assert moved.image.is_meta and batch.calls == ["post_init"] and not batch.image.is_meta
+    user_dict = loopy._to_device(c.UserDict({"x": torch.ones(2)}), torch.device("meta"), False)
+    assert isinstance(user_dict, c.UserDict) and user_dict["x"].is_meta
+
+
+def test_predict_takes_a_list_of_input_batches():
+    X, _ = make_data(40)
+    model = make_mlp()
+    with torch.no_grad():
+        expected = model.eval()(X)
+    assert torch.allclose(loopy.predict(model, [X[:20], X[20:]]), expected)
+
+
+def test_checkpoint_with_monitor_remembers_the_best_across_a_resume(tmp_path):
+    X, y = make_data(64)
+    path = tmp_path / "best.pt"
+
+    def run(epochs, resume=None):
+        model = make_mlp()
+        return loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                         (X, y), epochs=epochs, resume=resume, progress=False,
+                         hooks=[scripted_score([0.9, 0.5, 0.8]), loopy.checkpoint(
+                             path, monitor="score", mode="max"),
+                             loopy.checkpoint(tmp_path / "last.pt")])
+
+    run(2)
+    run(3, resume=tmp_path / "last.pt")
+    assert torch.load(path, weights_only=True)["epoch"] == 1  # 0.9 is still the best
+
+
+def test_lr_find_restores_the_train_or_eval_mode():
+    X, y = make_data(64)
+    model = make_mlp().eval()
+    loopy.lr_find(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                  num_steps=5)
+    assert not model.training
+
+
+def test_a_hook_with_a_bad_first_yield_is_closed_before_the_error():
+    closed = []
+
+    def bad():
+        try:
+            yield "epochs"
+        finally:
+            closed.append(True)
+
+    protocol_error([bad()])
+    assert closed == [True]
+
+
+def test_reduce_lr_on_plateau_cannot_run_per_step():
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    message = fit_error(ValueError, model=model, optimizer=optimizer, scheduler_interval="step",
+                        scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer))
+    assert "scheduler_interval='step'" in message and "scheduler_interval='epoch'" in message
