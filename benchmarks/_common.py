@@ -264,6 +264,18 @@ def summarize(runners, times, weights=None, reference="hand"):
     return rows
 
 
+def parser(doc):
+    """The options both benchmark scripts take: --json, --save, --quick and --clock."""
+    import argparse
+    options = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    options.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    options.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
+    options.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    options.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                         help="wall time (default) or process CPU time (steadier on a busy box)")
+    return options
+
+
 def report(result, args, render):
     """Write the JSON to ``--save``, then print it (``--json``) or the Markdown tables."""
     if args.save:

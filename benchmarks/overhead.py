@@ -12,7 +12,6 @@ rounds of the paired ratio to the row's baseline. Also: ``import loopy`` beyond 
     python benchmarks/overhead.py --quick    # a smoke run (tiny sizes)
 """
 
-import argparse
 import os
 import sys
 
@@ -58,12 +57,7 @@ def runners():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
-    parser.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall time (default) or process CPU time (steadier on a busy box)")
+    parser = C.parser(__doc__)
     parser.add_argument("--steps", type=int, help="training steps per epoch (default 256)")
     parser.add_argument("--rounds", type=int, help="timed rounds (default 31)")
     parser.add_argument("--import-repeats", type=int, help="fresh processes (default 9)")

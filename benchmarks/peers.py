@@ -325,12 +325,7 @@ def fresh_process(key, workload_key, steps, repeats):
 # --- main ----------------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
-    parser.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall time (default) or process CPU time (steadier on a busy box)")
+    parser = C.parser(__doc__)
     parser.add_argument("--runners", help="comma-separated keys (default: all); keys: " +
                         ", ".join(r[0] for r in RUNNERS))
     parser.add_argument("--workloads", help="comma-separated: mlp, cnn, mlp_val (default all)")
