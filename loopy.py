@@ -374,8 +374,10 @@ def early_stopping(monitor="val_loss", patience=3, mode="min", min_delta=0.0, re
         >>> loopy.fit(..., val_loader=val, hooks=[loopy.early_stopping(patience=5)])
     """
     better = _improvement_test(mode, min_delta, "early_stopping")
-    best, best_weights, waited = None, None, 0
     loop = yield "epoch"
+    # after a resume the epochs before it count too, so that the stop comes where it would have
+    best, waited = _best_so_far(loop.history.get(monitor, [])[:-1], better)
+    best_weights = None
     while loop.event == "epoch":
         value = _monitored(loop, monitor, "early_stopping")
         if best is None or better(value, best):
@@ -390,6 +392,10 @@ def early_stopping(monitor="val_loss", patience=3, mode="min", min_delta=0.0, re
         loop = yield ("epoch", "end")
     if best_weights is not None:
         _unwrap(loop.model).load_state_dict(best_weights)
+    elif restore_best and best is not None:
+        warnings.warn(f"early_stopping(restore_best=True): the best {monitor} came before the "
+                      f"run was resumed, and its weights are not in memory, so the last weights "
+                      f"are kept; load them from a loopy.checkpoint(monitor={monitor!r}) file")
 
 
 def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
@@ -415,8 +421,8 @@ def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
             if loop.event != "epoch":
                 continue
             value = _monitored(loop, monitor, "checkpoint")
-            for earlier in loop.history.get(monitor, [])[:-1] if best is None else ():  # resumed
-                best = earlier if best is None or better(earlier, best) else best
+            if best is None:  # after a resume, the best of the epochs before it
+                best, _ = _best_so_far(loop.history.get(monitor, [])[:-1], better)
             if best is not None and not better(value, best):
                 continue
             best = value
@@ -598,7 +604,7 @@ def _end_epoch(loop, runner):
     if loop.val_loader is not None:
         results = _evaluate(loop, loop._val_batches, loop._limit)
         values.update({f"val_{name}": value for name, value in results.items()})
-    values["lr"] = float(loop.optimizer.param_groups[0]["lr"])  # the rate this epoch used
+    values["lr"] = float(loop.optimizer.param_groups[0]["lr"])  # before an epoch scheduler
     if loop.scheduler is not None and loop._scheduler_interval == "epoch":
         _step_scheduler(loop.scheduler, loop._scheduler_monitor, values)
     loop.metrics = values
@@ -1238,6 +1244,14 @@ def _improvement_test(mode, min_delta, who):
     if mode == "min":
         return lambda value, best: value < best - min_delta
     return lambda value, best: value > best + min_delta
+
+
+def _best_so_far(values, better):
+    """The best of earlier epochs' values, and how many epochs have passed since it."""
+    best, since = None, 0
+    for value in values:
+        best, since = (value, 0) if best is None or better(value, best) else (best, since + 1)
+    return best, since
 
 
 def _monitored(loop, monitor, who):

@@ -955,6 +955,24 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_weights():
     assert not all(torch.equal(snapshots[3][k], v) for k, v in model.state_dict().items())
 
 
+def test_early_stopping_after_a_resume_stops_where_the_straight_run_stopped(tmp_path):
+    X, y = make_data(64)
+    scores = [0.5, 0.9, 0.7, 0.6, 0.8, 0.95]
+
+    def run(epochs, resume=None):
+        model = make_mlp()
+        return loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5),
+                         (X, y), epochs=epochs, resume=resume, progress=False,
+                         hooks=[scripted_score(scores), loopy.checkpoint(tmp_path / "run.pt"),
+                                loopy.early_stopping("score", patience=2, mode="max")])
+
+    straight = run(6)
+    assert len(straight.history["loss"]) == 4  # 0.9 at epoch 2, then two epochs without gain
+    run(3)
+    resumed = run(6, resume=tmp_path / "run.pt")
+    assert resumed.history == straight.history and resumed.stop_reason == straight.stop_reason
+
+
 def test_early_stopping_on_a_missing_metric_names_the_available_ones():
     X, y = make_data(64)
     model = make_mlp()
