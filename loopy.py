@@ -487,14 +487,18 @@ def _train_epoch(loop, runner):
     loop._skipped, loop._epoch_first_step = 0, loop.step
     batches = _resume_batches(loop) if loop._resume_position else _fresh_batches(loop)
     loop._batches_in_epoch = _length(loop._batches)
-    for loop.batch_index, batch in itertools.islice(batches, loop._limit):
-        loop.batch = _to_device(batch, loop.device, loop._non_blocking)
-        runner.emit("batch")
-        _train_batch(loop, runner)
-        if loop._pending_grads:
-            continue  # stop only between optimizer steps, so that a resume is exact
-        if _should_stop(loop):
-            break
+    batches = itertools.islice(batches, loop._limit)
+    if _can_train_lean(loop, runner):
+        _train_lean(loop, batches)
+    else:
+        for loop.batch_index, batch in batches:
+            loop.batch = _to_device(batch, loop.device, loop._non_blocking)
+            runner.emit("batch")
+            _train_batch(loop, runner)
+            if loop._pending_grads:
+                continue  # stop only between optimizer steps, so that a resume is exact
+            if _should_stop(loop):
+                break
     if loop.batch_index < 0:
         raise ValueError(f"loader yielded no batches in epoch {loop.epoch + 1}: a one-shot "
                          f"iterator (a generator) cannot be re-iterated; pass a DataLoader or list")
@@ -503,6 +507,54 @@ def _train_epoch(loop, runner):
     # a stop inside the epoch leaves it unfinished (a resume continues it), unless at its end
     last = min(loop._batches_in_epoch or math.inf, loop._limit or math.inf)
     return loop.stop_reason is None or loop.batch_index + 1 == last
+
+
+def _can_train_lean(loop, runner):
+    """Whether no hook, option or process group needs more than forward, backward and step
+    per batch. Decided each epoch: hooks change what they wait for only when they get an event."""
+    return loop._accumulate == 1 and loop.scaler is None and loop._clip_grad is None and \
+        loop.world_size == 1 and loop._nonfinite != "skip" and loop._step_fn is None and \
+        (loop.scheduler is None or loop._scheduler_interval == "epoch") and \
+        not any(runner.listening(event) for event in ("batch", "backward", "step"))
+
+
+def _train_lean(loop, batches):
+    """The batches of an epoch that no hook watches: the arithmetic of _train_batch with less
+    Python per step, since the loop's own cost shows on small models (benchmarks/overhead.py)."""
+    model, loss_fn, optimizer, metrics = loop._train_model, loop.loss_fn, loop.optimizer, loop._metrics
+    device, non_blocking, autocast = loop.device, loop._non_blocking, loop._autocast
+    loss_meter, stop_at = loop._meters["loss"], loop._max_steps or math.inf
+    mixed = not isinstance(autocast, contextlib.nullcontext)
+    for loop.batch_index, batch in batches:
+        batch = _to_device(batch, device, non_blocking)
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            _forward(loop, model, batch)  # raises: the batch is not an (inputs, target) pair
+        x, target = batch
+        if mixed:
+            with autocast:
+                output = _call_model(model, x)
+                loss = loss_fn(output, target)
+        else:  # (no context manager at all: its two calls show on small models)
+            output = model(x) if isinstance(x, torch.Tensor) else _call_model(model, x)
+            loss = loss_fn(output, target)
+        try:
+            loss.backward()
+        except (AttributeError, RuntimeError):
+            _check_loss(loss, loop)  # a clearer message when the loss itself is the problem
+            raise
+        loss = loss.detach()
+        loss_meter.add(loss, target.shape[0] if isinstance(target, torch.Tensor) and target.ndim
+                       else _batch_size(target))
+        if metrics:
+            _record(loop._meters, metrics, None, output, target, batch)
+        optimizer.step()
+        optimizer.zero_grad()
+        loop.step += 1
+        if loop._interrupted or loop.step >= stop_at:
+            _should_stop(loop)
+            break
+    if loop.batch_index >= 0:  # what hooks see at "epoch": the last batch
+        loop.batch, loop.output, loop.loss = batch, output, loss
 
 
 def _train_batch(loop, runner):
@@ -597,8 +649,8 @@ def _record(meters, metrics, loss, output, target, batch):
 
 
 def _end_epoch(loop, runner):
-    _check_finite(loop, loop._meters["loss"].mean())
     values = _epoch_results(loop, loop._meters)
+    _check_finite(loop, values["loss"])
     if loop._nonfinite == "skip":
         values["skipped"] = float(loop._skipped)
     if loop.val_loader is not None:
@@ -738,15 +790,21 @@ def _join_process_group(device):
     """Under torchrun (WORLD_SIZE > 1), start the process group unless the user has, and use
     this process's own GPU, cuda:LOCAL_RANK."""
     dist = torch.distributed
-    if not dist.is_available():
-        return device
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    torchrun = dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if device.type == "cuda" and device.index is None:  # named as its tensors name it: cuda:0
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if torchrun
+                              else torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():  # before joining the group half-way
+            raise ValueError(f"torchrun started this process as LOCAL_RANK={device.index}, but "
+                             f"only {torch.cuda.device_count()} CUDA device(s) are visible: start "
+                             f"one process per GPU (torchrun --nproc_per_node="
+                             f"{torch.cuda.device_count()}), or pass device='cpu'")
+    if torchrun and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         # what loopy started it also ends: a group left to die with the interpreter can abort
         # it ("terminate called without an active exception")
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    if dist.is_initialized() and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if torchrun and device.type == "cuda":
         torch.cuda.set_device(device)
     return device
 
@@ -835,6 +893,9 @@ class _HookRunner:
                                      if events is None or event in events]
         for hook in self.listeners[event]:
             self._send(hook, self.loop)
+
+    def listening(self, event):
+        return any(events is None or event in events for _, events in self.waiting.values())
 
     def _send(self, hook, value):
         try:

@@ -25,6 +25,30 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(HERE, "README.md")
 
 
+# --- CUDA: only the tests marked cuda see a GPU ---
+
+@pytest.fixture(autouse=True)
+def cuda_only_where_marked(request, monkeypatch):
+    """Tests not marked ``cuda`` see no CUDA, as on CI, also on a GPU machine: there
+    ``device="auto"`` would pick the GPU, and the oracles they compare with run on the CPU.
+    Tests marked ``cuda`` see the GPU, or are skipped without one."""
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        yield
+        return
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False here)")
+    yield
+    torch.cuda.set_sync_debug_mode(0)  # a failed sync check must not leak into the next test
+
+
+def cpu_env(**variables):
+    """The environment for a child process, which the fixture above cannot reach: ours, but
+    with no GPU visible, so that it trains on the CPU as on CI (its results are compared with
+    CPU ones, and torchrun's two processes must not share one GPU), plus ``variables``."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", **variables}
+
+
 # --- fixtures: small data and models ---
 
 def make_data(n=200, features=8, classes=3, seed=0):
@@ -463,6 +487,102 @@ def test_a_hook_cannot_swallow_the_models_error():
                   progress=False)
 
 
+# --- the lean path: epochs that no hook watches batch by batch ---
+
+def wait_for_steps():
+    while True:
+        yield "step"
+
+
+def count_calls(monkeypatch, name):
+    calls = []
+    original = getattr(loopy, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(loopy, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("metrics", [None, {"acc": loopy.accuracy}])
+def test_the_lean_path_trains_exactly_like_the_path_with_per_batch_events(monkeypatch, metrics):
+    X, y = make_data(203)  # a partial last batch
+    runs = []
+    for hooks in ([], [wait_for_steps()]):
+        calls = count_calls(monkeypatch, "_train_batch")
+        model = make_mlp(dropout=0.2)
+        loop = loopy.fit(model, F.cross_entropy, torch.optim.Adam(model.parameters(), lr=0.01),
+                         (X, y), hooks=hooks, epochs=3, shuffle=True, seed=3, progress=False,
+                         val_loader=(X[:50], y[:50]), metrics=metrics)
+        runs.append((model, loop, len(calls)))
+    (lean, lean_loop, lean_calls), (watched, watched_loop, watched_calls) = runs
+    assert lean_calls == 0 and watched_calls == 3 * 7  # the lean path did run, and only it
+    assert same_weights(lean, watched)
+    assert lean_loop.history == watched_loop.history and lean_loop.step == watched_loop.step == 21
+    assert torch.equal(lean_loop.loss, watched_loop.loss) and not lean_loop.loss.requires_grad
+    assert torch.equal(lean_loop.output, watched_loop.output)
+    assert all(torch.equal(a, b) for a, b in zip(lean_loop.batch, watched_loop.batch))
+
+
+def test_a_hook_that_starts_waiting_for_steps_gets_them_from_the_next_epoch(monkeypatch):
+    X, y = make_data(96)  # 3 batches per epoch
+    calls = count_calls(monkeypatch, "_train_batch")
+    steps = []
+
+    def late_watcher():
+        loop = yield "epoch"
+        while True:
+            loop = yield ("step", "epoch")
+            if loop.event == "step":
+                steps.append((loop.epoch, loop.step, loop.batch_index))
+
+    model = make_mlp()
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+              hooks=[late_watcher()], epochs=3, progress=False)
+    assert steps == [(1, 4, 0), (1, 5, 1), (1, 6, 2), (2, 7, 0), (2, 8, 1), (2, 9, 2)]
+    assert len(calls) == 6  # the first epoch ran lean
+
+
+@pytest.mark.parametrize("option", [dict(accumulate=2), dict(clip_grad=1.0),
+                                    dict(nonfinite="skip"), dict(step="custom"),
+                                    dict(scheduler="per step")],
+                         ids=["accumulate", "clip_grad", "nonfinite=skip", "step=", "scheduler"])
+def test_options_that_need_more_than_forward_backward_step_leave_the_lean_path(monkeypatch,
+                                                                              option):
+    X, y = make_data(64)
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    if "step" in option:
+        option = dict(step=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]))
+    if "scheduler" in option:
+        option = dict(scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1),
+                      scheduler_interval="step")
+    calls = count_calls(monkeypatch, "_train_batch")
+    loopy.fit(model, F.cross_entropy, optimizer, (X, y), progress=False, **option)
+    assert len(calls) == 2
+
+
+def test_loss_errors_read_the_same_with_and_without_a_step_hook():
+    for loss_fn, error in ((lambda o, t: F.cross_entropy(o, t, reduction="none"), TypeError),
+                           (lambda o, t: F.cross_entropy(o.detach(), t), ValueError),
+                           (lambda o, t: F.cross_entropy(o, t).item(), TypeError)):
+        assert fit_error(error, loss_fn=loss_fn) == \
+            fit_error(error, loss_fn=loss_fn, hooks=[wait_for_steps()])
+    message = fit_error(TypeError, loader=[torch.zeros(4, 8)])
+    assert message == fit_error(TypeError, loader=[torch.zeros(4, 8)], hooks=[wait_for_steps()])
+    assert "(inputs, target) pairs" in message
+
+
+def test_ctrl_c_and_max_steps_stop_the_lean_path_after_the_step():
+    X, y = make_data(96)
+    model = make_mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                     epochs=5, max_steps=4, progress=False)
+    assert loop.step == 4 and loop.batch_index == 0 and loop.epoch == 1
+    assert "max_steps=4" in loop.stop_reason and len(loop.history["loss"]) == 1
+
+
 # --- bad input ---
 
 def fit_error(error, **overrides):
@@ -510,8 +630,7 @@ def test_bad_arguments_name_the_argument_and_the_fix():
     assert "hooks must be a list" in message
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
-def test_asking_for_cuda_without_cuda_says_so():
+def test_asking_for_cuda_without_cuda_says_so():  # (the fixture hides a GPU)
     message = fit_error(ValueError, device="cuda:1")
     assert "device='cuda:1'" in message and "not available" in message and "'cpu'" in message
 
@@ -736,7 +855,7 @@ def test_loopy_copied_alone_trains_without_tqdm(tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": ""})
+                            env=cpu_env(PYTHONPATH=""))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "trained 4"
     assert result.stdout.startswith("epoch 1/2: loss ")
@@ -759,7 +878,7 @@ def test_version_is_a_literal_that_setup_cfg_reads():
 def test_importing_loopy_has_no_side_effects():
     script = "import torch, sys; before = set(sys.modules); import loopy; print(sorted(set(sys.modules) - before))"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            cwd=HERE, timeout=120)
+                            cwd=HERE, timeout=120, env=cpu_env())
     assert result.returncode == 0 and result.stderr == ""
     assert eval(result.stdout) == ["loopy"]
 
@@ -1075,10 +1194,11 @@ def test_lr_find_suggests_a_rate_and_leaves_model_optimizer_and_rng_as_they_were
 
 # --- checkpoint and resume: the same run, bit for bit ---
 
-def resumable_run(path=None, epochs=4, stop_at_step=None, resume=None, seed=0, max_steps=None):
+def resumable_run(path=None, epochs=4, stop_at_step=None, resume=None, seed=0, max_steps=None,
+                  dropout=0.2, device="auto"):
     """A run that uses the RNG everywhere: shuffling, dropout, a per-epoch scheduler."""
     X, y = make_data(150)
-    model = make_mlp(seed=seed, dropout=0.2)
+    model = make_mlp(seed=seed, dropout=dropout)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     hooks = [loopy.checkpoint(path)] if path else []
     if stop_at_step:
@@ -1087,7 +1207,7 @@ def resumable_run(path=None, epochs=4, stop_at_step=None, resume=None, seed=0, m
                      val_loader=(X[:50], y[:50]), metrics={"acc": loopy.accuracy}, epochs=epochs,
                      scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.7),
                      seed=None if resume else 123, hooks=hooks, resume=resume, progress=False,
-                     max_steps=max_steps)
+                     max_steps=max_steps, device=device)
     return model, loop
 
 
@@ -1185,7 +1305,8 @@ def run_training(tmp_path, path, epochs, resume, out, **popen):
     script.write_text(TRAINING_SCRIPT)
     return subprocess.Popen([sys.executable, str(script), str(path), str(epochs),
                              "resume" if resume else "fresh", str(out)], cwd=HERE,
-                            env={**os.environ, "PYTHONPATH": HERE}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+                            env=cpu_env(PYTHONPATH=HERE), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
 
 
 def wait_for_step(process, step):
@@ -1308,7 +1429,7 @@ def run_distributed(tmp_path, mode, processes, batch_size=8):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
     result = subprocess.run(launcher + [str(script), mode, str(out), str(batch_size)],
-                            env={**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"},
+                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
                             capture_output=True, text=True, timeout=300)
     if mode == "crash":
         return result
@@ -1360,8 +1481,9 @@ def test_an_error_on_one_rank_ends_the_whole_run_instead_of_hanging(tmp_path):
 # --- examples/: each runs (shortened) as a script and reaches its accuracy ---
 
 def _python(*args, cwd=None):
-    """Run ``python *args`` in a fresh process with loopy importable; return its stdout."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    """Run ``python *args`` in a fresh process with loopy importable (and no GPU visible);
+    return its stdout."""
+    env = cpu_env(PYTHONPATH=os.pathsep.join(
         p for p in (HERE, os.environ.get("PYTHONPATH")) if p))
     result = subprocess.run([sys.executable, *args], cwd=cwd or HERE, env=env,
                             capture_output=True, text=True, timeout=300)
@@ -1530,7 +1652,7 @@ BENCHMARKS = os.path.join(HERE, "benchmarks")
 
 def run_script(name, *args, timeout=120):
     done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, name), *args],
-                          capture_output=True, text=True, cwd=HERE, timeout=timeout)
+                          capture_output=True, text=True, cwd=HERE, timeout=timeout, env=cpu_env())
     assert done.returncode == 0, f"{name} {' '.join(args)} failed:\n{done.stderr[-3000:]}"
     return done.stdout
 
@@ -1591,9 +1713,32 @@ def test_peers_quick_table_json_and_loopy_weights(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_benchmark_quick_on_the_cpu_table_json_and_bit_identical_weights(tmp_path):
+    saved = tmp_path / "gpu.json"
+    out = run_script("gpu.py", "--device", "cpu", "--quick", "--save", str(saved))
+    assert "| runner | ms/step | ratio | weights vs hand loop |" in out
+    assert "The hand-written loop run again from the same start: bit-identical." in out
+    assert "epoch 1/1" not in out  # fit's own progress lines stay out of the tables
+    result = json.loads(saved.read_text())
+    assert result["machine"]["device"] == "cpu" and set(result["workloads"]) == {"mlp", "resnet"}
+    for name, workload in result["workloads"].items():
+        rows = {row["key"]: row for row in workload["rows"]}
+        assert {"hand", "loopy_lean", "loopy_defaults"} <= set(rows)
+        assert workload["hand_repeat"]["bit_identical"]
+        for key, row in rows.items():
+            assert row["ms_per_step"] > 0
+            if key.startswith("loopy"):  # same device, same batches: the hand loop's weights
+                assert row["ratio"] > 0 and row["bit_identical"], f"{name}/{key}: weights differ"
+    assert {"hand_loader", "loopy_loader_lean"} <= {row["key"] for row in
+                                                    result["workloads"]["mlp"]["rows"]}
+    assert result["workloads"]["resnet"]["precision"] == "bf16"
+
+
+@pytest.mark.slow
 def test_peers_rejects_an_unknown_runner():
     done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "peers.py"), "--runners",
-                           "nonesuch"], capture_output=True, text=True, cwd=HERE, timeout=60)
+                           "nonesuch"], capture_output=True, text=True, cwd=HERE, timeout=60,
+                          env=cpu_env())
     assert done.returncode != 0 and "unknown runners" in done.stderr
 
 
@@ -1716,3 +1861,298 @@ def test_reduce_lr_on_plateau_cannot_run_per_step():
     message = fit_error(ValueError, model=model, optimizer=optimizer, scheduler_interval="step",
                         scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer))
     assert "scheduler_interval='step'" in message and "scheduler_interval='epoch'" in message
+
+
+# --- CUDA (run on a GPU machine; skipped elsewhere) ---
+
+class OnGPU:
+    """The hand-written loop's ``x, y = x.cuda(), y.cuda()``, around a loader of CPU batches."""
+
+    def __init__(self, loader, non_blocking=False):
+        self.loader, self.non_blocking = loader, non_blocking
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x.cuda(non_blocking=self.non_blocking), y.cuda(non_blocking=self.non_blocking)
+
+
+@pytest.mark.cuda
+def test_cuda_device_auto_picks_the_gpu_and_nested_batches_arrive_there():
+    X, y = make_data(64)
+    batches = [{"inputs": (X[i:i + 32], [torch.zeros(32, 8)]), "name": "digits",
+                "pair": Pair(X[i:i + 32], y[i:i + 32]), "sample": Sample(X[i:i + 32], y[i:i + 32])}
+               for i in (0, 32)]
+    seen = []
+
+    def step(model, batch):
+        x, [zeros] = batch["inputs"]
+        seen.append({t.device.type for t in (x, zeros, *batch["pair"], batch["sample"].image,
+                                             batch["sample"].label)})
+        assert isinstance(batch["pair"], Pair) and isinstance(batch["sample"], Sample)
+        assert isinstance(batch["inputs"][1], list) and batch["name"] == "digits"
+        output = model(x + zeros)
+        return F.cross_entropy(output, batch["pair"].target), output, batch["sample"].label
+
+    model = make_mlp()
+    loop = loopy.fit(model, None, torch.optim.SGD(model.parameters(), lr=0.1), batches, step=step,
+                     val_loader=batches, epochs=2, metrics={"acc": loopy.accuracy}, progress=False)
+    assert loop.device.type == "cuda" and all(p.is_cuda for p in model.parameters())
+    assert seen == [{"cuda"}] * 8  # 2 epochs of 2 training and 2 validation batches
+    assert loop.loss.is_cuda and loop.output.is_cuda and loop.step == 4
+    assert all(type(v) is float for values in loop.history.values() for v in values)
+    assert not batches[0]["pair"].inputs.is_cuda  # the loader's own batches stay where they are
+    count = torch.cuda.device_count()
+    message = fit_error(ValueError, device=f"cuda:{count}")
+    assert f"device='cuda:{count}'" in message and f"only {count} CUDA device(s)" in message
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("source", ["DataLoader", "GPU tensors"])
+@pytest.mark.parametrize("make_model, data", [(make_mlp, make_data), (make_cnn, image_data)])
+def test_cuda_fit_is_bit_identical_to_the_hand_written_loop_on_the_gpu(make_model, data, source,
+                                                                       monkeypatch):
+    # the same kernels on the same GPU give the same bits: cuBLAS is deterministic on one
+    # stream, and cuDNN is held to deterministic convolution algorithms, for both loops alike
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    X, y = data()
+    Xv, yv = data(48)
+    by_hand = make_model().cuda()
+    optimizer = torch.optim.Adam(by_hand.parameters(), lr=0.01)
+    torch.manual_seed(1)
+    expected = hand_loop(by_hand, optimizer, OnGPU(tensor_loader(X, y, shuffle=True)), 3,
+                         OnGPU(tensor_loader(Xv, yv)), metric=loopy.accuracy)
+    model = make_model()  # on the CPU, and its optimizer too: fit moves it, as users expect
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    if source == "DataLoader":
+        loader, val_loader = tensor_loader(X, y, shuffle=True), tensor_loader(Xv, yv)
+    else:  # sliced on the GPU, in the DataLoader's order
+        loader, val_loader = (X.cuda(), y.cuda()), (Xv.cuda(), yv.cuda())
+    torch.manual_seed(1)
+    loop = loopy.fit(model, F.cross_entropy, optimizer, loader, epochs=3, val_loader=val_loader,
+                     shuffle=True, progress=False, metrics={"acc": loopy.accuracy})
+    assert next(model.parameters()).is_cuda and same_weights(model, by_hand)
+    for name in ("loss", "acc", "val_loss", "val_acc"):
+        assert loop.history[name] == pytest.approx(expected[name], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.cuda
+def test_cuda_a_pinned_loader_is_copied_without_blocking_and_trains_like_the_hand_loop():
+    X, y = make_data()
+    loader = DataLoader(TensorDataset(X, y), batch_size=32, shuffle=True, pin_memory=True)
+    assert next(iter(loader))[0].is_pinned()
+    by_hand, model = make_mlp().cuda(), make_mlp()
+    torch.manual_seed(2)
+    hand_loop(by_hand, torch.optim.SGD(by_hand.parameters(), lr=0.1),
+              OnGPU(loader, non_blocking=True), 2)
+    torch.manual_seed(2)
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                     epochs=2, progress=False)
+    assert loop._non_blocking is True and loop.batch[0].is_cuda and loop.batch[1].is_cuda
+    assert same_weights(model, by_hand)
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                     tensor_loader(X, y), progress=False)
+    assert loop._non_blocking is False  # pageable memory: a plain copy
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_mixed_precision_trains_close_to_full_precision(precision):
+    """bf16 keeps 8 significant bits, fp16 11: each matmul's inputs are rounded by up to 0.4%
+    (0.05%). Over 48 SGD steps the CPU's autocast moves the weights 0.7% (bf16) and 0.1% (fp16)
+    of their travel away from the float32 path, and the epoch losses by 0.02% and 0.0005%.
+    The bounds below (1% of the losses, 5% of the travel) leave room for the GPU's kernels and
+    still catch autocast or the scaler going wrong: an unscaled fp16 step is 65536x too large."""
+    X, y = make_data(512)
+    runs = {}
+    for mode in (None, precision):
+        model = make_mlp()
+        start = [p.detach().clone() for p in model.parameters()]
+        norms = []
+
+        def first_norm():
+            loop = yield "backward"
+            norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm()
+                                                               for p in loop.model.parameters()])))
+
+        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                         (X, y), epochs=3, precision=mode, hooks=[first_norm()], progress=False)
+        assert loop.device.type == "cuda"
+        dtype = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+        assert loop.output.dtype == dtype  # autocast ran the model in that precision
+        assert (loop.scaler is not None) == (mode == "fp16")
+        if mode == "fp16":
+            assert isinstance(loop.scaler, torch.amp.GradScaler) and loop.scaler.is_enabled()
+            assert loop.scaler.get_scale() > 1  # the loss was scaled up before backward
+        weights = [p.detach().cpu() for p in model.parameters()]
+        runs[mode] = loop.history["loss"], start, weights, norms[0].item()
+    full, start, weights, norm = runs[None]
+    mixed, _, mixed_weights, mixed_norm = runs[precision]
+    assert mixed[-1] < mixed[0] and mixed == pytest.approx(full, rel=0.01)
+    travel = torch.cat([(w - s).flatten() for w, s in zip(weights, start)]).norm()
+    drift = torch.cat([(m - w).flatten() for m, w in zip(mixed_weights, weights)]).norm()
+    assert drift.item() < 0.05 * travel.item()
+    assert mixed_norm == pytest.approx(norm, rel=0.05)  # "backward" hooks see unscaled gradients
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_on_a_gpu_without_it_says_use_fp16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    message = fit_error(ValueError, precision="bf16")
+    assert torch.cuda.get_device_name() in message and "precision='fp16'" in message
+
+
+@pytest.mark.cuda
+def test_cuda_a_run_resumed_on_the_gpu_equals_the_straight_run_bit_for_bit(tmp_path):
+    straight, straight_loop = resumable_run()  # its dropout masks come from the GPU's generator
+    assert straight_loop.device.type == "cuda"
+    path = tmp_path / "run.pt"
+    _, stopped = resumable_run(path, stop_at_step=27)  # mid-epoch
+    assert stopped.step == 27 and "cuda" in torch.load(path, weights_only=True)["rng"]
+    torch.manual_seed(999)  # (the GPU's generator too) the resumed run must not depend on it
+    resumed, resumed_loop = resumable_run(path, resume=path, seed=5)
+    assert same_weights(resumed, straight)
+    assert resumed_loop.history == straight_loop.history and resumed_loop.step == 40
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("saved_on, resumed_on", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_cuda_a_checkpoint_moves_between_the_gpu_and_the_cpu(tmp_path, saved_on, resumed_on):
+    """Without dropout, whose masks the CPU and the GPU draw from different generators, a run
+    stopped on one device and resumed on the other follows the straight run on the second up
+    to float rounding: the two devices' kernels round differently in the first 27 steps (a
+    float64 first part moved the final weights by 1.2e-7 at most on the CPU). One prediction
+    on a decision boundary may flip, so the accuracies may differ by one sample."""
+    path = tmp_path / "run.pt"
+    straight, straight_loop = resumable_run(dropout=0.0, device=resumed_on)
+    _, stopped = resumable_run(path, stop_at_step=27, dropout=0.0, device=saved_on)
+    assert stopped.device.type == saved_on and stopped.step == 27
+    resumed, loop = resumable_run(path, resume=path, dropout=0.0, device=resumed_on)
+    assert loop.device.type == resumed_on and loop.step == 40
+    assert all(p.device.type == resumed_on for p in resumed.parameters())
+    assert all(value.device.type == resumed_on for state in loop.optimizer.state.values()
+               for name, value in state.items() if name != "step")  # Adam's moments moved too
+    for name, expected in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name].cpu(), expected.cpu(), rtol=1e-4,
+                                   atol=1e-5)
+    assert loop.history.keys() == straight_loop.history.keys()
+    for name, values in straight_loop.history.items():
+        tolerance = dict(abs=0.021) if name.endswith("acc") else dict(rel=1e-5, abs=1e-6)
+        assert loop.history[name] == pytest.approx(values, **tolerance), name
+
+
+@pytest.mark.cuda
+def test_cuda_evaluate_and_predict_run_on_the_gpu_and_return_cpu_results():
+    X, y = make_data(100)
+    batches = [(X[i:i + 30], y[i:i + 30]) for i in range(0, 100, 30)]
+    model = make_mlp(dropout=0.5)
+    results = loopy.evaluate(model, batches, F.cross_entropy, {"acc": loopy.accuracy})
+    assert next(model.parameters()).is_cuda and model.training
+    model.eval()
+    with torch.no_grad():  # by hand, on the GPU, in the same batches (so the same kernels)
+        outputs = [model(x.cuda()) for x, _ in batches]
+    loss = sum(F.cross_entropy(o, t.cuda()).item() * len(t) for o, (_, t) in zip(outputs, batches))
+    hits = sum((o.argmax(1).cpu() == t).sum().item() for o, (_, t) in zip(outputs, batches))
+    assert results == pytest.approx({"loss": loss / 100, "acc": hits / 100}, rel=1e-6)
+    assert all(type(value) is float for value in results.values())
+    predicted = loopy.predict(model, batches)
+    assert predicted.device.type == "cpu" and torch.equal(predicted, torch.cat(outputs).cpu())
+    assert torch.equal(loopy.predict(model, X, batch_size=30), predicted)
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model
+
+        def forward(self, x):
+            logits = self.body(x)
+            return {"logits": logits, "probabilities": logits.softmax(dim=1)}
+
+    heads = loopy.predict(TwoHeads(), [x for x, _ in batches])
+    assert heads["logits"].device.type == heads["probabilities"].device.type == "cpu"
+    assert torch.equal(heads["logits"], predicted)
+    assert torch.equal(heads["probabilities"], torch.cat([o.softmax(dim=1) for o in outputs]).cpu())
+
+
+def check_syncs_in_steps(monkeypatch):
+    """Make every training step of fit raise on a host-device sync: CUDA's sync debug mode is
+    "error" from the moment an epoch's first batch is handed to the loop until the loop asks
+    for the batch after its last, so fetching and moving each later batch is checked too. The
+    epoch's start (a shuffle order is copied to the GPU) and end (the epoch means are pulled,
+    validation, the progress line) may sync, and run unchecked. Wrapping the epoch's batches,
+    rather than a hook at "batch" and "step", also checks the path fit takes with no hook."""
+    fresh_batches = loopy._fresh_batches
+
+    def checked(loop):
+        batches = fresh_batches(loop)
+
+        def steps():
+            try:
+                for item in batches:
+                    torch.cuda.set_sync_debug_mode("error")
+                    yield item
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return steps()
+
+    monkeypatch.setattr(loopy, "_fresh_batches", checked)
+
+
+def every_step():
+    while True:
+        yield "step"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("data", ["GPU tensors", "pinned DataLoader"])
+@pytest.mark.parametrize("options", [{}, {"adam": True}, {"precision": "bf16"}, {"hook": True},
+                                     {"adam": True, "accumulate": 2, "clip_grad": 1.0}],
+                         ids=["defaults", "adam", "bf16", "a step hook", "accumulate and clip"])
+def test_cuda_no_host_sync_inside_training_steps(data, options, monkeypatch):
+    X, y = make_data(512)  # 16 batches of 32
+    Xv, yv = make_data(96, seed=1)  # 3 validation batches
+    if data == "GPU tensors":  # on the GPU already, sliced there: no copy to wait for
+        loader, val_loader = (X.cuda(), y.cuda()), (Xv.cuda(), yv.cuda())
+    else:
+        loader = DataLoader(TensorDataset(X, y), batch_size=32, shuffle=True, pin_memory=True)
+        val_loader = DataLoader(TensorDataset(Xv, yv), batch_size=32, pin_memory=True)
+    options = dict(options)
+    adam, hook = options.pop("adam", False), options.pop("hook", False)
+
+    def run(epochs, forward_modes=None):
+        model = make_mlp()
+        if forward_modes is not None:
+            model.register_forward_pre_hook(
+                lambda module, args: forward_modes.append(torch.cuda.get_sync_debug_mode()))
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01) if adam else \
+            torch.optim.SGD(model.parameters(), lr=0.1)
+        return loopy.fit(model, F.cross_entropy, optimizer, loader, [every_step()] if hook else [],
+                         epochs=epochs, val_loader=val_loader, metrics={"acc": loopy.accuracy},
+                         batch_size=32, shuffle=True, **options)  # progress on, by default
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)  # a line, not a bar
+    run(1)  # a warm-up: cuBLAS, autocast and the pinned-memory pool start up once, unchecked
+    monkeypatch.setattr(loopy._Meter, "FOLD", 4)  # the running sums fold inside checked steps too
+    check_syncs_in_steps(monkeypatch)
+    modes = []
+    loop = run(2, modes)
+    assert torch.cuda.get_sync_debug_mode() == 0  # off again at each epoch's end
+    assert loop.step == 2 * 16 // options.get("accumulate", 1) and len(loop.history["val_acc"]) == 2
+    # every training forward ran under the check (2, "error"); validation, at the epoch's end, not
+    assert modes == ([2] * 16 + [0] * 3) * 2
+
+
+@pytest.mark.cuda
+def test_cuda_the_sync_check_catches_a_sync_inside_a_step(monkeypatch):
+    X, y = make_data(128)
+    model = make_mlp()
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+              (X.cuda(), y.cuda()), progress=False)  # a warm-up, unchecked
+    check_syncs_in_steps(monkeypatch)
+
+    def reads_the_loss():  # float() of a CUDA tensor waits for the GPU: what the check is for
+        while True:
+            float((yield "step").loss)
+
+    with pytest.raises(RuntimeError, match="called a synchronizing CUDA operation"):
+        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                  (X.cuda(), y.cuda()), hooks=[reads_the_loss()], progress=False)

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import platform
 import re
 import statistics
@@ -216,7 +217,7 @@ CLOCK_WORDS = {"wall": "wall-clock time", "cpu": "process CPU time"}
 
 
 def time_runners(runners, workload, rounds, warmup=1, threads=1, clock="wall"):
-    """Interleaved rounds: every round runs every runner once (the order rotates per round),
+    """Interleaved rounds: every round runs every runner once, in a new random order,
     each on a freshly built, identically seeded model. Returns per-runner lists of seconds per
     training step (rounds after the warm-up) and the final weights of the first timed round.
 
@@ -227,9 +228,11 @@ def time_runners(runners, workload, rounds, warmup=1, threads=1, clock="wall"):
     timer = CLOCKS[clock]
     times = {r.key: [] for r in runners}
     weights = {}
+    order = random.Random(SEED)
     for round_index in range(warmup + rounds):
-        shift = round_index % len(runners)
-        for runner in runners[shift:] + runners[:shift]:
+        # a new order each round: a rotation would give each runner the same predecessor every
+        # time, and what ran just before (caches, the garbage it left) shows on a small model
+        for runner in order.sample(runners, len(runners)):
             model, optimizer = workload.build()
             torch.set_num_threads(threads)
             torch.manual_seed(SEED + 1)  # the same shuffle order for every runner

@@ -9,7 +9,7 @@ Workloads: (1) mlp: an overhead-bound MLP 32-64-10 on in-memory tensors through 
 validation loader every epoch (every runner does that same work).
 
 Figures:
-- ms/step: median over interleaved rounds (the runner order rotates every round) of the wall
+- ms/step: median over interleaved rounds (a new random runner order every round) of the wall
   time of everything the user writes to train one epoch, once the model, optimizer and data
   exist (a framework's Trainer/Engine/compile is inside), divided by the optimizer steps;
   x hand: the median over rounds of the paired ratio to the hand-written DataLoader loop.
