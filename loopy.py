@@ -525,6 +525,7 @@ def _train_lean(loop, batches):
     device, non_blocking, autocast = loop.device, loop._non_blocking, loop._autocast
     loss_meter, stop_at = loop._meters["loss"], loop._max_steps or math.inf
     mixed = not isinstance(autocast, contextlib.nullcontext)
+    batch = output = loss = None  # (a resumed epoch may have no batch left)
     for loop.batch_index, batch in batches:
         batch = _to_device(batch, device, non_blocking)
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
@@ -553,7 +554,7 @@ def _train_lean(loop, batches):
         if loop._interrupted or loop.step >= stop_at:
             _should_stop(loop)
             break
-    if loop.batch_index >= 0:  # what hooks see at "epoch": the last batch
+    if loss is not None:  # what hooks see at "epoch": the last batch
         loop.batch, loop.output, loop.loss = batch, output, loss
 
 

@@ -1044,6 +1044,27 @@ def test_dry_run_runs_two_batches_of_train_and_validation_and_writes_nothing(tmp
     assert not os.listdir(tmp_path)
 
 
+def test_a_stop_on_the_last_batch_of_a_loader_without_len_resumes_to_the_straight_run(tmp_path):
+    X, y = make_data(96)
+
+    class Batches:  # re-iterable, with no len(): the epoch's end is known only when it comes
+        def __iter__(self):
+            return iter([(X[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32)])
+
+    def run(**options):
+        model = make_mlp()
+        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                         Batches(), epochs=3, progress=False, **options)
+        return model, loop
+
+    straight, straight_loop = run()
+    path = tmp_path / "run.pt"
+    _, stopped = run(max_steps=3, hooks=[loopy.checkpoint(path)])  # the epoch's last batch
+    assert stopped.step == 3 and stopped.history == {}  # not known to be complete yet
+    resumed, resumed_loop = run(resume=path)
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+
+
 # --- built-in hooks ---
 
 def scripted_score(scores):
