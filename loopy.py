@@ -521,9 +521,9 @@ def _can_train_lean(loop, runner):
 def _train_lean(loop, batches):
     """The batches of an epoch that no hook watches: the arithmetic of _train_batch with less
     Python per step, since the loop's own cost shows on small models (benchmarks/overhead.py)."""
-    model, loss_fn, optimizer, metrics = loop._train_model, loop.loss_fn, loop.optimizer, loop._metrics
+    model, loss_fn, optimizer = loop._train_model, loop.loss_fn, loop.optimizer
     device, non_blocking, autocast = loop.device, loop._non_blocking, loop._autocast
-    loss_meter, stop_at = loop._meters["loss"], loop._max_steps or math.inf
+    metrics, loss_meter, stop_at = loop._metrics, loop._meters["loss"], loop._max_steps or math.inf
     mixed = not isinstance(autocast, contextlib.nullcontext)
     batch = output = loss = None  # (a resumed epoch may have no batch left)
     for loop.batch_index, batch in batches:
@@ -890,14 +890,15 @@ class _HookRunner:
 
     def emit(self, event):
         self.loop.event = event
-        if event not in self.listeners:
-            self.listeners[event] = [hook for hook, (_, events) in self.waiting.items()
-                                     if events is None or event in events]
-        for hook in self.listeners[event]:
+        for hook in self.listening(event):
             self._send(hook, self.loop)
 
     def listening(self, event):
-        return any(events is None or event in events for _, events in self.waiting.values())
+        """The hooks waiting for ``event``."""
+        if event not in self.listeners:
+            self.listeners[event] = [hook for hook, (_, events) in self.waiting.items()
+                                     if events is None or event in events]
+        return self.listeners[event]
 
     def _send(self, hook, value):
         try:

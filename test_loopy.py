@@ -974,6 +974,13 @@ def test_clip_grad_matches_the_hand_loop_and_shows_the_norm():
     assert torch.equal(torch.stack(seen), torch.stack(norms))
 
 
+def first_grad_norm(norms):
+    """A hook that appends the gradients' global norm at the first "backward" to ``norms``."""
+    loop = yield "backward"
+    norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm()
+                                                       for p in loop.model.parameters()])))
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_close_to_full_precision(precision):
     X, y = make_data(128)
@@ -981,14 +988,9 @@ def test_mixed_precision_trains_close_to_full_precision(precision):
     for mode in (None, precision):
         model = make_mlp()
         norms = []
-
-        def first_norm():
-            loop = yield "backward"
-            norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm()
-                                                               for p in loop.model.parameters()])))
-
         loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                         (X, y), epochs=3, precision=mode, hooks=[first_norm()], progress=False)
+                         (X, y), epochs=3, precision=mode, hooks=[first_grad_norm(norms)],
+                         progress=False)
         results[mode], first_norms[mode] = loop.history["loss"], norms[0]
         assert (loop.scaler is not None) == (mode == "fp16")
     assert results[precision] == pytest.approx(results[None], rel=0.05)
@@ -1989,14 +1991,9 @@ def test_cuda_mixed_precision_trains_close_to_full_precision(precision):
         model = make_mlp()
         start = [p.detach().clone() for p in model.parameters()]
         norms = []
-
-        def first_norm():
-            loop = yield "backward"
-            norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm()
-                                                               for p in loop.model.parameters()])))
-
         loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                         (X, y), epochs=3, precision=mode, hooks=[first_norm()], progress=False)
+                         (X, y), epochs=3, precision=mode, hooks=[first_grad_norm(norms)],
+                         progress=False)
         assert loop.device.type == "cuda"
         dtype = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
         assert loop.output.dtype == dtype  # autocast ran the model in that precision

@@ -2,9 +2,9 @@
 
 Tiny MLP 32-64-10, batch 64, CPU, torch.set_num_threads(1): the loop's own Python cost
 dominates. Every runner trains one epoch of the same data from the same initial weights;
-runners are interleaved round by round (in a new random order each round) so that machine drift hits all of
-them alike; the figure is the median time per optimizer step, and the ratio is the median over
-rounds of the paired ratio to the row's baseline. Also: ``import loopy`` beyond ``import torch``
+runners are interleaved round by round (in a new random order each round) so that machine
+drift hits all of them alike; the figure is the median time per optimizer step, and the ratio
+is the median over rounds of the paired ratio to the row's baseline. Also: ``import loopy`` beyond ``import torch``
 (fresh processes, median).
 
     python benchmarks/overhead.py            # Markdown table
