@@ -2115,11 +2115,6 @@ def check_syncs_in_steps(monkeypatch):
     monkeypatch.setattr(loopy, "_fresh_batches", checked)
 
 
-def every_step():
-    while True:
-        yield "step"
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("data", ["GPU tensors", "pinned DataLoader"])
 @pytest.mark.parametrize("options", [{}, {"adam": True}, {"precision": "bf16"}, {"hook": True},
@@ -2143,7 +2138,7 @@ def test_cuda_no_host_sync_inside_training_steps(data, options, monkeypatch):
                 lambda module, args: forward_modes.append(torch.cuda.get_sync_debug_mode()))
         optimizer = torch.optim.Adam(model.parameters(), lr=0.01) if adam else \
             torch.optim.SGD(model.parameters(), lr=0.1)
-        return loopy.fit(model, F.cross_entropy, optimizer, loader, [every_step()] if hook else [],
+        return loopy.fit(model, F.cross_entropy, optimizer, loader, [wait_for_steps()] if hook else [],
                          epochs=epochs, val_loader=val_loader, metrics={"acc": loopy.accuracy},
                          batch_size=32, shuffle=True, **options)  # progress on, by default
 
