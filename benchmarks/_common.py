@@ -6,8 +6,8 @@ import contextlib
 import io
 import json
 import os
-import random
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -216,7 +216,8 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 CLOCK_WORDS = {"wall": "wall-clock time", "cpu": "process CPU time"}
 
 
-def time_runners(runners, workload, rounds, warmup=1, threads=1, clock="wall"):
+def time_runners(runners, workload, rounds, warmup=1, threads=1, clock="wall",
+                 synchronize=lambda: None):
     """Interleaved rounds: every round runs every runner once, in a new random order,
     each on a freshly built, identically seeded model. Returns per-runner lists of seconds per
     training step (rounds after the warm-up) and the final weights of the first timed round.
@@ -224,7 +225,9 @@ def time_runners(runners, workload, rounds, warmup=1, threads=1, clock="wall"):
     No gc.collect() before a timed run: a full collection walks every object of torch and
     leaves the caches cold, which added ~0.6 ms to the next call here (more to the runner
     that touches more code), an artifact of the harness rather than a cost of the loop.
-    ``clock="cpu"`` times with process_time, which a busy machine disturbs less."""
+    ``clock="cpu"`` times with process_time, which a busy machine disturbs less. With
+    ``threads=None`` torch keeps its thread count; ``synchronize`` brackets each timed run (on
+    a GPU, so that a run is charged for the work it queued and for none queued before it)."""
     timer = CLOCKS[clock]
     times = {r.key: [] for r in runners}
     weights = {}
@@ -234,11 +237,14 @@ def time_runners(runners, workload, rounds, warmup=1, threads=1, clock="wall"):
         # time, and what ran just before (caches, the garbage it left) shows on a small model
         for runner in order.sample(runners, len(runners)):
             model, optimizer = workload.build()
-            torch.set_num_threads(threads)
+            if threads is not None:
+                torch.set_num_threads(threads)
             torch.manual_seed(SEED + 1)  # the same shuffle order for every runner
             with quiet(runner.tty):
+                synchronize()
                 start = timer()
                 runner.fn(model, optimizer, workload)
+                synchronize()
                 elapsed = timer() - start
             if round_index >= warmup:
                 times[runner.key].append(elapsed / workload.total_steps)

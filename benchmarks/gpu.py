@@ -23,7 +23,6 @@ run-to-run change.
 
 import contextlib
 import os
-import random
 import sys
 import time
 
@@ -160,10 +159,6 @@ def runners(workload):
         C.Runner("loopy_defaults", "loopy defaults (progress on: a line per epoch)",
                  fit("tensors"), "hand"),
     ]
-    if cuda and workload.key == "mlp":  # an indexed device, as the batches report theirs
-        index = f"cuda:{torch.cuda.current_device()}"
-        rows.append(C.Runner("loopy_lean_indexed", f"loopy `progress=False`, `device='{index}'`",
-                             fit("tensors", progress=False, device=index), "hand"))
     if workload.key == "mlp":
         pinned = "`DataLoader(pin_memory=True)`" if cuda else "`DataLoader` (pinned on a GPU)"
         rows += [
@@ -184,31 +179,10 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_runners(runners, workload, rounds, warmup):
-    """C.time_runners on a device: each run is bracketed by synchronize(), so that it is
-    charged for the GPU work it queued and for none that was queued before it."""
-    times, weights = {r.key: [] for r in runners}, {}
-    order = random.Random(C.SEED)  # a new order each round, as in _common.time_runners
-    for round_index in range(warmup + rounds):
-        for runner in order.sample(runners, len(runners)):
-            model, optimizer = workload.build()
-            torch.manual_seed(C.SEED + 1)  # the same shuffle order for every runner
-            with C.quiet(runner.tty):
-                synchronize(workload.device)
-                start = time.perf_counter()
-                runner.fn(model, optimizer, workload)
-                synchronize(workload.device)
-                elapsed = time.perf_counter() - start
-            if round_index >= warmup:
-                times[runner.key].append(elapsed / workload.total_steps)
-                if runner.key not in weights:
-                    weights[runner.key] = [p.detach().clone() for p in model.parameters()]
-    return times, weights
-
-
 def measure(workload, rounds, warmup):
     rs = runners(workload)
-    times, weights = time_runners(rs, workload, rounds, warmup)
+    times, weights = C.time_runners(rs, workload, rounds, warmup, threads=None,
+                                    synchronize=lambda: synchronize(workload.device))
     rows = C.summarize(rs, times)
     for row, runner in zip(rows, rs):  # each against its own hand-written loop
         if runner.baseline is not None:
