@@ -1,4 +1,8 @@
-"""Tests for loopy. The oracle is the hand-written PyTorch loop: same seed, bit-identical weights."""
+"""Tests for loopy. The oracle is the hand-written PyTorch loop: same seed, bit-identical weights.
+
+Most tests train through ``train(**overrides)``: a small MLP, SGD, one epoch, no progress
+output, each argument overridable. ``python -m pytest -m "not slow"`` skips the subprocess
+runs (torchrun, examples, benchmarks) for a quick loop; CI runs everything."""
 import collections
 import dataclasses
 import importlib.util
@@ -49,7 +53,7 @@ def cpu_env(**variables):
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", **variables}
 
 
-# --- fixtures: small data and models ---
+# --- helpers: small data and models, the hand-written loop, train() ---
 
 def make_data(n=200, features=8, classes=3, seed=0):
     generator = torch.Generator().manual_seed(seed)
@@ -59,6 +63,7 @@ def make_data(n=200, features=8, classes=3, seed=0):
 
 
 def make_mlp(seed=0, dropout=0.0):
+    """(This seeds torch's global generator: seed a run after building its model.)"""
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(dropout),
                                torch.nn.Linear(16, 3))
@@ -115,6 +120,58 @@ def tensor_loader(X, y, batch_size=32, shuffle=False):
     return DataLoader(TensorDataset(X, y), batch_size=batch_size, shuffle=shuffle)
 
 
+def train(*, model=None, optimizer=torch.optim.SGD, lr=0.1, loss_fn=F.cross_entropy,
+          loader=None, n=64, **options):
+    """``loopy.fit`` with this file's usual run, which any argument overrides: ``make_mlp()``
+    trained by ``optimizer(model.parameters(), lr=lr)`` (a class; an optimizer object is used
+    as given) on ``make_data(n)`` with cross-entropy, for one epoch, without progress output.
+    Returns the loop: ``loop.model`` and ``loop.optimizer`` are the model and the optimizer."""
+    model = make_mlp() if model is None else model
+    if isinstance(optimizer, type):
+        optimizer = optimizer(model.parameters(), lr=lr)
+    loader = make_data(n) if loader is None else loader
+    return loopy.fit(model, loss_fn, optimizer, loader, **{"progress": False, **options})
+
+
+def fit_error(error, **overrides):
+    """The message of the ``error`` that ``train(**overrides)`` raises."""
+    with pytest.raises(error) as raised:
+        train(**overrides)
+    return str(raised.value)
+
+
+def recorder(log, name="hook"):
+    """A hook that logs its setup, every event, and its teardown."""
+    try:
+        log.append((name, "setup"))
+        while True:
+            loop = yield
+            log.append((name, loop.event))
+    finally:
+        log.append((name, "closed"))
+
+
+def listener(events="step", seen=None):
+    """A hook that waits for ``events`` and, given a list ``seen``, notes (event, step) there."""
+    while True:
+        loop = yield events
+        if seen is not None:
+            seen.append((loop.event, loop.step))
+
+
+def count_steps(steps):
+    """A hook that appends ``loop.step`` at every "step" to ``steps``."""
+    while True:
+        steps.append((yield "step").step)
+
+
+def stop_when(step):
+    while True:
+        loop = yield "step"
+        if loop.step == step:
+            loop.stop("test stop")
+
+
 # --- oracle parity ---
 
 @pytest.mark.parametrize("make_model, data", [(make_mlp, make_data), (make_cnn, image_data)])
@@ -130,9 +187,8 @@ def test_fit_is_bit_identical_to_the_hand_written_loop(make_model, data, shuffle
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     torch.manual_seed(1)
-    loop = loopy.fit(model, F.cross_entropy, optimizer, tensor_loader(X, y, shuffle=shuffle),
-                     epochs=3, val_loader=tensor_loader(Xv, yv), progress=False,
-                     metrics={"acc": loopy.accuracy})
+    loop = train(model=model, optimizer=optimizer, loader=tensor_loader(X, y, shuffle=shuffle),
+                 epochs=3, val_loader=tensor_loader(Xv, yv), metrics={"acc": loopy.accuracy})
     assert same_weights(model, by_hand)
     for name in ("loss", "acc", "val_loss", "val_acc"):
         assert loop.history[name] == pytest.approx(expected[name], rel=1e-6, abs=1e-7)
@@ -142,16 +198,23 @@ def test_fit_is_bit_identical_to_the_hand_written_loop(make_model, data, shuffle
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_in_memory_tensors_give_the_same_batches_as_a_dataloader(shuffle):
     X, y = make_data(203)  # a partial last batch
-    torch.manual_seed(3)
-    expected = [tuple(b) for b in tensor_loader(X, y, batch_size=16, shuffle=shuffle)]
-    torch.manual_seed(3)
-    got = list(loopy._as_batches((X, y), "loader", 16, shuffle))
+    runs = []
+    for loader, options in ((tensor_loader(X, y, batch_size=16, shuffle=shuffle), {}),
+                            ((X, y), dict(batch_size=16, shuffle=shuffle))):
+        batches = []
+
+        def keep_batches():
+            while True:
+                batches.append([t.clone() for t in (yield "batch").batch])
+
+        model = make_mlp()
+        torch.manual_seed(3)
+        train(model=model, loader=loader, hooks=[keep_batches()], **options)
+        runs.append((batches, torch.get_rng_state()))
+    (expected, after_dataloader), (got, after_tensors) = runs
     assert len(got) == len(expected) == 13
     assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(got, expected))
-    after_dataloader = torch.get_rng_state()  # the next draws are the same too
-    torch.manual_seed(3)
-    list(loopy._as_batches((X, y), "loader", 16, shuffle))
-    assert torch.equal(torch.get_rng_state(), after_dataloader)
+    assert torch.equal(after_tensors, after_dataloader)  # the next draws are the same too
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -162,17 +225,13 @@ def test_fit_on_tensors_equals_the_dataloader_loop(shuffle):
     hand_loop(by_hand, torch.optim.SGD(by_hand.parameters(), lr=0.1),
               tensor_loader(X, y, batch_size=16, shuffle=shuffle), 2)
     torch.manual_seed(5)
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-              batch_size=16, shuffle=shuffle, epochs=2, progress=False)
+    train(model=model, loader=(X, y), batch_size=16, shuffle=shuffle, epochs=2)
     assert same_weights(model, by_hand)
 
 
 def test_history_is_plain_json_floats_named_like_keras():
-    import json
     X, y = make_data()
-    model = make_mlp()
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                     val_loader=(X, y), epochs=2, progress=False, metrics={"acc": loopy.accuracy})
+    loop = train(loader=(X, y), val_loader=(X, y), epochs=2, metrics={"acc": loopy.accuracy})
     assert set(loop.history) == {"loss", "acc", "val_loss", "val_acc", "lr"}
     assert all(type(v) is float and len(values) == 2 for values in loop.history.values()
                for v in values)
@@ -182,17 +241,16 @@ def test_history_is_plain_json_floats_named_like_keras():
 
 def test_history_weights_the_mean_by_batch_size():
     X, y = make_data(70)  # batches of 32, 32, 6
-    model = make_mlp()
+    loop = train(loader=(X, y), lr=0.0, metrics={"acc": loopy.accuracy})
     before = make_mlp()
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.0), (X, y),
-                     progress=False, metrics={"acc": loopy.accuracy})
     with torch.no_grad():
         output = before(X)
     assert loop.history["loss"][0] == pytest.approx(F.cross_entropy(output, y).item(), rel=1e-6)
     assert loop.history["acc"][0] == pytest.approx((output.argmax(1) == y).float().mean().item())
 
 
-def test_meter_folds_the_same_whenever_it_is_read():
+def test_meter_folds_the_same_whenever_it_is_read(monkeypatch):
+    monkeypatch.setattr(loopy._Meter, "FOLD", 16)  # so that 150 values fold 9 times
     values = [torch.tensor(float(i) / 7) for i in range(150)]
     read_often, read_once = loopy._Meter(), loopy._Meter()
     for value in values:
@@ -204,22 +262,9 @@ def test_meter_folds_the_same_whenever_it_is_read():
 
 # --- events and hooks ---
 
-def recorder(log, name="hook"):
-    try:
-        log.append((name, "setup"))
-        while True:
-            loop = yield
-            log.append((name, loop.event))
-    finally:
-        log.append((name, "closed"))
-
-
 def test_event_sequence_for_two_epochs_of_three_batches():
-    X, y = make_data(96)
-    model = make_mlp()
     log = []
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-              hooks=[recorder(log)], epochs=2, progress=False)
+    train(n=96, hooks=[recorder(log)], epochs=2)
     events = [event for _, event in log]
     per_batch = ["batch", "backward", "step"]
     assert events == ["setup", "start", *per_batch * 3, "epoch", *per_batch * 3, "epoch", "end",
@@ -227,19 +272,14 @@ def test_event_sequence_for_two_epochs_of_three_batches():
 
 
 def test_hooks_run_in_order_and_close_in_reverse():
-    X, y = make_data(32)
-    model = make_mlp()
     log = []
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-              hooks=[recorder(log, "a"), recorder(log, "b")], progress=False)
+    train(n=32, hooks=[recorder(log, "a"), recorder(log, "b")])
     assert [n for n, e in log if e == "start"] == ["a", "b"]
     assert [n for n, e in log if e == "step"] == ["a", "b"]
     assert [n for n, e in log if e == "closed"] == ["b", "a"]
 
 
 def test_a_hook_waits_for_what_it_yields_and_sees_the_live_loop():
-    X, y = make_data(96)
-    model = make_mlp()
     seen = []
 
     def hook():
@@ -252,16 +292,13 @@ def test_a_hook_waits_for_what_it_yields_and_sees_the_live_loop():
                 assert loop.loss.requires_grad is False and loop.output.shape == (32, 3)
                 assert loop.batch[0].shape == (32, 8)
 
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-              hooks=[hook()], epochs=2, progress=False)
+    train(n=96, hooks=[hook()], epochs=2)
     assert seen == [("start", 0, 0), ("step", 0, 1), ("step", 0, 2), ("step", 0, 3),
                     ("epoch", 0, 3), ("step", 1, 4), ("step", 1, 5), ("step", 1, 6),
                     ("epoch", 1, 6)]
 
 
 def test_a_batch_hook_may_replace_the_batch():
-    X, y = make_data(64)
-    model = make_mlp()
     outputs = []
 
     def zero_inputs():
@@ -271,14 +308,11 @@ def test_a_batch_hook_may_replace_the_batch():
             loop = yield "step"
             outputs.append(loop.output)
 
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.0), (X, y),
-              hooks=[zero_inputs()], progress=False)
-    assert all(torch.equal(o[0], o[1]) for o in outputs)
+    train(lr=0.0, hooks=[zero_inputs()])
+    assert len(outputs) == 2 and all(torch.equal(o[0], o[1]) for o in outputs)
 
 
 def test_stop_ends_training_delivers_end_and_keeps_the_reason():
-    X, y = make_data(96)
-    model = make_mlp()
     log = []
 
     def stop_after_first_epoch():
@@ -287,44 +321,28 @@ def test_stop_ends_training_delivers_end_and_keeps_the_reason():
         loop = yield "end"
         log.append(loop.stop_reason)
 
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                     hooks=[stop_after_first_epoch()], epochs=5, progress=False)
+    loop = train(n=96, hooks=[stop_after_first_epoch()], epochs=5)
     assert loop.stop_reason == "enough" and log == ["enough"]
     assert len(loop.history["loss"]) == 1 and loop.step == 3
 
 
 def test_stop_mid_epoch_discards_the_partial_epoch():
-    X, y = make_data(96)
-    model = make_mlp()
-
-    def stop_at_step_4():
-        while True:
-            loop = yield "step"
-            if loop.step == 4:
-                loop.stop("mid-epoch")
-
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                     hooks=[stop_at_step_4()], epochs=5, progress=False)
+    loop = train(n=96, hooks=[stop_when(4)], epochs=5)
     assert loop.step == 4 and loop.epoch == 1 and len(loop.history["loss"]) == 1
 
 
 def test_a_hook_that_returns_is_dropped():
-    X, y = make_data(64)
-    model = make_mlp()
     calls = []
 
     def once():
         loop = yield "step"
         calls.append(loop.step)
 
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-              hooks=[once()], epochs=2, progress=False)
+    train(hooks=[once()], epochs=2)
     assert calls == [1]
 
 
 def test_a_hook_that_returns_before_its_first_yield_runs_its_setup_and_is_dropped():
-    X, y = make_data(64)
-    model = make_mlp()
     setup = []
 
     def setup_only():
@@ -332,21 +350,18 @@ def test_a_hook_that_returns_before_its_first_yield_runs_its_setup_and_is_droppe
         return
         yield  # a generator that never waits for an event
 
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                     hooks=[setup_only(), recorder([])], epochs=2, progress=False)
+    loop = train(hooks=[setup_only(), recorder([])], epochs=2)
     assert setup == ["ran"] and loop.step == 4
 
 
 @pytest.mark.parametrize("error", [ValueError("model broke"), KeyboardInterrupt()])
 def test_hooks_are_closed_in_reverse_and_the_error_propagates_unchanged(error):
-    X, y = make_data(64)
-    model = make_mlp()
     log = []
 
     class Failing(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.inner, self.calls = model, 0
+            self.inner, self.calls = make_mlp(), 0
 
         def forward(self, x):
             self.calls += 1
@@ -354,19 +369,14 @@ def test_hooks_are_closed_in_reverse_and_the_error_propagates_unchanged(error):
                 raise error
             return self.inner(x)
 
-    failing = Failing()
     with pytest.raises(type(error)) as raised:
-        loopy.fit(failing, F.cross_entropy, torch.optim.SGD(failing.parameters(), lr=0.1),
-                  (X, y), hooks=[recorder(log, "a"), recorder(log, "b")], progress=False)
+        train(model=Failing(), hooks=[recorder(log, "a"), recorder(log, "b")])
     assert raised.value is error
     assert log[-2:] == [("b", "closed"), ("a", "closed")]
     assert ("a", "end") not in log
 
 
 def test_a_hook_failing_to_close_after_an_error_is_noted_on_that_error():
-    X, y = make_data(64)
-    model = make_mlp()
-
     def broken_teardown():
         try:
             while True:
@@ -378,16 +388,13 @@ def test_a_hook_failing_to_close_after_an_error_is_noted_on_that_error():
         raise ValueError("loss broke")
 
     with pytest.raises(ValueError, match="loss broke") as raised:
-        loopy.fit(model, failing_loss, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                  hooks=[broken_teardown()], progress=False)
+        train(loss_fn=failing_loss, hooks=[broken_teardown()])
     if sys.version_info >= (3, 11):
         assert "while closing the hooks after this error: OSError('could not flush')" in \
             raised.value.__notes__
 
 
 def test_an_error_inside_a_hook_propagates_and_the_others_are_closed():
-    X, y = make_data(64)
-    model = make_mlp()
     log = []
 
     def broken():
@@ -395,22 +402,132 @@ def test_an_error_inside_a_hook_propagates_and_the_others_are_closed():
         raise LookupError("hook bug")
 
     with pytest.raises(LookupError, match="hook bug"):
-        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                  hooks=[recorder(log), broken()], progress=False)
+        train(hooks=[recorder(log), broken()])
     assert log[-1] == ("hook", "closed")
 
 
-def protocol_error(hooks, error=loopy.HookError):
-    X, y = make_data(64)
-    model = make_mlp()
-    with pytest.raises(error) as raised:
-        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                  hooks=hooks, progress=False)
-    return str(raised.value)
+def test_a_hook_cannot_swallow_the_models_error():
+    def swallower():
+        try:
+            while True:
+                yield
+        except BaseException:
+            return
 
+    with pytest.raises(FloatingPointError):
+        train(n=32, loss_fn=lambda output, target: torch.tensor(math.nan, requires_grad=True),
+              hooks=[swallower()])
+
+
+# --- hooks that only listen change nothing ---
+
+def custom_step(model, batch):
+    output = model(batch[0])
+    return F.cross_entropy(output, batch[1]), output, batch[1]
+
+
+@pytest.mark.parametrize("option", [
+    {}, dict(metrics=None), dict(accumulate=2), dict(clip_grad=0.5), dict(nonfinite="skip"),
+    dict(loss_fn=None, step=custom_step), dict(precision="bf16"), dict(precision="fp16"),
+    dict(scheduler="per step")],
+    ids=["defaults", "no metrics", "accumulate", "clip_grad", "nonfinite=skip", "step=",
+         "bf16", "fp16", "scheduler per step"])
+def test_hooks_that_listen_to_every_event_change_nothing(option):
+    """With metrics, validation, dropout and shuffling, as a plain run does them: listening for
+    every step, or for every event, changes neither the weights nor the history, bit for bit."""
+    X, y = make_data(203)  # a partial last batch
+    runs = []
+    for events in (None, "step", ("batch", "backward", "step", "epoch")):
+        seen = []
+        model = make_mlp(dropout=0.2)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        options = dict(option)
+        if options.get("scheduler") == "per step":
+            options.update(scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 5, gamma=0.5),
+                           scheduler_interval="step")
+        options = {"metrics": {"acc": loopy.accuracy}, **options}
+        loop = train(model=model, optimizer=optimizer, loader=(X, y), epochs=3, shuffle=True,
+                     seed=3, val_loader=(X[:50], y[:50]),
+                     hooks=[] if events is None else [listener(events, seen)], **options)
+        runs.append((model, loop, seen))
+    (plain, plain_loop, _), *listened = runs
+    steps = 3 * (7 // option.get("accumulate", 1) + 7 % option.get("accumulate", 1))
+    for model, loop, seen in listened:
+        assert same_weights(model, plain)
+        assert loop.history == plain_loop.history and loop.step == plain_loop.step == steps
+        assert torch.equal(loop.loss, plain_loop.loss) and not loop.loss.requires_grad
+        assert torch.equal(loop.output, plain_loop.output)
+        assert all(torch.equal(a, b) for a, b in zip(loop.batch, plain_loop.batch))
+    (_, _, steps_seen), (_, _, events_seen) = listened[0], listened[1]
+    assert steps_seen == [("step", step) for step in range(1, steps + 1)]
+    assert [event for event, _ in events_seen].count("batch") == 3 * 7
+    assert [event for event, _ in events_seen].count("epoch") == 3
+
+
+def test_a_hook_that_starts_waiting_for_steps_mid_run_gets_them_from_then_on():
+    X, y = make_data(96)  # 3 batches per epoch
+    steps = []
+
+    def late_watcher():
+        loop = yield "epoch"
+        while True:
+            loop = yield ("step", "epoch")
+            if loop.event == "step":
+                steps.append((loop.epoch, loop.step, loop.batch_index))
+
+    def mid_epoch_watcher():
+        loop = yield "batch"
+        loop = yield "batch"  # the second batch, then every step from there
+        while True:
+            loop = yield "step"
+            steps.append((loop.epoch, loop.step, loop.batch_index))
+
+    loop = train(loader=(X, y), hooks=[late_watcher()], epochs=3)
+    assert steps == [(1, 4, 0), (1, 5, 1), (1, 6, 2), (2, 7, 0), (2, 8, 1), (2, 9, 2)]
+    assert same_weights(loop.model, train(loader=(X, y), epochs=3).model)
+    steps.clear()
+    train(loader=(X, y), hooks=[mid_epoch_watcher()], epochs=2)
+    assert steps == [(0, 2, 1), (0, 3, 2), (1, 4, 0), (1, 5, 1), (1, 6, 2)]
+
+
+def test_loss_errors_read_the_same_with_and_without_a_step_hook():
+    for loss_fn, error in ((lambda o, t: F.cross_entropy(o, t, reduction="none"), TypeError),
+                           (lambda o, t: F.cross_entropy(o.detach(), t), ValueError),
+                           (lambda o, t: F.cross_entropy(o, t).item(), TypeError)):
+        assert fit_error(error, loss_fn=loss_fn) == \
+            fit_error(error, loss_fn=loss_fn, hooks=[listener()])
+    message = fit_error(TypeError, loader=[torch.zeros(4, 8)])
+    assert message == fit_error(TypeError, loader=[torch.zeros(4, 8)], hooks=[listener()])
+    assert "(inputs, target) pairs" in message
+
+
+@pytest.mark.parametrize("listening", [False, True], ids=["no hook", "a step hook"])
+def test_ctrl_c_and_max_steps_stop_after_the_step(listening):
+    def hooks():
+        return [listener()] if listening else []
+
+    loop = train(n=96, epochs=5, max_steps=4, hooks=hooks())
+    assert loop.step == 4 and loop.batch_index == 0 and loop.epoch == 1
+    assert "max_steps=4" in loop.stop_reason and len(loop.history["loss"]) == 1
+    calls = []
+
+    def ctrl_c_in_the_fifth_loss(output, target):  # as if Ctrl+C came during step 5
+        calls.append(1)
+        if len(calls) == 5:
+            signal.raise_signal(signal.SIGINT)
+        return F.cross_entropy(output, target)
+
+    with pytest.warns(UserWarning, match="interrupted by Ctrl[+]C in epoch 2, after step 5"):
+        loop = train(n=96, epochs=5, loss_fn=ctrl_c_in_the_fifth_loss, hooks=hooks())
+    assert loop.step == 5 and loop.batch_index == 1 and loop.epoch == 1
+    assert loop.stop_reason == "interrupted by Ctrl+C" and len(loop.history["loss"]) == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# --- hook protocol errors ---
 
 def test_passing_the_generator_function_says_call_it():
-    message = protocol_error([loopy.early_stopping], TypeError)
+    message = fit_error(TypeError, hooks=[loopy.early_stopping])
     assert "hooks[0]" in message and "'early_stopping'" in message
     assert "call it, hooks=[early_stopping()]" in message
 
@@ -419,19 +536,16 @@ def test_a_non_generator_hook_is_rejected():
     def not_a_generator():
         return 1
 
-    message = protocol_error([not_a_generator], TypeError)
+    message = fit_error(TypeError, hooks=[not_a_generator])
     assert "hooks[0]" in message and "without yield" in message and "hooks=[my_hook()]" in message
-    message = protocol_error([42], TypeError)
+    message = fit_error(TypeError, hooks=[42])
     assert "hooks[0]" in message and "not a generator" in message
 
 
 def test_a_reused_hook_is_rejected():
-    X, y = make_data(32)
-    model = make_mlp()
     hook = recorder([])
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-              hooks=[hook], progress=False)
-    message = protocol_error([hook])
+    train(n=32, hooks=[hook])
+    message = fit_error(loopy.HookError, hooks=[hook])
     assert "hook 'recorder'" in message and "test_loopy.py:" in message
     assert "already used" in message and "create a new one" in message
 
@@ -440,9 +554,22 @@ def test_an_unknown_event_lists_the_valid_ones():
     def typo():
         yield "epochs"
 
-    message = protocol_error([typo()])
+    message = fit_error(loopy.HookError, hooks=[typo()])
     assert "hook 'typo'" in message and "'epochs'" in message
     assert all(repr(event) in message for event in loopy.EVENTS)
+
+
+def test_a_hook_with_a_bad_first_yield_is_closed_before_the_error():
+    closed = []
+
+    def bad():
+        try:
+            yield "epochs"
+        finally:
+            closed.append(True)
+
+    fit_error(loopy.HookError, hooks=[bad()])
+    assert closed == [True]
 
 
 def test_a_hook_that_ignores_generator_exit_is_named():
@@ -456,7 +583,7 @@ def test_a_hook_that_ignores_generator_exit_is_named():
                     return
                 ignored = True
 
-    message = protocol_error([stubborn()])
+    message = fit_error(loopy.HookError, hooks=[stubborn()])
     assert "hook 'stubborn'" in message and "ignored GeneratorExit" in message
     assert "finally" in message
 
@@ -466,139 +593,15 @@ def test_raising_stop_iteration_in_a_hook_says_use_return():
         yield "step"
         raise StopIteration
 
-    message = protocol_error([stops()])
+    message = fit_error(loopy.HookError, hooks=[stops()])
     assert "hook 'stops'" in message and "use return" in message
-
-
-def test_a_hook_cannot_swallow_the_models_error():
-    X, y = make_data(32)
-    model = make_mlp()
-
-    def swallower():
-        try:
-            while True:
-                yield
-        except BaseException:
-            return
-
-    with pytest.raises(FloatingPointError):
-        loopy.fit(model, lambda output, target: torch.tensor(math.nan, requires_grad=True),
-                  torch.optim.SGD(model.parameters(), lr=0.1), (X, y), hooks=[swallower()],
-                  progress=False)
-
-
-# --- the lean path: epochs that no hook watches batch by batch ---
-
-def wait_for_steps():
-    while True:
-        yield "step"
-
-
-def count_calls(monkeypatch, name):
-    calls = []
-    original = getattr(loopy, name)
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-    monkeypatch.setattr(loopy, name, counted)
-    return calls
-
-
-@pytest.mark.parametrize("metrics", [None, {"acc": loopy.accuracy}])
-def test_the_lean_path_trains_exactly_like_the_path_with_per_batch_events(monkeypatch, metrics):
-    X, y = make_data(203)  # a partial last batch
-    runs = []
-    for hooks in ([], [wait_for_steps()]):
-        calls = count_calls(monkeypatch, "_train_batch")
-        model = make_mlp(dropout=0.2)
-        loop = loopy.fit(model, F.cross_entropy, torch.optim.Adam(model.parameters(), lr=0.01),
-                         (X, y), hooks=hooks, epochs=3, shuffle=True, seed=3, progress=False,
-                         val_loader=(X[:50], y[:50]), metrics=metrics)
-        runs.append((model, loop, len(calls)))
-    (lean, lean_loop, lean_calls), (watched, watched_loop, watched_calls) = runs
-    assert lean_calls == 0 and watched_calls == 3 * 7  # the lean path did run, and only it
-    assert same_weights(lean, watched)
-    assert lean_loop.history == watched_loop.history and lean_loop.step == watched_loop.step == 21
-    assert torch.equal(lean_loop.loss, watched_loop.loss) and not lean_loop.loss.requires_grad
-    assert torch.equal(lean_loop.output, watched_loop.output)
-    assert all(torch.equal(a, b) for a, b in zip(lean_loop.batch, watched_loop.batch))
-
-
-def test_a_hook_that_starts_waiting_for_steps_gets_them_from_the_next_epoch(monkeypatch):
-    X, y = make_data(96)  # 3 batches per epoch
-    calls = count_calls(monkeypatch, "_train_batch")
-    steps = []
-
-    def late_watcher():
-        loop = yield "epoch"
-        while True:
-            loop = yield ("step", "epoch")
-            if loop.event == "step":
-                steps.append((loop.epoch, loop.step, loop.batch_index))
-
-    model = make_mlp()
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-              hooks=[late_watcher()], epochs=3, progress=False)
-    assert steps == [(1, 4, 0), (1, 5, 1), (1, 6, 2), (2, 7, 0), (2, 8, 1), (2, 9, 2)]
-    assert len(calls) == 6  # the first epoch ran lean
-
-
-@pytest.mark.parametrize("option", [dict(accumulate=2), dict(clip_grad=1.0),
-                                    dict(nonfinite="skip"), dict(step="custom"),
-                                    dict(scheduler="per step")],
-                         ids=["accumulate", "clip_grad", "nonfinite=skip", "step=", "scheduler"])
-def test_options_that_need_more_than_forward_backward_step_leave_the_lean_path(monkeypatch,
-                                                                              option):
-    X, y = make_data(64)
-    model = make_mlp()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    if "step" in option:
-        option = dict(step=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]))
-    if "scheduler" in option:
-        option = dict(scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1),
-                      scheduler_interval="step")
-    calls = count_calls(monkeypatch, "_train_batch")
-    loopy.fit(model, F.cross_entropy, optimizer, (X, y), progress=False, **option)
-    assert len(calls) == 2
-
-
-def test_loss_errors_read_the_same_with_and_without_a_step_hook():
-    for loss_fn, error in ((lambda o, t: F.cross_entropy(o, t, reduction="none"), TypeError),
-                           (lambda o, t: F.cross_entropy(o.detach(), t), ValueError),
-                           (lambda o, t: F.cross_entropy(o, t).item(), TypeError)):
-        assert fit_error(error, loss_fn=loss_fn) == \
-            fit_error(error, loss_fn=loss_fn, hooks=[wait_for_steps()])
-    message = fit_error(TypeError, loader=[torch.zeros(4, 8)])
-    assert message == fit_error(TypeError, loader=[torch.zeros(4, 8)], hooks=[wait_for_steps()])
-    assert "(inputs, target) pairs" in message
-
-
-def test_ctrl_c_and_max_steps_stop_the_lean_path_after_the_step():
-    X, y = make_data(96)
-    model = make_mlp()
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                     epochs=5, max_steps=4, progress=False)
-    assert loop.step == 4 and loop.batch_index == 0 and loop.epoch == 1
-    assert "max_steps=4" in loop.stop_reason and len(loop.history["loss"]) == 1
 
 
 # --- bad input ---
 
-def fit_error(error, **overrides):
-    X, y = make_data(64)
-    model = make_mlp()
-    arguments = dict(model=model, loss_fn=F.cross_entropy,
-                     optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loader=(X, y),
-                     progress=False)
-    arguments.update(overrides)
-    with pytest.raises(error) as raised:
-        loopy.fit(**arguments)
-    return str(raised.value)
-
-
 def test_bad_arguments_name_the_argument_and_the_fix():
-    message = fit_error(TypeError, model=lambda x: x)
+    message = fit_error(TypeError, model=lambda x: x,
+                        optimizer=torch.optim.SGD(make_mlp().parameters(), lr=0.1))
     assert "model must be a torch.nn.Module" in message and "function" in message
     message = fit_error(TypeError, optimizer="adam")
     assert "optimizer must be a torch.optim.Optimizer" in message and "'adam'" in message
@@ -639,10 +642,8 @@ def test_errors_come_before_any_hook_or_training_runs():
     model = make_mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     log = []
-    X, y = make_data(64)
     with pytest.raises(ValueError):
-        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                  hooks=[recorder(log)], epochs=0)
+        train(model=model, hooks=[recorder(log)], epochs=0, progress=True)
     assert log == [] and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -664,7 +665,6 @@ def test_a_loss_that_is_not_a_scalar_or_has_no_grad_is_explained():
 
 
 def test_a_nonfinite_loss_names_the_epoch_and_the_first_bad_step():
-    X, y = make_data(96)
     calls = []
 
     def loss_fn(output, target):
@@ -672,14 +672,12 @@ def test_a_nonfinite_loss_names_the_epoch_and_the_first_bad_step():
         loss = F.cross_entropy(output, target)
         return loss * math.inf if len(calls) == 5 else loss
 
-    message = fit_error(FloatingPointError, loss_fn=loss_fn, loader=(X, y), epochs=3)
+    message = fit_error(FloatingPointError, loss_fn=loss_fn, n=96, epochs=3)
     assert "epoch 2" in message and "batch 2 of the epoch" in message
     assert "optimizer step 5" in message and "nonfinite='skip'" in message
 
 
 def test_nonfinite_skip_counts_the_skipped_batches():
-    X, y = make_data(96)
-    model = make_mlp()
     calls = []
 
     def loss_fn(output, target):
@@ -687,11 +685,25 @@ def test_nonfinite_skip_counts_the_skipped_batches():
         loss = F.cross_entropy(output, target)
         return loss * math.nan if len(calls) == 2 else loss
 
-    loop = loopy.fit(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                     epochs=2, nonfinite="skip", progress=False)
+    loop = train(n=96, loss_fn=loss_fn, epochs=2, nonfinite="skip")
     assert loop.history["skipped"] == [1.0, 0.0]
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(p).all() for p in loop.model.parameters())
     assert all(math.isfinite(v) for v in loop.history["loss"])
+
+
+def test_skipping_a_whole_group_makes_no_step_also_under_fp16():
+    calls = []
+
+    def nan_first_batch(output, target):
+        calls.append(1)
+        loss = F.cross_entropy(output, target)
+        return loss * math.nan if len(calls) % 2 == 1 else loss
+
+    for precision in (None, "fp16"):  # 2 batches an epoch
+        steps = []
+        loop = train(loss_fn=nan_first_batch, epochs=2, nonfinite="skip", precision=precision,
+                     hooks=[count_steps(steps)])
+        assert loop.step == 2 and steps == [1, 2] and loop.history["skipped"] == [1.0, 1.0]
 
 
 # --- batches, devices, custom steps ---
@@ -716,6 +728,36 @@ def test_batches_move_recursively_and_keep_their_types():
     assert moved["d"] == "text" and not batch["a"][0].is_meta
 
 
+def test_dataclass_and_mapping_batches_move_without_side_effects():
+    @dataclasses.dataclass
+    class Scaled:
+        image: torch.Tensor
+        calls: list = dataclasses.field(default_factory=list)
+
+        def __post_init__(self):
+            self.calls.append("post_init")
+
+    batch = Scaled(torch.ones(2))
+    moved = loopy._to_device(batch, torch.device("meta"), False)
+    assert moved.image.is_meta and batch.calls == ["post_init"] and not batch.image.is_meta
+    user_dict = loopy._to_device(collections.UserDict({"x": torch.ones(2)}),
+                                 torch.device("meta"), False)
+    assert isinstance(user_dict, collections.UserDict) and user_dict["x"].is_meta
+
+
+def test_in_memory_batches_are_copies_as_a_dataloaders_are():
+    X, y = make_data(64)
+    before = X.clone()
+
+    def halve_inputs():
+        while True:
+            loop = yield "batch"
+            loop.batch[0].mul_(0.5)
+
+    train(loader=(X, y), hooks=[halve_inputs()], epochs=2)
+    assert torch.equal(X, before)
+
+
 def test_inputs_as_tuple_or_dict_are_spread_into_the_model():
     class TwoInputs(torch.nn.Module):
         def __init__(self):
@@ -727,10 +769,7 @@ def test_inputs_as_tuple_or_dict_are_spread_into_the_model():
 
     X, y = make_data(64)
     for inputs in ((X, X), {"left": X, "right": X}):
-        model = TwoInputs()
-        loader = [(inputs if isinstance(inputs, tuple) else inputs, y)]
-        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                         loader, progress=False)
+        loop = train(model=TwoInputs(), loader=[(inputs, y)])
         assert loop.step == 1 and loop.output.shape == (64, 3)
 
 
@@ -759,19 +798,17 @@ def test_a_custom_step_with_several_losses_matches_the_hand_loop():
             optimizer.step()
             optimizer.zero_grad()
     model = AutoEncoderClassifier()
-    loop = loopy.fit(model, None, torch.optim.Adam(model.parameters(), lr=0.01), tensor_loader(X, y),
-                     step=step, epochs=2, val_loader=(X, y), metrics={"acc": loopy.accuracy},
-                     progress=False)
+    loop = train(model=model, loss_fn=None, optimizer=torch.optim.Adam, lr=0.01,
+                 loader=tensor_loader(X, y), step=step, epochs=2, val_loader=(X, y),
+                 metrics={"acc": loopy.accuracy})
     assert same_weights(model, by_hand)
     assert {"loss", "acc", "val_loss", "val_acc"} <= set(loop.history)
 
 
 def test_a_step_returning_only_the_loss_works_without_metrics():
     X, y = make_data(64)
-    model = make_mlp()
-    loop = loopy.fit(model, None, torch.optim.SGD(model.parameters(), lr=0.1),
-                     [{"x": X, "y": y}], step=lambda m, b: F.cross_entropy(m(b["x"]), b["y"]),
-                     progress=False)
+    loop = train(loss_fn=None, loader=[{"x": X, "y": y}],
+                 step=lambda m, b: F.cross_entropy(m(b["x"]), b["y"]))
     assert loop.history["loss"][0] > 0
     message = fit_error(TypeError, loader=[{"x": X, "y": y}], metrics={"acc": loopy.accuracy},
                         step=lambda m, b: F.cross_entropy(m(b["x"]), b["y"]))
@@ -783,10 +820,7 @@ def test_torchmetrics_objects_work_as_metrics():
     X, y = make_data(150)
     results = []
     for metric in (loopy.accuracy, torchmetrics.classification.MulticlassAccuracy(3, average="micro")):
-        model = make_mlp()
-        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                         (X, y), val_loader=(X, y), epochs=2, metrics={"acc": metric},
-                         progress=False)
+        loop = train(loader=(X, y), val_loader=(X, y), epochs=2, metrics={"acc": metric})
         results.append((loop.history["acc"], loop.history["val_acc"]))
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
     assert results[0][1] == pytest.approx(results[1][1], abs=1e-6)
@@ -817,13 +851,18 @@ def test_evaluate_and_predict_match_by_hand_values():
     assert loopy.evaluate(model, (X, y), metrics={"acc": loopy.accuracy}).keys() == {"acc"}
 
 
+def test_predict_takes_a_list_of_input_batches():
+    X, _ = make_data(40)
+    model = make_mlp()
+    with torch.no_grad():
+        expected = model.eval()(X)
+    assert torch.allclose(loopy.predict(model, [X[:20], X[20:]]), expected)
+
+
 # --- progress ---
 
 def test_progress_prints_one_plain_line_per_epoch_when_not_a_terminal(capsys):
-    X, y = make_data(64)
-    model = make_mlp()
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-              epochs=3, metrics={"acc": loopy.accuracy})
+    train(epochs=3, metrics={"acc": loopy.accuracy}, progress=True)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[0].startswith("epoch 1/3: loss ") and " - acc " in lines[0]
 
@@ -831,10 +870,7 @@ def test_progress_prints_one_plain_line_per_epoch_when_not_a_terminal(capsys):
 def test_progress_shows_a_tqdm_bar_on_a_terminal(monkeypatch, capsys):
     pytest.importorskip("tqdm")
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    X, y = make_data(64)
-    model = make_mlp()
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-              epochs=2)
+    train(epochs=2, progress=True)
     captured = capsys.readouterr()
     assert captured.out == "" and "epoch 2/2" in captured.err and "2/2" in captured.err
 
@@ -894,8 +930,8 @@ def test_scheduler_per_epoch_matches_the_hand_loop_and_records_the_lr():
         hand_loop(by_hand, optimizer, tensor_loader(X, y), 1)
         scheduler.step()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loop = loopy.fit(model, F.cross_entropy, optimizer, (X, y), epochs=3, progress=False,
-                     scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5))
+    loop = train(model=model, optimizer=optimizer, loader=(X, y), epochs=3,
+                 scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5))
     assert same_weights(model, by_hand)
     assert loop.history["lr"] == [0.1, 0.05, 0.025]
 
@@ -913,8 +949,8 @@ def test_scheduler_per_step_matches_the_hand_loop():
             scheduler.step()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.5, total_steps=6)
-    loopy.fit(model, F.cross_entropy, optimizer, (X, y), epochs=2, progress=False,
-              scheduler=scheduler, scheduler_interval="step")
+    train(model=model, optimizer=optimizer, loader=(X, y), epochs=2, scheduler=scheduler,
+          scheduler_interval="step")
     assert same_weights(model, by_hand)
 
 
@@ -923,12 +959,20 @@ def test_reduce_lr_on_plateau_gets_the_monitored_metric():
     model = make_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-12)  # so the loss stays flat
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=0)
-    loop = loopy.fit(model, F.cross_entropy, optimizer, (X, y), val_loader=(X, y), epochs=3,
-                     scheduler=scheduler, progress=False)
+    loop = train(model=model, optimizer=optimizer, loader=(X, y), val_loader=(X, y), epochs=3,
+                 scheduler=scheduler)
     assert loop.history["lr"] == pytest.approx([1e-12, 1e-13, 1e-14])
     message = fit_error(ValueError, scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(
         torch.optim.SGD(make_mlp().parameters())), scheduler_monitor="val_f1")
     assert "scheduler_monitor='val_f1'" in message and "'loss'" in message
+
+
+def test_reduce_lr_on_plateau_cannot_run_per_step():
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    message = fit_error(ValueError, model=model, optimizer=optimizer, scheduler_interval="step",
+                        scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer))
+    assert "scheduler_interval='step'" in message and "scheduler_interval='epoch'" in message
 
 
 def test_accumulation_equals_one_larger_batch_including_the_last_partial_group():
@@ -937,13 +981,8 @@ def test_accumulation_equals_one_larger_batch_including_the_last_partial_group()
     hand_loop(big, torch.optim.SGD(big.parameters(), lr=0.5),
               [(X[:32], y[:32]), (X[32:64], y[32:64]), (X[64:], y[64:])], 2)
     steps = []
-
-    def count():
-        while True:
-            steps.append((yield "step").step)
-
-    loopy.fit(small, F.cross_entropy, torch.optim.SGD(small.parameters(), lr=0.5), (X, y),
-              batch_size=16, accumulate=2, epochs=2, hooks=[count()], progress=False)
+    train(model=small, lr=0.5, loader=(X, y), batch_size=16, accumulate=2, epochs=2,
+          hooks=[count_steps(steps)])
     assert steps == [1, 2, 3, 4, 5, 6]
     for p, q in zip(big.parameters(), small.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
@@ -968,8 +1007,7 @@ def test_clip_grad_matches_the_hand_loop_and_shows_the_norm():
             assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in
                                                          loop.model.parameters()])) <= 0.1 + 1e-6
 
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
-              clip_grad=0.1, hooks=[norm_logger()], progress=False)
+    train(model=model, lr=0.5, loader=(X, y), clip_grad=0.1, hooks=[norm_logger()])
     assert same_weights(model, by_hand)
     assert torch.equal(torch.stack(seen), torch.stack(norms))
 
@@ -983,14 +1021,10 @@ def first_grad_norm(norms):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_close_to_full_precision(precision):
-    X, y = make_data(128)
     results, first_norms = {}, {}
     for mode in (None, precision):
-        model = make_mlp()
         norms = []
-        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                         (X, y), epochs=3, precision=mode, hooks=[first_grad_norm(norms)],
-                         progress=False)
+        loop = train(n=128, epochs=3, precision=mode, hooks=[first_grad_norm(norms)])
         results[mode], first_norms[mode] = loop.history["loss"], norms[0]
         assert (loop.scaler is not None) == (mode == "fp16")
     assert results[precision] == pytest.approx(results[None], rel=0.05)
@@ -999,36 +1033,40 @@ def test_mixed_precision_trains_close_to_full_precision(precision):
 
 
 def test_seed_makes_runs_reproducible_and_is_left_alone_when_not_given():
-    X, y = make_data(96)
-    models = []
-    for global_seed in (1, 2):
-        torch.manual_seed(global_seed)
-        model = make_mlp(dropout=0.3)
-        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                  shuffle=True, seed=7, epochs=2, progress=False)
-        models.append(model)
-    assert same_weights(*models)
+    runs = {}
+    for seed in (7, None):
+        models = []
+        for global_seed in (1, 2):
+            model = make_mlp(dropout=0.3)
+            torch.manual_seed(global_seed)  # after make_mlp, which seeds with 0
+            train(model=model, n=96, shuffle=True, seed=seed, epochs=2)
+            models.append(model)
+        runs[seed] = same_weights(*models)
+    assert runs == {7: True, None: False}  # the seed, not the global generator, decided
     torch.manual_seed(11)
     model = make_mlp()
     torch.manual_seed(11)
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-              progress=False)
+    train(model=model)
     assert torch.initial_seed() == 11
 
 
 @pytest.mark.parametrize("max_steps, epochs_recorded", [(5, 1), (6, 2)])
 def test_max_steps_stops_like_stop_and_records_only_finished_epochs(max_steps, epochs_recorded):
     X, y = make_data(96)  # 3 batches per epoch
-    model = make_mlp()
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                     epochs=10, max_steps=max_steps, val_loader=(X, y), progress=False)
+    loop = train(loader=(X, y), epochs=10, max_steps=max_steps, val_loader=(X, y))
     assert loop.step == max_steps and len(loop.history["val_loss"]) == epochs_recorded
     assert loop.stop_reason == f"reached max_steps={max_steps}"
 
 
+def test_max_steps_also_counts_the_last_partial_accumulation_group():
+    # 6 batches of 16: a group of 4 and a partial group of 2 per epoch
+    loop = train(n=96, batch_size=16, accumulate=4, max_steps=2, epochs=3)
+    assert loop.step == 2 and loop.stop_reason == "reached max_steps=2"
+    assert len(loop.history["loss"]) == 1
+
+
 def test_dry_run_runs_two_batches_of_train_and_validation_and_writes_nothing(tmp_path):
     X, y = make_data(320)
-    model = make_mlp()
     val_batches = []
 
     class Counting(torch.utils.data.Dataset):
@@ -1039,9 +1077,8 @@ def test_dry_run_runs_two_batches_of_train_and_validation_and_writes_nothing(tmp
             val_batches.append(index)
             return X[index], y[index]
 
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                     epochs=5, val_loader=DataLoader(Counting(), batch_size=32), dry_run=True,
-                     hooks=[loopy.checkpoint(tmp_path / "run.pt")], progress=False)
+    loop = train(loader=(X, y), epochs=5, val_loader=DataLoader(Counting(), batch_size=32),
+                 dry_run=True, hooks=[loopy.checkpoint(tmp_path / "run.pt")])
     assert loop.step == 2 and len(loop.history["loss"]) == 1 and len(val_batches) == 64
     assert not os.listdir(tmp_path)
 
@@ -1053,18 +1090,13 @@ def test_a_stop_on_the_last_batch_of_a_loader_without_len_resumes_to_the_straigh
         def __iter__(self):
             return iter([(X[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32)])
 
-    def run(**options):
-        model = make_mlp()
-        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                         Batches(), epochs=3, progress=False, **options)
-        return model, loop
-
-    straight, straight_loop = run()
+    straight = train(loader=Batches(), epochs=3)
     path = tmp_path / "run.pt"
-    _, stopped = run(max_steps=3, hooks=[loopy.checkpoint(path)])  # the epoch's last batch
+    stopped = train(loader=Batches(), epochs=3, max_steps=3,  # the epoch's last batch
+                    hooks=[loopy.checkpoint(path)])
     assert stopped.step == 3 and stopped.history == {}  # not known to be complete yet
-    resumed, resumed_loop = run(resume=path)
-    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+    resumed = train(loader=Batches(), epochs=3, resume=path)
+    assert same_weights(resumed.model, straight.model) and resumed.history == straight.history
 
 
 # --- built-in hooks ---
@@ -1078,8 +1110,6 @@ def scripted_score(scores):
 
 
 def test_early_stopping_stops_after_patience_and_restores_the_best_weights():
-    X, y = make_data(64)
-    model = make_mlp()
     snapshots = []
 
     def snapshot():
@@ -1087,26 +1117,21 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_weights():
             loop = yield "epoch"
             snapshots.append({k: v.clone() for k, v in loop.model.state_dict().items()})
 
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
-                     epochs=10, progress=False,
-                     hooks=[scripted_score([0.5, 0.9, 0.7, 0.6, 0.8]), snapshot(),
-                            loopy.early_stopping("score", patience=2, mode="max",
-                                                 restore_best=True)])
+    loop = train(lr=0.5, epochs=10,
+                 hooks=[scripted_score([0.5, 0.9, 0.7, 0.6, 0.8]), snapshot(),
+                        loopy.early_stopping("score", patience=2, mode="max", restore_best=True)])
     assert len(snapshots) == 4 and "score did not improve for 2 epochs" in loop.stop_reason
-    assert all(torch.equal(snapshots[1][k], v) for k, v in model.state_dict().items())
-    assert not all(torch.equal(snapshots[3][k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(snapshots[1][k], v) for k, v in loop.model.state_dict().items())
+    assert not all(torch.equal(snapshots[3][k], v) for k, v in loop.model.state_dict().items())
 
 
 def test_early_stopping_after_a_resume_stops_where_the_straight_run_stopped(tmp_path):
-    X, y = make_data(64)
     scores = [0.5, 0.9, 0.7, 0.6, 0.8, 0.95]
 
     def run(epochs, resume=None):
-        model = make_mlp()
-        return loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5),
-                         (X, y), epochs=epochs, resume=resume, progress=False,
-                         hooks=[scripted_score(scores), loopy.checkpoint(tmp_path / "run.pt"),
-                                loopy.early_stopping("score", patience=2, mode="max")])
+        return train(lr=0.5, epochs=epochs, resume=resume,
+                     hooks=[scripted_score(scores), loopy.checkpoint(tmp_path / "run.pt"),
+                            loopy.early_stopping("score", patience=2, mode="max")])
 
     straight = run(6)
     assert len(straight.history["loss"]) == 4  # 0.9 at epoch 2, then two epochs without gain
@@ -1116,12 +1141,7 @@ def test_early_stopping_after_a_resume_stops_where_the_straight_run_stopped(tmp_
 
 
 def test_early_stopping_on_a_missing_metric_names_the_available_ones():
-    X, y = make_data(64)
-    model = make_mlp()
-    with pytest.raises(ValueError) as raised:
-        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
-                  hooks=[loopy.early_stopping("val_acc")], progress=False)
-    message = str(raised.value)
+    message = fit_error(ValueError, lr=0.5, hooks=[loopy.early_stopping("val_acc")])
     assert "early_stopping(monitor='val_acc')" in message and "'loss'" in message
     assert "val_loader" in message
     with pytest.raises(ValueError, match="mode='best'"):
@@ -1129,24 +1149,33 @@ def test_early_stopping_on_a_missing_metric_names_the_available_ones():
 
 
 def test_checkpoint_keeps_the_best_files_when_monitoring(tmp_path):
-    X, y = make_data(64)
-    model = make_mlp()
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
-              epochs=5, progress=False,
-              hooks=[scripted_score([0.5, 0.9, 0.7, 0.95, 0.8]),
-                     loopy.checkpoint(tmp_path / "best-{epoch}.pt", monitor="score", mode="max",
-                                      keep=2)])
+    train(lr=0.5, epochs=5,
+          hooks=[scripted_score([0.5, 0.9, 0.7, 0.95, 0.8]),
+                 loopy.checkpoint(tmp_path / "best-{epoch}.pt", monitor="score", mode="max",
+                                  keep=2)])
     assert sorted(os.listdir(tmp_path)) == ["best-2.pt", "best-4.pt"]
     state = torch.load(tmp_path / "best-4.pt", weights_only=True)
     assert state["epoch"] == 4 and state["history"]["loss"][-1] > 0
 
 
+def test_checkpoint_with_monitor_remembers_the_best_across_a_resume(tmp_path):
+    path = tmp_path / "best.pt"
+
+    def run(epochs, resume=None):
+        return train(epochs=epochs, resume=resume,
+                     hooks=[scripted_score([0.9, 0.5, 0.8]),
+                            loopy.checkpoint(path, monitor="score", mode="max"),
+                            loopy.checkpoint(tmp_path / "last.pt")])
+
+    run(2)
+    run(3, resume=tmp_path / "last.pt")
+    assert torch.load(path, weights_only=True)["epoch"] == 1  # 0.9 is still the best
+
+
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
-    X, y = make_data(64)
     model = make_mlp()
     path = tmp_path / "run.pt"
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
-              hooks=[loopy.checkpoint(path)], progress=False)
+    train(model=model, lr=0.5, hooks=[loopy.checkpoint(path)])
     good = path.read_bytes()
     real_save = torch.save
 
@@ -1157,18 +1186,15 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash_midway)
     with pytest.raises(OSError, match="disk full"):
-        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
-                  hooks=[loopy.checkpoint(path)], progress=False)
+        train(model=model, lr=0.5, hooks=[loopy.checkpoint(path)])
     assert path.read_bytes() == good and os.listdir(tmp_path) == ["run.pt"]
 
 
 def test_csv_logger_writes_one_row_per_epoch(tmp_path):
     import csv
     X, y = make_data(64)
-    model = make_mlp()
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
-                     epochs=3, val_loader=(X, y), hooks=[loopy.csv_logger(tmp_path / "log.csv")],
-                     progress=False)
+    loop = train(lr=0.5, loader=(X, y), epochs=3, val_loader=(X, y),
+                 hooks=[loopy.csv_logger(tmp_path / "log.csv")])
     with open(tmp_path / "log.csv") as file:
         rows = list(csv.DictReader(file))
     assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
@@ -1177,20 +1203,14 @@ def test_csv_logger_writes_one_row_per_epoch(tmp_path):
 
 def test_tensorboard_without_the_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    X, y = make_data(64)
-    model = make_mlp()
     with pytest.raises(ImportError, match="pip install tensorboard"):
-        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
-                  hooks=[loopy.tensorboard("runs")], progress=False)
+        train(lr=0.5, hooks=[loopy.tensorboard("runs")])
 
 
 def test_tensorboard_logs_step_and_epoch_scalars(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    X, y = make_data(64)
-    model = make_mlp()
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
-                     epochs=3, hooks=[loopy.tensorboard(tmp_path, every=2)], progress=False)
+    loop = train(lr=0.5, epochs=3, hooks=[loopy.tensorboard(tmp_path, every=2)])
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [e.step for e in events.Scalars("step/loss")] == [2, 4, 6]
@@ -1202,7 +1222,7 @@ def test_lr_find_suggests_a_rate_and_leaves_model_optimizer_and_rng_as_they_were
     X, y = make_data(256)
     model = make_mlp()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loopy.fit(model, F.cross_entropy, optimizer, (X, y), progress=False)  # so Adam has state
+    train(model=model, optimizer=optimizer, loader=(X, y))  # so Adam has state
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     state = {k: {n: t.clone() for n, t in s.items()} for k, s in optimizer.state_dict()["state"].items()}
     rng = torch.get_rng_state()
@@ -1213,6 +1233,14 @@ def test_lr_find_suggests_a_rate_and_leaves_model_optimizer_and_rng_as_they_were
     assert after["param_groups"][0]["lr"] == 1e-3 and torch.equal(rng, torch.get_rng_state())
     assert 2 <= len(found["lr"]) <= 30 and found["lr"] == sorted(found["lr"])
     assert found["suggestion"] in found["lr"] and len(found["loss"]) == len(found["lr"])
+
+
+def test_lr_find_restores_the_train_or_eval_mode():
+    X, y = make_data(64)
+    model = make_mlp().eval()
+    loopy.lr_find(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                  num_steps=5)
+    assert not model.training
 
 
 # --- checkpoint and resume: the same run, bit for bit ---
@@ -1226,19 +1254,12 @@ def resumable_run(path=None, epochs=4, stop_at_step=None, resume=None, seed=0, m
     hooks = [loopy.checkpoint(path)] if path else []
     if stop_at_step:
         hooks.insert(0, stop_when(stop_at_step))
-    loop = loopy.fit(model, F.cross_entropy, optimizer, (X, y), batch_size=16, shuffle=True,
-                     val_loader=(X[:50], y[:50]), metrics={"acc": loopy.accuracy}, epochs=epochs,
-                     scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.7),
-                     seed=None if resume else 123, hooks=hooks, resume=resume, progress=False,
-                     max_steps=max_steps, device=device)
+    loop = train(model=model, optimizer=optimizer, loader=(X, y), batch_size=16, shuffle=True,
+                 val_loader=(X[:50], y[:50]), metrics={"acc": loopy.accuracy}, epochs=epochs,
+                 scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.7),
+                 seed=None if resume else 123, hooks=hooks, resume=resume,
+                 max_steps=max_steps, device=device)
     return model, loop
-
-
-def stop_when(step):
-    while True:
-        loop = yield "step"
-        if loop.step == step:
-            loop.stop("test stop")
 
 
 @pytest.mark.parametrize("stop_at_step", [20, 27, 36])  # an epoch boundary, mid-epoch, mid-epoch
@@ -1281,8 +1302,7 @@ def test_resume_errors_name_the_file_and_the_mismatch(tmp_path):
     path = tmp_path / "run.pt"
     resumable_run(path, epochs=1)
     wider = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
-    message = fit_error(ValueError, model=wider, resume=path,
-                        optimizer=torch.optim.SGD(wider.parameters(), lr=0.1))
+    message = fit_error(ValueError, model=wider, resume=path)
     assert "different model" in message and "missing keys ['2.bias', '2.weight']" in message
     assert "unexpected keys ['3.bias', '3.weight']" in message
     assert "0.weight: (16, 8) in the file, (32, 8) in the model" in message
@@ -1297,6 +1317,21 @@ def test_a_malicious_checkpoint_cannot_run_code(tmp_path):
     message = fit_error(ValueError, resume=tmp_path / "evil.pt")
     assert "cannot be loaded" in message and not (tmp_path / "owned").exists()
 
+
+@pytest.mark.slow
+def test_torch_compile_trains_and_checkpoints_under_the_original_names(tmp_path):
+    path = tmp_path / "compiled.pt"
+    train(model=torch.compile(make_mlp()), hooks=[loopy.checkpoint(path)])
+    state = torch.load(path, weights_only=True)
+    assert set(state["model"]) == set(make_mlp().state_dict())
+    loop = train(model=make_mlp(seed=3), epochs=2, resume=path, hooks=[loopy.checkpoint(path)])
+    assert loop.step == 4
+    compiled_again = torch.compile(make_mlp(seed=4))  # and a plain run's checkpoint resumes compiled
+    loop = train(model=compiled_again, epochs=3, resume=path)
+    assert loop.step == 6 and not same_weights(compiled_again._orig_mod, make_mlp(seed=4))
+
+
+# --- a training process killed or interrupted (Ctrl+C) resumes to the straight run ---
 
 TRAINING_SCRIPT = """
 import sys, time, torch, loopy
@@ -1380,27 +1415,6 @@ def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
     expected = torch.load(tmp_path / "straight.pt", weights_only=True)
     got = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert all(torch.equal(expected["model"][k], v) for k, v in got["model"].items())
-
-
-@pytest.mark.slow
-def test_torch_compile_trains_and_checkpoints_under_the_original_names(tmp_path):
-    X, y = make_data(64)
-    model = make_mlp()
-    compiled = torch.compile(model)
-    path = tmp_path / "compiled.pt"
-    loopy.fit(compiled, F.cross_entropy, torch.optim.SGD(compiled.parameters(), lr=0.1), (X, y),
-              hooks=[loopy.checkpoint(path)], progress=False)
-    state = torch.load(path, weights_only=True)
-    assert set(state["model"]) == set(make_mlp().state_dict())
-    plain = make_mlp(seed=3)
-    loop = loopy.fit(plain, F.cross_entropy, torch.optim.SGD(plain.parameters(), lr=0.1), (X, y),
-                     epochs=2, resume=path, hooks=[loopy.checkpoint(path)], progress=False)
-    assert loop.step == 4
-    compiled_again = torch.compile(make_mlp(seed=4))  # and a plain run's checkpoint resumes compiled
-    loop = loopy.fit(compiled_again, F.cross_entropy,
-                     torch.optim.SGD(compiled_again.parameters(), lr=0.1), (X, y), epochs=3,
-                     resume=path, progress=False)
-    assert loop.step == 6 and not same_weights(compiled_again._orig_mod, make_mlp(seed=4))
 
 
 # --- torchrun: multi-process training on torch.distributed (gloo on CPU) ---
@@ -1765,127 +1779,6 @@ def test_peers_rejects_an_unknown_runner():
     assert done.returncode != 0 and "unknown runners" in done.stderr
 
 
-# --- edge cases found in review ---
-
-def test_max_steps_also_counts_the_last_partial_accumulation_group():
-    X, y = make_data(96)  # 6 batches of 16: a group of 4 and a partial group of 2 per epoch
-    model = make_mlp()
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                     batch_size=16, accumulate=4, max_steps=2, epochs=3, progress=False)
-    assert loop.step == 2 and loop.stop_reason == "reached max_steps=2"
-    assert len(loop.history["loss"]) == 1
-
-
-def test_skipping_a_whole_group_makes_no_step_also_under_fp16():
-    X, y = make_data(64)  # 2 batches
-    calls = []
-
-    def nan_first_batch(output, target):
-        calls.append(1)
-        loss = F.cross_entropy(output, target)
-        return loss * math.nan if len(calls) % 2 == 1 else loss
-
-    for precision in (None, "fp16"):
-        model = make_mlp()
-        steps = []
-
-        def count():
-            while True:
-                steps.append((yield "step").step)
-
-        loop = loopy.fit(model, nan_first_batch, torch.optim.SGD(model.parameters(), lr=0.1),
-                         (X, y), epochs=2, nonfinite="skip", precision=precision,
-                         hooks=[count()], progress=False)
-        assert loop.step == 2 and steps == [1, 2] and loop.history["skipped"] == [1.0, 1.0]
-
-
-def test_in_memory_batches_are_copies_as_a_dataloaders_are():
-    X, y = make_data(64)
-    before = X.clone()
-    model = make_mlp()
-
-    def halve_inputs():
-        while True:
-            loop = yield "batch"
-            loop.batch[0].mul_(0.5)
-
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-              hooks=[halve_inputs()], epochs=2, progress=False)
-    assert torch.equal(X, before)
-
-
-def test_dataclass_and_mapping_batches_move_without_side_effects():
-    import collections as c
-
-    @dataclasses.dataclass
-    class Scaled:
-        image: torch.Tensor
-        calls: list = dataclasses.field(default_factory=list)
-
-        def __post_init__(self):
-            self.calls.append("post_init")
-
-    batch = Scaled(torch.ones(2))
-    moved = loopy._to_device(batch, torch.device("meta"), False)
-    assert moved.image.is_meta and batch.calls == ["post_init"] and not batch.image.is_meta
-    user_dict = loopy._to_device(c.UserDict({"x": torch.ones(2)}), torch.device("meta"), False)
-    assert isinstance(user_dict, c.UserDict) and user_dict["x"].is_meta
-
-
-def test_predict_takes_a_list_of_input_batches():
-    X, _ = make_data(40)
-    model = make_mlp()
-    with torch.no_grad():
-        expected = model.eval()(X)
-    assert torch.allclose(loopy.predict(model, [X[:20], X[20:]]), expected)
-
-
-def test_checkpoint_with_monitor_remembers_the_best_across_a_resume(tmp_path):
-    X, y = make_data(64)
-    path = tmp_path / "best.pt"
-
-    def run(epochs, resume=None):
-        model = make_mlp()
-        return loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                         (X, y), epochs=epochs, resume=resume, progress=False,
-                         hooks=[scripted_score([0.9, 0.5, 0.8]), loopy.checkpoint(
-                             path, monitor="score", mode="max"),
-                             loopy.checkpoint(tmp_path / "last.pt")])
-
-    run(2)
-    run(3, resume=tmp_path / "last.pt")
-    assert torch.load(path, weights_only=True)["epoch"] == 1  # 0.9 is still the best
-
-
-def test_lr_find_restores_the_train_or_eval_mode():
-    X, y = make_data(64)
-    model = make_mlp().eval()
-    loopy.lr_find(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                  num_steps=5)
-    assert not model.training
-
-
-def test_a_hook_with_a_bad_first_yield_is_closed_before_the_error():
-    closed = []
-
-    def bad():
-        try:
-            yield "epochs"
-        finally:
-            closed.append(True)
-
-    protocol_error([bad()])
-    assert closed == [True]
-
-
-def test_reduce_lr_on_plateau_cannot_run_per_step():
-    model = make_mlp()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    message = fit_error(ValueError, model=model, optimizer=optimizer, scheduler_interval="step",
-                        scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer))
-    assert "scheduler_interval='step'" in message and "scheduler_interval='epoch'" in message
-
-
 # --- CUDA (run on a GPU machine; skipped elsewhere) ---
 
 class OnGPU:
@@ -1917,8 +1810,8 @@ def test_cuda_device_auto_picks_the_gpu_and_nested_batches_arrive_there():
         return F.cross_entropy(output, batch["pair"].target), output, batch["sample"].label
 
     model = make_mlp()
-    loop = loopy.fit(model, None, torch.optim.SGD(model.parameters(), lr=0.1), batches, step=step,
-                     val_loader=batches, epochs=2, metrics={"acc": loopy.accuracy}, progress=False)
+    loop = train(model=model, loss_fn=None, loader=batches, step=step, val_loader=batches,
+                 epochs=2, metrics={"acc": loopy.accuracy})
     assert loop.device.type == "cuda" and all(p.is_cuda for p in model.parameters())
     assert seen == [{"cuda"}] * 8  # 2 epochs of 2 training and 2 validation batches
     assert loop.loss.is_cuda and loop.output.is_cuda and loop.step == 4
@@ -1951,30 +1844,49 @@ def test_cuda_fit_is_bit_identical_to_the_hand_written_loop_on_the_gpu(make_mode
     else:  # sliced on the GPU, in the DataLoader's order
         loader, val_loader = (X.cuda(), y.cuda()), (Xv.cuda(), yv.cuda())
     torch.manual_seed(1)
-    loop = loopy.fit(model, F.cross_entropy, optimizer, loader, epochs=3, val_loader=val_loader,
-                     shuffle=True, progress=False, metrics={"acc": loopy.accuracy})
+    loop = train(model=model, optimizer=optimizer, loader=loader, epochs=3,
+                 val_loader=val_loader, shuffle=True, metrics={"acc": loopy.accuracy})
     assert next(model.parameters()).is_cuda and same_weights(model, by_hand)
     for name in ("loss", "acc", "val_loss", "val_acc"):
         assert loop.history[name] == pytest.approx(expected[name], rel=1e-6, abs=1e-7)
 
 
+def record_copies_to_the_gpu(monkeypatch):
+    """Note ``(shape, non_blocking)`` of every ``Tensor.to`` from the CPU to a GPU."""
+    copies, to = [], torch.Tensor.to
+
+    def recorded(tensor, *args, **kwargs):
+        moved = to(tensor, *args, **kwargs)
+        if not tensor.is_cuda and moved.is_cuda:
+            non_blocking = kwargs.get("non_blocking", any(a is True for a in args))
+            copies.append((tuple(tensor.shape), non_blocking))
+        return moved
+
+    monkeypatch.setattr(torch.Tensor, "to", recorded)
+    return copies
+
+
 @pytest.mark.cuda
-def test_cuda_a_pinned_loader_is_copied_without_blocking_and_trains_like_the_hand_loop():
-    X, y = make_data()
+def test_cuda_a_pinned_loader_is_copied_without_blocking_and_trains_like_the_hand_loop(
+        monkeypatch):
+    X, y = make_data(224)  # 7 batches of 32
     loader = DataLoader(TensorDataset(X, y), batch_size=32, shuffle=True, pin_memory=True)
     assert next(iter(loader))[0].is_pinned()
     by_hand, model = make_mlp().cuda(), make_mlp()
     torch.manual_seed(2)
     hand_loop(by_hand, torch.optim.SGD(by_hand.parameters(), lr=0.1),
               OnGPU(loader, non_blocking=True), 2)
+    copies = record_copies_to_the_gpu(monkeypatch)
     torch.manual_seed(2)
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), loader,
-                     epochs=2, progress=False)
-    assert loop._non_blocking is True and loop.batch[0].is_cuda and loop.batch[1].is_cuda
+    loop = train(model=model, loader=loader, epochs=2)
+    batch_copies = [non_blocking for shape, non_blocking in copies if shape[:1] == (32,)]
+    assert batch_copies and all(batch_copies)
+    assert loop.batch[0].is_cuda and loop.batch[1].is_cuda
     assert same_weights(model, by_hand)
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                     tensor_loader(X, y), progress=False)
-    assert loop._non_blocking is False  # pageable memory: a plain copy
+    copies.clear()
+    train(model=model, loader=tensor_loader(X, y))
+    batch_copies = [non_blocking for shape, non_blocking in copies if shape[:1] == (32,)]
+    assert batch_copies and not any(batch_copies)  # pageable memory: plain copies
 
 
 @pytest.mark.cuda
@@ -1985,15 +1897,12 @@ def test_cuda_mixed_precision_trains_close_to_full_precision(precision):
     of their travel away from the float32 path, and the epoch losses by 0.02% and 0.0005%.
     The bounds below (1% of the losses, 5% of the travel) leave room for the GPU's kernels and
     still catch autocast or the scaler going wrong: an unscaled fp16 step is 65536x too large."""
-    X, y = make_data(512)
     runs = {}
     for mode in (None, precision):
         model = make_mlp()
         start = [p.detach().clone() for p in model.parameters()]
         norms = []
-        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                         (X, y), epochs=3, precision=mode, hooks=[first_grad_norm(norms)],
-                         progress=False)
+        loop = train(model=model, n=512, epochs=3, precision=mode, hooks=[first_grad_norm(norms)])
         assert loop.device.type == "cuda"
         dtype = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
         assert loop.output.dtype == dtype  # autocast ran the model in that precision
@@ -2091,28 +2000,27 @@ def test_cuda_evaluate_and_predict_run_on_the_gpu_and_return_cpu_results():
     assert torch.equal(heads["probabilities"], torch.cat([o.softmax(dim=1) for o in outputs]).cpu())
 
 
-def check_syncs_in_steps(monkeypatch):
+def check_syncs_in_steps(model, optimizer, batches):
     """Make every training step of fit raise on a host-device sync: CUDA's sync debug mode is
-    "error" from the moment an epoch's first batch is handed to the loop until the loop asks
-    for the batch after its last, so fetching and moving each later batch is checked too. The
-    epoch's start (a shuffle order is copied to the GPU) and end (the epoch means are pulled,
-    validation, the progress line) may sync, and run unchecked. Wrapping the epoch's batches,
-    rather than a hook at "batch" and "step", also checks the path fit takes with no hook."""
-    fresh_batches = loopy._fresh_batches
+    "error" from an epoch's first training forward until its last optimizer step (after
+    ``batches`` training forwards), so fetching and moving each later batch is checked too.
+    The epoch's start (a shuffle order is copied to the GPU) and end (the epoch means are
+    pulled, validation, the progress line) may sync, and run unchecked. The check rides on
+    torch's own module and optimizer hooks, not on a loopy hook, so that it checks the run
+    as fit does it with no hook at all."""
+    forwards = []
 
-    def checked(loop):
-        batches = fresh_batches(loop)
+    def check_from_here(module, args):
+        if module.training:
+            forwards.append(1)
+            torch.cuda.set_sync_debug_mode("error")
 
-        def steps():
-            try:
-                for item in batches:
-                    torch.cuda.set_sync_debug_mode("error")
-                    yield item
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        return steps()
+    def unchecked_after_the_epochs_last_step(optimizer, args, kwargs):
+        if len(forwards) % batches == 0:
+            torch.cuda.set_sync_debug_mode(0)
 
-    monkeypatch.setattr(loopy, "_fresh_batches", checked)
+    model.register_forward_pre_hook(check_from_here)
+    optimizer.register_step_post_hook(unchecked_after_the_epochs_last_step)
 
 
 @pytest.mark.cuda
@@ -2133,19 +2041,20 @@ def test_cuda_no_host_sync_inside_training_steps(data, options, monkeypatch):
 
     def run(epochs, forward_modes=None):
         model = make_mlp()
-        if forward_modes is not None:
-            model.register_forward_pre_hook(
-                lambda module, args: forward_modes.append(torch.cuda.get_sync_debug_mode()))
         optimizer = torch.optim.Adam(model.parameters(), lr=0.01) if adam else \
             torch.optim.SGD(model.parameters(), lr=0.1)
-        return loopy.fit(model, F.cross_entropy, optimizer, loader, [wait_for_steps()] if hook else [],
-                         epochs=epochs, val_loader=val_loader, metrics={"acc": loopy.accuracy},
-                         batch_size=32, shuffle=True, **options)  # progress on, by default
+        if forward_modes is not None:
+            check_syncs_in_steps(model, optimizer, batches=16)
+            model.register_forward_pre_hook(
+                lambda module, args: forward_modes.append(torch.cuda.get_sync_debug_mode()))
+        return train(model=model, optimizer=optimizer, loader=loader,
+                     hooks=[listener()] if hook else [], epochs=epochs, val_loader=val_loader,
+                     metrics={"acc": loopy.accuracy}, batch_size=32, shuffle=True,
+                     progress=True, **options)  # progress on, as by default
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)  # a line, not a bar
     run(1)  # a warm-up: cuBLAS, autocast and the pinned-memory pool start up once, unchecked
     monkeypatch.setattr(loopy._Meter, "FOLD", 4)  # the running sums fold inside checked steps too
-    check_syncs_in_steps(monkeypatch)
     modes = []
     loop = run(2, modes)
     assert torch.cuda.get_sync_debug_mode() == 0  # off again at each epoch's end
@@ -2155,17 +2064,17 @@ def test_cuda_no_host_sync_inside_training_steps(data, options, monkeypatch):
 
 
 @pytest.mark.cuda
-def test_cuda_the_sync_check_catches_a_sync_inside_a_step(monkeypatch):
-    X, y = make_data(128)
+def test_cuda_the_sync_check_catches_a_sync_inside_a_step():
+    X, y = make_data(128)  # 4 batches
     model = make_mlp()
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-              (X.cuda(), y.cuda()), progress=False)  # a warm-up, unchecked
-    check_syncs_in_steps(monkeypatch)
+    train(model=model, loader=(X.cuda(), y.cuda()))  # a warm-up, unchecked
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    check_syncs_in_steps(model, optimizer, batches=4)
 
     def reads_the_loss():  # float() of a CUDA tensor waits for the GPU: what the check is for
         while True:
             float((yield "step").loss)
 
     with pytest.raises(RuntimeError, match="called a synchronizing CUDA operation"):
-        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                  (X.cuda(), y.cuda()), hooks=[reads_the_loss()], progress=False)
+        train(model=model, optimizer=optimizer, loader=(X.cuda(), y.cuda()),
+              hooks=[reads_the_loss()])
