@@ -1373,11 +1373,18 @@ def wait_for_step(process, step):
             return
 
 
+@pytest.fixture(scope="module")
+def straight_training(tmp_path_factory):
+    """The weights and history of TRAINING_SCRIPT run straight through its 2 epochs."""
+    tmp_path = tmp_path_factory.mktemp("straight")
+    process = run_training(tmp_path, "-", 2, False, tmp_path / "straight.pt")
+    assert process.wait(timeout=300) == 0, process.stderr.read()
+    return torch.load(tmp_path / "straight.pt", weights_only=True)
+
+
 @pytest.mark.slow
-def test_a_run_killed_at_random_moments_resumes_to_the_same_weights(tmp_path):
+def test_a_run_killed_at_random_moments_resumes_to_the_same_weights(tmp_path, straight_training):
     import random
-    straight = run_training(tmp_path, "-", 2, False, tmp_path / "straight.pt")
-    assert straight.wait(timeout=300) == 0, straight.stderr.read()
     path = tmp_path / "run.pt"
     chooser = random.Random()
     for attempt in range(3):
@@ -1389,16 +1396,14 @@ def test_a_run_killed_at_random_moments_resumes_to_the_same_weights(tmp_path):
         assert torch.load(path, weights_only=True)["format"] == "loopy-checkpoint/1"
     process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt")
     assert process.wait(timeout=300) == 0, process.stderr.read()
-    expected = torch.load(tmp_path / "straight.pt", weights_only=True)
+    expected = straight_training
     got = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert all(torch.equal(expected["model"][k], v) for k, v in got["model"].items())
     assert got["history"] == expected["history"]
 
 
 @pytest.mark.slow
-def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
-    straight = run_training(tmp_path, "-", 2, False, tmp_path / "straight.pt")
-    assert straight.wait(timeout=300) == 0
+def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path, straight_training):
     path = tmp_path / "run.pt"
     process = run_training(tmp_path, path, 2, False, tmp_path / "interrupted.pt")
     wait_for_step(process, 5)
@@ -1412,7 +1417,7 @@ def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
     assert torch.load(path, weights_only=True)["position"]["batches"] < 16
     process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt")
     assert process.wait(timeout=300) == 0
-    expected = torch.load(tmp_path / "straight.pt", weights_only=True)
+    expected = straight_training
     got = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert all(torch.equal(expected["model"][k], v) for k, v in got["model"].items())
 
@@ -1424,61 +1429,80 @@ import os, sys, torch, loopy
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 torch.set_num_threads(1)
-mode, out = sys.argv[1], sys.argv[2]
+modes, out = sys.argv[1].split(","), sys.argv[2]
 batch_size = int(sys.argv[3]) if len(sys.argv) > 3 else 8
 generator = torch.Generator().manual_seed(0)
 X = torch.randn(96, 8, generator=generator)
 y = (X[:, 0] > 0).long()
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-hooks = []
-if mode == "stop":
-    def stop_on_rank_1():
-        while True:
-            loop = yield "step"
-            if loop.rank == 1 and loop.step == 5:
-                loop.stop("rank 1 had enough")
-    hooks = [stop_on_rank_1(), loopy.checkpoint(os.path.join(out, "run.pt"))]
-if mode == "crash":
-    def crash_on_rank_1():
-        loop = yield "step"
-        if loop.rank == 1:
-            raise RuntimeError("rank 1 crashed")
-    hooks = [crash_on_rank_1()]
-loop = loopy.fit(model, F.cross_entropy, optimizer, DataLoader(TensorDataset(X, y), batch_size),
-                 val_loader=DataLoader(TensorDataset(X[:30], y[:30]), 7), epochs=3,
-                 accumulate=2 if mode == "accumulate" else 1,
-                 metrics={"acc": loopy.accuracy}, hooks=hooks, progress=False)
-results = loopy.evaluate(model, (X, y), F.cross_entropy, {"acc": loopy.accuracy})
 rank = int(os.environ.get("RANK", 0))
-torch.save({"model": model.state_dict(), "history": loop.history, "step": loop.step,
-            "stop_reason": loop.stop_reason, "evaluate": results,
-            "world_size": loop.world_size}, os.path.join(out, f"rank{rank}.pt"))
+
+def stop_on_rank_1():
+    while True:
+        loop = yield "step"
+        if loop.rank == 1 and loop.step == 5:
+            loop.stop("rank 1 had enough")
+
+def crash_on_rank_1():
+    loop = yield "step"
+    if loop.rank == 1:
+        raise RuntimeError("rank 1 crashed")
+
+for mode in modes:  # one fit after another in the same processes and process group
+    os.makedirs(os.path.join(out, mode), exist_ok=True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooks = []
+    if mode == "stop":
+        hooks = [stop_on_rank_1(), loopy.checkpoint(os.path.join(out, mode, "run.pt"))]
+    if mode == "crash":
+        hooks = [crash_on_rank_1()]
+    loop = loopy.fit(model, F.cross_entropy, optimizer, DataLoader(TensorDataset(X, y), batch_size),
+                     val_loader=DataLoader(TensorDataset(X[:30], y[:30]), 7), epochs=3,
+                     accumulate=2 if mode == "accumulate" else 1,
+                     metrics={"acc": loopy.accuracy}, hooks=hooks, progress=False)
+    results = loopy.evaluate(model, (X, y), F.cross_entropy, {"acc": loopy.accuracy})
+    torch.save({"model": model.state_dict(), "history": loop.history, "step": loop.step,
+                "stop_reason": loop.stop_reason, "evaluate": results,
+                "world_size": loop.world_size}, os.path.join(out, mode, f"rank{rank}.pt"))
 """
 
 
-def run_distributed(tmp_path, mode, processes, batch_size=8):
+def run_distributed(tmp_path, modes, processes, batch_size=8):
+    """Run DISTRIBUTED_SCRIPT's ``modes`` one after another in ``processes`` processes (under
+    torchrun when more than one); returns the finished process and its output folder."""
     script = tmp_path / "ddp.py"
     script.write_text(DISTRIBUTED_SCRIPT)
-    out = tmp_path / f"{mode}-{processes}"
-    out.mkdir()
+    out = tmp_path / f"world-{processes}"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
-    result = subprocess.run(launcher + [str(script), mode, str(out), str(batch_size)],
+    result = subprocess.run(launcher + [str(script), ",".join(modes), str(out), str(batch_size)],
                             env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
                             capture_output=True, text=True, timeout=300)
-    if mode == "crash":
-        return result
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(processes)]
+    return result, out
+
+
+def rank_results(out, mode, processes):
+    return [torch.load(out / mode / f"rank{r}.pt", weights_only=True) for r in range(processes)]
+
+
+@pytest.fixture(scope="module")
+def distributed_runs(tmp_path_factory):
+    """Two processes of batch 8 (plain, accumulate, stop) and one of batch 16 (plain,
+    accumulate): one torchrun launch and one process serve all the tests below."""
+    tmp_path = tmp_path_factory.mktemp("distributed")
+    for modes, processes, batch_size in ((["plain", "accumulate", "stop"], 2, 8),
+                                         (["plain", "accumulate"], 1, 16)):
+        result, out = run_distributed(tmp_path, modes, processes, batch_size)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["plain", "accumulate"])
-def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(tmp_path, mode):
-    _, (rank0, rank1) = run_distributed(tmp_path, mode, 2, batch_size=8)
-    _, (single,) = run_distributed(tmp_path, mode, 1, batch_size=16)
+def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(distributed_runs, mode):
+    rank0, rank1 = rank_results(distributed_runs / "world-2", mode, 2)
+    (single,) = rank_results(distributed_runs / "world-1", mode, 1)
     assert rank0["world_size"] == 2 and single["world_size"] == 1
     assert rank0["history"] == rank1["history"] and rank0["evaluate"] == rank1["evaluate"]
     for name, weights in single["model"].items():  # tolerance: float sums in another order
@@ -1490,8 +1514,10 @@ def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(tmp_path, mode):
 
 
 @pytest.mark.slow
-def test_a_stop_on_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process(tmp_path):
-    out, (rank0, rank1) = run_distributed(tmp_path, "stop", 2)
+def test_a_stop_on_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process(
+        distributed_runs):
+    out = distributed_runs / "world-2" / "stop"
+    rank0, rank1 = rank_results(distributed_runs / "world-2", "stop", 2)
     assert rank0["step"] == rank1["step"] == 5
     assert rank0["stop_reason"] == "stopped by another process"
     assert rank1["stop_reason"] == "rank 1 had enough"
@@ -1501,16 +1527,15 @@ def test_a_stop_on_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process
     assert saved["position"]["batches"] == 5  # 5 of the 6 batches of each rank's first epoch
     X = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                     (X, (X[:, 0] > 0).long()), batch_size=16, epochs=2, resume=out / "run.pt",
-                     progress=False)
+    loop = train(model=model, loader=(X, (X[:, 0] > 0).long()), batch_size=16, epochs=2,
+                 resume=out / "run.pt")
     assert loop.step == 5 + 1 + 6 and len(loop.history["loss"]) == 2
 
 
 @pytest.mark.slow
 def test_an_error_on_one_rank_ends_the_whole_run_instead_of_hanging(tmp_path):
     started = time.monotonic()
-    result = run_distributed(tmp_path, "crash", 2)
+    result, _ = run_distributed(tmp_path, ["crash"], 2)
     assert result.returncode != 0 and "rank 1 crashed" in result.stderr
     assert time.monotonic() - started < 120  # torchrun stopped the other process
 
@@ -1528,10 +1553,6 @@ def _python(*args, cwd=None):
     return result.stdout
 
 
-def _run_example(script, *args, plot=""):
-    return _python(os.path.join(HERE, "examples", script), *args, "--plot", str(plot))
-
-
 def _final_metrics(stdout):
     """The numbers of the example's last line 'final validation: loss=0.0980 acc=0.9750'."""
     lines = [line for line in stdout.splitlines() if line.startswith("final validation:")]
@@ -1539,23 +1560,67 @@ def _final_metrics(stdout):
     return {name: float(value) for name, value in re.findall(r"(\w+)=([-\d.e]+)", lines[-1])}
 
 
+EXAMPLES_SCRIPT = """
+import contextlib, io, json, os, runpy, sys, traceback
+examples, runs, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+sys.path.insert(0, examples)
+outputs = {}
+for name, (script, arguments, hidden) in runs.items():
+    sys.modules.update(dict.fromkeys(hidden))  # as if not installed (the last runs hide them)
+    sys.argv = [script, *arguments]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        try:
+            runpy.run_path(os.path.join(examples, script), run_name="__main__")
+        except BaseException:
+            print(traceback.format_exc())
+            print("EXAMPLE FAILED")
+    outputs[name] = stdout.getvalue()
+with open(out, "w") as file:
+    json.dump(outputs, file)
+"""
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    """The standard output of each example, all run as ``__main__`` one after another in one
+    fresh process, so that torch and scikit-learn are imported once; each with its plot file."""
+    tmp_path = tmp_path_factory.mktemp("examples")
+    runs = {}
+    for name, script, epochs, plot, hidden in [
+            ("fc", "fc_digits.py", 10, True, []), ("cnn", "cnn_digits.py", 10, True, []),
+            ("rnn", "rnn_digits.py", 10, True, []),
+            ("custom_step", "custom_step_digits.py", 10, False, []),
+            ("checkpoint_resume", "checkpoint_resume.py", 10, False, []),
+            ("early_stopping", "early_stopping.py", 60, False, []),
+            ("ddp", "ddp_digits.py", 8, False, []),
+            ("fc_without_matplotlib", "fc_digits.py", 2, True, ["matplotlib"])]:  # the last
+        plot = str(tmp_path / f"{name}.png") if plot else ""
+        runs[name] = (script, ["--epochs", str(epochs), "--plot", plot], hidden)
+    out = tmp_path / "outputs.json"
+    _python("-c", EXAMPLES_SCRIPT, os.path.join(HERE, "examples"), json.dumps(runs), str(out))
+    with open(out) as file:
+        outputs = json.load(file)
+    return {name: (outputs[name], tmp_path / f"{name}.png") for name in runs}
+
+
+def example_output(examples, name):
+    stdout, plot = examples[name]
+    assert "EXAMPLE FAILED" not in stdout, stdout[-3000:]
+    return stdout, plot
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("script, epochs, threshold", [
-    ("fc_digits.py", 10, 0.95),
-    ("cnn_digits.py", 10, 0.97),
-    ("rnn_digits.py", 10, 0.95),
-])
-def test_example_reaches_its_accuracy(script, epochs, threshold, tmp_path):
-    plot = tmp_path / "curves.png"
-    stdout = _run_example(script, "--epochs", str(epochs), plot=plot)
+@pytest.mark.parametrize("name, threshold", [("fc", 0.95), ("cnn", 0.97), ("rnn", 0.95)])
+def test_example_reaches_its_accuracy(examples, name, threshold):
+    stdout, plot = example_output(examples, name)
     assert _final_metrics(stdout)["acc"] >= threshold, stdout[-2000:]
     if importlib.util.find_spec("matplotlib") is not None:
         assert plot.stat().st_size > 1000  # the training curves were saved
 
 
 @pytest.mark.slow
-def test_example_custom_step_learns():
-    stdout = _run_example("custom_step_digits.py", "--epochs", "10")
+def test_example_custom_step_learns(examples):
+    stdout, _ = example_output(examples, "custom_step")
     before, after = map(float, re.search(r"reconstruction error \(validation\): ([\d.]+) before "
                                          r"training, ([\d.]+) after", stdout).groups())
     assert after < before / 4, stdout[-2000:]
@@ -1563,16 +1628,16 @@ def test_example_custom_step_learns():
 
 
 @pytest.mark.slow
-def test_example_checkpoint_resume_equals_the_straight_run():
-    stdout = _run_example("checkpoint_resume.py", "--epochs", "10")
+def test_example_checkpoint_resume_equals_the_straight_run(examples):
+    stdout, _ = example_output(examples, "checkpoint_resume")
     assert "simulated crash after step" in stdout
     assert "resumed run == straight run: weights True, history True" in stdout, stdout[-2000:]
     assert _final_metrics(stdout)["acc"] >= 0.95, stdout[-2000:]
 
 
 @pytest.mark.slow
-def test_example_early_stopping_stops_and_restores_the_best_epoch():
-    stdout = _run_example("early_stopping.py", "--epochs", "60")
+def test_example_early_stopping_stops_and_restores_the_best_epoch(examples):
+    stdout, _ = example_output(examples, "early_stopping")
     assert "early stopping: val_loss did not improve for 5 epochs" in stdout, stdout[-2000:]
     best = float(re.search(r"the best was epoch \d+ \(val_loss ([\d.]+)\)", stdout).group(1))
     final = _final_metrics(stdout)
@@ -1581,27 +1646,21 @@ def test_example_early_stopping_stops_and_restores_the_best_epoch():
 
 
 @pytest.mark.slow
-def test_example_without_matplotlib_skips_the_plot(tmp_path):
-    plot = tmp_path / "curves.png"
-    examples = os.path.join(HERE, "examples")
-    stdout = _python("-c", "import runpy, sys; sys.modules['matplotlib'] = None; "
-                         f"sys.path.insert(0, {examples!r}); sys.argv = ['fc_digits.py', "
-                         f"'--epochs', '2', '--plot', {str(plot)!r}]; "
-                         f"runpy.run_path({os.path.join(examples, 'fc_digits.py')!r}, "
-                         "run_name='__main__')")
+def test_example_without_matplotlib_skips_the_plot(examples):
+    stdout, plot = example_output(examples, "fc_without_matplotlib")
     assert "matplotlib is not installed: no plot" in stdout and not plot.exists()
     assert "final validation:" in stdout
 
 
 @pytest.mark.slow
-def test_the_ddp_example_runs_alone_and_under_torchrun_to_the_same_accuracy():
-    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+def test_the_ddp_example_runs_alone_and_under_torchrun_to_the_same_accuracy(examples):
+    alone, _ = example_output(examples, "ddp")
+    stdout = _python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                     os.path.join(HERE, "examples", "ddp_digits.py"), "--epochs", "8", "--plot", "")
     accuracies = []
-    for launcher in ([], torchrun):
-        stdout = _python(*launcher, os.path.join(HERE, "examples", "ddp_digits.py"),
-                         "--epochs", "8", "--plot", "")
-        assert stdout.count("final validation:") == 1  # only rank 0 reports
-        accuracies.append(_final_metrics(stdout)["acc"])
+    for output in (alone, stdout):
+        assert output.count("final validation:") == 1  # only rank 0 reports
+        accuracies.append(_final_metrics(output)["acc"])
     assert "on 2 process(es)" in stdout and min(accuracies) >= 0.95
 
 
