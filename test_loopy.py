@@ -46,6 +46,17 @@ def cuda_only_where_marked(request, monkeypatch):
     torch.cuda.set_sync_debug_mode(0)  # a failed sync check must not leak into the next test
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The tests' networks are tiny: one thread is the fastest for them (as the examples and
+    the child processes below run too), and on a busy machine a second thread that spins
+    waiting for the first made the in-process tests four times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def cpu_env(**variables):
     """The environment for a child process, which the fixture above cannot reach: ours, but
     with no GPU visible, so that it trains on the CPU as on CI (its results are compared with
