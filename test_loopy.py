@@ -5,6 +5,7 @@ output, each argument overridable. ``python -m pytest -m "not slow"`` skips the 
 runs (torchrun, examples, benchmarks) for a quick loop; CI runs everything."""
 import collections
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import json
@@ -1386,11 +1387,21 @@ def wait_for_step(process, step):
 
 @pytest.fixture(scope="module")
 def straight_training(tmp_path_factory):
-    """The weights and history of TRAINING_SCRIPT run straight through its 2 epochs."""
+    """A function that returns the weights and history of TRAINING_SCRIPT run straight through
+    its 2 epochs. The run starts at once and goes on beside the test (on a second core) until
+    the test asks for its result."""
     tmp_path = tmp_path_factory.mktemp("straight")
     process = run_training(tmp_path, "-", 2, False, tmp_path / "straight.pt")
-    assert process.wait(timeout=300) == 0, process.stderr.read()
-    return torch.load(tmp_path / "straight.pt", weights_only=True)
+
+    @functools.cache
+    def result():
+        _, errors = process.communicate(timeout=300)
+        assert process.returncode == 0, errors
+        return torch.load(tmp_path / "straight.pt", weights_only=True)
+
+    yield result
+    process.kill()  # (a no-op once it has ended)
+    process.communicate()
 
 
 @pytest.mark.slow
@@ -1407,7 +1418,7 @@ def test_a_run_killed_at_random_moments_resumes_to_the_same_weights(tmp_path, st
         assert torch.load(path, weights_only=True)["format"] == "loopy-checkpoint/1"
     process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt")
     assert process.wait(timeout=300) == 0, process.stderr.read()
-    expected = straight_training
+    expected = straight_training()
     got = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert all(torch.equal(expected["model"][k], v) for k, v in got["model"].items())
     assert got["history"] == expected["history"]
@@ -1428,7 +1439,7 @@ def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path, straigh
     assert torch.load(path, weights_only=True)["position"]["batches"] < 16
     process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt")
     assert process.wait(timeout=300) == 0
-    expected = straight_training
+    expected = straight_training()
     got = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert all(torch.equal(expected["model"][k], v) for k, v in got["model"].items())
 
@@ -1556,12 +1567,29 @@ def test_an_error_on_one_rank_ends_the_whole_run_instead_of_hanging(tmp_path):
 def _python(*args, cwd=None):
     """Run ``python *args`` in a fresh process with loopy importable (and no GPU visible);
     return its stdout."""
+    code, stdout, stderr = _finished(_started_python(*args, cwd=cwd))
+    assert code == 0, f"python {args[0]} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    return stdout
+
+
+def _started_python(*args, cwd=None):
+    """``python *args`` as _python runs it, started and left running: see _finished."""
     env = cpu_env(PYTHONPATH=os.pathsep.join(
         p for p in (HERE, os.environ.get("PYTHONPATH")) if p))
-    result = subprocess.run([sys.executable, *args], cwd=cwd or HERE, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"python {args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
+    return subprocess.Popen([sys.executable, *args], cwd=cwd or HERE, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finished(process, timeout=300):
+    """Wait for a started process; return its exit code, stdout and stderr. One still running
+    after ``timeout`` seconds is stopped (SIGTERM, which torchrun passes on to its workers)."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        stdout, stderr = process.communicate()
+        stderr += f"\n(stopped after {timeout} s)"
+    return process.returncode, stdout, stderr
 
 
 def _final_metrics(stdout):
@@ -1593,8 +1621,10 @@ with open(out, "w") as file:
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
-    """The standard output of each example, all run as ``__main__`` one after another in one
-    fresh process, so that torch and scikit-learn are imported once; each with its plot file."""
+    """The standard output of each example and its plot file: all run as ``__main__`` one
+    after another in one fresh process, so that torch and scikit-learn are imported once.
+    Beside it, on the other core, the ddp example runs under torchrun: "ddp under torchrun"
+    holds that run's exit code, stdout and stderr."""
     tmp_path = tmp_path_factory.mktemp("examples")
     runs = {}
     for name, script, epochs, plot, hidden in [
@@ -1608,10 +1638,17 @@ def examples(tmp_path_factory):
         plot = str(tmp_path / f"{name}.png") if plot else ""
         runs[name] = (script, ["--epochs", str(epochs), "--plot", plot], hidden)
     out = tmp_path / "outputs.json"
-    _python("-c", EXAMPLES_SCRIPT, os.path.join(HERE, "examples"), json.dumps(runs), str(out))
+    torchrun = _started_python("-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node=2", os.path.join(HERE, "examples", "ddp_digits.py"),
+                               "--epochs", "8", "--plot", "")
+    try:
+        _python("-c", EXAMPLES_SCRIPT, os.path.join(HERE, "examples"), json.dumps(runs), str(out))
+    finally:
+        under_torchrun = _finished(torchrun)
     with open(out) as file:
         outputs = json.load(file)
-    return {name: (outputs[name], tmp_path / f"{name}.png") for name in runs}
+    return {"ddp under torchrun": under_torchrun,
+            **{name: (outputs[name], tmp_path / f"{name}.png") for name in runs}}
 
 
 def example_output(examples, name):
@@ -1666,8 +1703,8 @@ def test_example_without_matplotlib_skips_the_plot(examples):
 @pytest.mark.slow
 def test_the_ddp_example_runs_alone_and_under_torchrun_to_the_same_accuracy(examples):
     alone, _ = example_output(examples, "ddp")
-    stdout = _python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                     os.path.join(HERE, "examples", "ddp_digits.py"), "--epochs", "8", "--plot", "")
+    code, stdout, stderr = examples["ddp under torchrun"]
+    assert code == 0, f"torchrun ddp_digits.py failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
     accuracies = []
     for output in (alone, stdout):
         assert output.count("final validation:") == 1  # only rank 0 reports
@@ -1779,30 +1816,36 @@ with open(out, "w") as file:
 
 @pytest.fixture(scope="module")
 def benchmark_runs(tmp_path_factory):
-    """Each benchmark script's quick run, all run as ``__main__`` one after another in one fresh
-    process, so that torch is imported once: {name: (stdout, stderr, exit code, saved JSON)}."""
+    """Each benchmark script's quick run as ``__main__``, in two fresh processes side by side
+    (overhead.py, whose import timing starts processes of its own; the others one after
+    another), so that torch is imported twice in all: {name: (stdout, stderr, exit code,
+    the JSON it saved)}."""
     tmp_path = tmp_path_factory.mktemp("benchmarks")
-    runs = {
-        "overhead": ("overhead.py", ["--quick", "--steps", "4", "--rounds", "1",
-                                     "--import-repeats", "1"]),
-        "gpu": ("gpu.py", ["--device", "cpu", "--quick"]),
-        "peers": ("peers.py", ["--quick", "--no-processes", "--runners",
-                               "hand,sliced,loopy,loopy_lean,loopy_tensors,ignite",
-                               "--workloads", "mlp,mlp_val"]),
-        "peers_json": ("peers.py", ["--quick", "--json", "--no-processes", "--runners", "loopy",
-                                    "--workloads", "mlp", "--steps", "4", "--rounds", "1"]),
-        "peers_unknown": ("peers.py", ["--runners", "nonesuch"]),
-    }
-    for name, (_, arguments) in runs.items():
-        arguments += ["--save", str(tmp_path / f"{name}.json")]
-    out = tmp_path / "results.json"
-    done = subprocess.run([sys.executable, "-c", BENCHMARKS_SCRIPT, BENCHMARKS, json.dumps(runs),
-                           str(out)], capture_output=True, text=True, cwd=HERE, timeout=300,
-                          env=cpu_env())
-    assert done.returncode == 0, done.stderr[-3000:]
-    with open(out) as file:
-        results = json.load(file)
-    saved = {name: tmp_path / f"{name}.json" for name in runs}
+    groups = [
+        {"overhead": ("overhead.py", ["--quick", "--steps", "4", "--rounds", "1",
+                                      "--import-repeats", "1"])},
+        {"gpu": ("gpu.py", ["--device", "cpu", "--quick"]),
+         "peers": ("peers.py", ["--quick", "--no-processes", "--runners",
+                                "hand,sliced,loopy,loopy_lean,loopy_tensors,ignite",
+                                "--workloads", "mlp,mlp_val"]),
+         "peers_json": ("peers.py", ["--quick", "--json", "--no-processes", "--runners", "loopy",
+                                     "--workloads", "mlp", "--steps", "4", "--rounds", "1"]),
+         "peers_unknown": ("peers.py", ["--runners", "nonesuch"])},
+    ]
+    processes = []
+    for index, runs in enumerate(groups):
+        for name, (_, arguments) in runs.items():
+            arguments += ["--save", str(tmp_path / f"{name}.json")]
+        processes.append(subprocess.Popen(
+            [sys.executable, "-c", BENCHMARKS_SCRIPT, BENCHMARKS, json.dumps(runs),
+             str(tmp_path / f"results-{index}.json")], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, cwd=HERE, env=cpu_env()))
+    results = {}
+    for index, (code, _, stderr) in enumerate([_finished(process) for process in processes]):
+        assert code == 0, stderr[-3000:]
+        with open(tmp_path / f"results-{index}.json") as file:
+            results.update(json.load(file))
+    saved = {name: tmp_path / f"{name}.json" for name in results}
     return {name: (run["stdout"], run["stderr"], run["code"],
                    json.loads(saved[name].read_text()) if saved[name].exists() else None)
             for name, run in results.items()}
