@@ -65,6 +65,18 @@ def cpu_env(**variables):
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", **variables}
 
 
+def finished(process, timeout=300):
+    """Wait for a started process; return its exit code, stdout and stderr. One still running
+    after ``timeout`` seconds is stopped (SIGTERM, which torchrun passes on to its workers)."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        stdout, stderr = process.communicate()
+        stderr += f"\n(stopped after {timeout} s)"
+    return process.returncode, stdout, stderr
+
+
 # --- helpers: small data and models, the hand-written loop, train() ---
 
 def make_data(n=200, features=8, classes=3, seed=0):
@@ -1490,41 +1502,50 @@ for mode in modes:  # one fit after another in the same processes and process gr
 """
 
 
-def run_distributed(tmp_path, modes, processes, batch_size=8):
-    """Run DISTRIBUTED_SCRIPT's ``modes`` one after another in ``processes`` processes (under
-    torchrun when more than one); returns the finished process and its output folder."""
+def start_distributed(tmp_path, name, modes, processes, batch_size):
+    """Start DISTRIBUTED_SCRIPT's ``modes``, one after another in the same ``processes``
+    processes (under torchrun when more than one); they save to ``tmp_path / name / mode``."""
     script = tmp_path / "ddp.py"
     script.write_text(DISTRIBUTED_SCRIPT)
-    out = tmp_path / f"world-{processes}"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
-    result = subprocess.run(launcher + [str(script), ",".join(modes), str(out), str(batch_size)],
+    return subprocess.Popen(launcher + [str(script), ",".join(modes), str(tmp_path / name),
+                                        str(batch_size)],
                             env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
-                            capture_output=True, text=True, timeout=300)
-    return result, out
-
-
-def rank_results(out, mode, processes):
-    return [torch.load(out / mode / f"rank{r}.pt", weights_only=True) for r in range(processes)]
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")
 def distributed_runs(tmp_path_factory):
-    """Two processes of batch 8 (plain, accumulate, stop) and one of batch 16 (plain,
-    accumulate): one torchrun launch and one process serve all the tests below."""
+    """DISTRIBUTED_SCRIPT's runs, all started at once: two processes of batch 8 (plain,
+    accumulate and stop, one after another), one process of batch 16 (plain, accumulate), and
+    two processes that crash. Returns their folder and, by name, each run's exit code, stderr
+    and seconds from start to end."""
     tmp_path = tmp_path_factory.mktemp("distributed")
-    for modes, processes, batch_size in ((["plain", "accumulate", "stop"], 2, 8),
-                                         (["plain", "accumulate"], 1, 16)):
-        result, out = run_distributed(tmp_path, modes, processes, batch_size)
-        assert result.returncode == 0, result.stderr[-3000:]
-    return tmp_path
+    runs = {"crash": (["crash"], 2, 8), "world-2": (["plain", "accumulate", "stop"], 2, 8),
+            "world-1": (["plain", "accumulate"], 1, 16)}
+    started = time.monotonic()
+    processes = {name: start_distributed(tmp_path, name, *run) for name, run in runs.items()}
+    results = {}
+    for name, process in processes.items():  # the crash first: it ends first, and is timed
+        code, _, stderr = finished(process)
+        results[name] = code, stderr, time.monotonic() - started
+    return tmp_path, results
+
+
+def rank_results(distributed_runs, name, mode, processes):
+    folder, results = distributed_runs
+    code, stderr, _ = results[name]
+    assert code == 0, f"{name} failed:\n{stderr[-3000:]}"
+    return [torch.load(folder / name / mode / f"rank{r}.pt", weights_only=True)
+            for r in range(processes)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["plain", "accumulate"])
 def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(distributed_runs, mode):
-    rank0, rank1 = rank_results(distributed_runs / "world-2", mode, 2)
-    (single,) = rank_results(distributed_runs / "world-1", mode, 1)
+    rank0, rank1 = rank_results(distributed_runs, "world-2", mode, 2)
+    (single,) = rank_results(distributed_runs, "world-1", mode, 1)
     assert rank0["world_size"] == 2 and single["world_size"] == 1
     assert rank0["history"] == rank1["history"] and rank0["evaluate"] == rank1["evaluate"]
     for name, weights in single["model"].items():  # tolerance: float sums in another order
@@ -1538,8 +1559,8 @@ def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(distributed_runs
 @pytest.mark.slow
 def test_a_stop_on_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process(
         distributed_runs):
-    out = distributed_runs / "world-2" / "stop"
-    rank0, rank1 = rank_results(distributed_runs / "world-2", "stop", 2)
+    rank0, rank1 = rank_results(distributed_runs, "world-2", "stop", 2)
+    out = distributed_runs[0] / "world-2" / "stop"
     assert rank0["step"] == rank1["step"] == 5
     assert rank0["stop_reason"] == "stopped by another process"
     assert rank1["stop_reason"] == "rank 1 had enough"
@@ -1555,11 +1576,10 @@ def test_a_stop_on_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process
 
 
 @pytest.mark.slow
-def test_an_error_on_one_rank_ends_the_whole_run_instead_of_hanging(tmp_path):
-    started = time.monotonic()
-    result, _ = run_distributed(tmp_path, ["crash"], 2)
-    assert result.returncode != 0 and "rank 1 crashed" in result.stderr
-    assert time.monotonic() - started < 120  # torchrun stopped the other process
+def test_an_error_on_one_rank_ends_the_whole_run_instead_of_hanging(distributed_runs):
+    code, stderr, seconds = distributed_runs[1]["crash"]
+    assert code != 0 and "rank 1 crashed" in stderr
+    assert seconds < 120  # torchrun stopped the other process
 
 
 # --- examples/: each runs (shortened) as a script and reaches its accuracy ---
@@ -1567,7 +1587,7 @@ def test_an_error_on_one_rank_ends_the_whole_run_instead_of_hanging(tmp_path):
 def _python(*args, cwd=None):
     """Run ``python *args`` in a fresh process with loopy importable (and no GPU visible);
     return its stdout."""
-    code, stdout, stderr = _finished(_started_python(*args, cwd=cwd))
+    code, stdout, stderr = finished(_started_python(*args, cwd=cwd))
     assert code == 0, f"python {args[0]} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
     return stdout
 
@@ -1578,18 +1598,6 @@ def _started_python(*args, cwd=None):
         p for p in (HERE, os.environ.get("PYTHONPATH")) if p))
     return subprocess.Popen([sys.executable, *args], cwd=cwd or HERE, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _finished(process, timeout=300):
-    """Wait for a started process; return its exit code, stdout and stderr. One still running
-    after ``timeout`` seconds is stopped (SIGTERM, which torchrun passes on to its workers)."""
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.terminate()
-        stdout, stderr = process.communicate()
-        stderr += f"\n(stopped after {timeout} s)"
-    return process.returncode, stdout, stderr
 
 
 def _final_metrics(stdout):
@@ -1644,7 +1652,7 @@ def examples(tmp_path_factory):
     try:
         _python("-c", EXAMPLES_SCRIPT, os.path.join(HERE, "examples"), json.dumps(runs), str(out))
     finally:
-        under_torchrun = _finished(torchrun)
+        under_torchrun = finished(torchrun)
     with open(out) as file:
         outputs = json.load(file)
     return {"ddp under torchrun": under_torchrun,
@@ -1841,7 +1849,7 @@ def benchmark_runs(tmp_path_factory):
              str(tmp_path / f"results-{index}.json")], stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, cwd=HERE, env=cpu_env()))
     results = {}
-    for index, (code, _, stderr) in enumerate([_finished(process) for process in processes]):
+    for index, (code, _, stderr) in enumerate([finished(process) for process in processes]):
         assert code == 0, stderr[-3000:]
         with open(tmp_path / f"results-{index}.json") as file:
             results.update(json.load(file))
