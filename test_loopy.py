@@ -1797,7 +1797,7 @@ def test_readme_shows_the_plot():
     assert os.path.getsize(os.path.join(HERE, "docs", "fc_digits.png")) < 200_000
 
 
-# --- benchmarks/: one smoke run (no timing is asserted; timings belong to the benchmark runs) ---
+# --- benchmarks/: smoke runs (no timing is asserted; timings belong to the benchmark runs) ---
 
 BENCHMARKS = os.path.join(HERE, "benchmarks")
 
