@@ -1593,7 +1593,7 @@ def _python(*args, cwd=None):
 
 
 def _started_python(*args, cwd=None):
-    """``python *args`` as _python runs it, started and left running: see _finished."""
+    """``python *args`` as _python runs it, started and left running: see finished()."""
     env = cpu_env(PYTHONPATH=os.pathsep.join(
         p for p in (HERE, os.environ.get("PYTHONPATH")) if p))
     return subprocess.Popen([sys.executable, *args], cwd=cwd or HERE, env=env,
@@ -1613,7 +1613,7 @@ examples, runs, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 sys.path.insert(0, examples)
 outputs = {}
 for name, (script, arguments, hidden) in runs.items():
-    sys.modules.update(dict.fromkeys(hidden))  # as if not installed (the last runs hide them)
+    sys.modules.update(dict.fromkeys(hidden))  # as if not installed (only the last run hides any)
     sys.argv = [script, *arguments]
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
         try:
