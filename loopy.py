@@ -116,44 +116,32 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
     a hook breaks the protocol; errors from the model, loss or hooks propagate as they are.
     """
     hooks = _check_hooks(hooks)
-    _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, max_steps,
-                         nonfinite, scheduler_interval)
-    metrics = _check_metrics(metrics)
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and \
-            scheduler_interval == "step":
-        raise ValueError("scheduler_interval='step' cannot drive ReduceLROnPlateau, which needs "
-                         "an epoch's metric: use scheduler_interval='epoch'")
-    device = _join_process_group(_resolve_device(device))
-    if seed is not None:  # before anything draws a random number
-        random.seed(seed)
-        torch.manual_seed(seed)
-        if "numpy" in sys.modules:
-            sys.modules["numpy"].random.seed(seed % 2**32)
-    loader = _as_batches(loader, "loader", batch_size, shuffle)
-    if val_loader is not None:
-        val_loader = _as_batches(val_loader, "val_loader", batch_size, False)
-    autocast, scaler = _mixed_precision(precision, device)
-    loop = _prepared_loop(model, loss_fn, loader, metrics, step, device, autocast, optimizer)
-    loop.epochs, loop._limit = (1, 2) if dry_run else (epochs, None)
-    loop.val_loader, loop.scheduler, loop.scaler = val_loader, scheduler, scaler
-    loop.dry_run, loop._accumulate, loop._clip_grad = dry_run, accumulate, clip_grad
-    loop._max_steps, loop._nonfinite = max_steps, nonfinite
-    loop._val_batches = _shard(loop, val_loader, training=False)
-    loop._scheduler_interval, loop._scheduler_monitor = scheduler_interval, scheduler_monitor
-    if progress and loop.rank == 0:
+    run = _prepare(model, loss_fn, optimizer, loader, epochs=epochs, val_loader=val_loader,
+                   metrics=metrics, device=device, step=step, batch_size=batch_size,
+                   shuffle=shuffle, scheduler=scheduler, scheduler_interval=scheduler_interval,
+                   scheduler_monitor=scheduler_monitor, precision=precision,
+                   accumulate=accumulate, clip_grad=clip_grad, seed=seed, max_steps=max_steps,
+                   dry_run=dry_run, nonfinite=nonfinite, resume=resume)
+    loop = Loop(run, loader, val_loader)
+    if progress and run.rank == 0:
         hooks.append(_default_progress())
     with _HookRunner(hooks, loop) as runner, _ctrl_c_stops(loop):
-        if resume is not None:
-            _restore(loop, _load_checkpoint(resume, model))
+        position = _restore(loop, run.resume) if run.resume is not None else None
         optimizer.zero_grad()
         runner.emit("start")
-        while loop.stop_reason is None and loop.epoch + loop._epoch_complete < loop.epochs:
-            loop.epoch += loop._epoch_complete
-            if _train_epoch(loop, runner):
-                _end_epoch(loop, runner)
-                _should_stop(loop)
+        first = run.epochs if _should_stop(loop, run) else loop.epoch  # (a stop at "start")
+        for loop.epoch in range(first, run.epochs):
+            # forward, backward and optimizer step for each batch
+            if not _train_epoch(loop, run, runner, position):
+                break  # stopped inside the epoch: not recorded; a resume continues it
+            position = None
+            # validation, the epoch's means, an epoch scheduler, the "epoch" event
+            _end_epoch(loop, run, runner)
+            # termination: a hook's stop, Ctrl+C, max_steps or another process's stop
+            if _should_stop(loop, run):
+                break
         runner.emit("end")
-    loop._train_model = model  # release DDP's wrapper (and its hold on the process group) now
+    loop._run = dataclasses.replace(run, train_model=model)  # release DDP (and the group) now
     if loop._interrupted:
         how = f"resume with fit(..., resume={loop._last_save!r})" if loop._last_save else \
             "add hooks=[loopy.checkpoint(path)] to be able to resume"
@@ -173,11 +161,9 @@ def evaluate(model, loader, loss_fn=None, metrics=None, device="auto", *, step=N
         >>> loopy.evaluate(model, (X_test, y_test), F.cross_entropy, {"acc": loopy.accuracy})
         {'loss': 0.21, 'acc': 0.94}
     """
-    device = _join_process_group(_resolve_device(device))
-    loader = _as_batches(loader, "loader", batch_size, False)
-    autocast, _ = _mixed_precision(precision, device)
-    loop = _prepared_loop(model, loss_fn, loader, _check_metrics(metrics), step, device, autocast)
-    return _evaluate(loop, _shard(loop, loader, training=False), None)
+    run = _prepare(model, loss_fn, None, loader, metrics=metrics, device=device, step=step,
+                   batch_size=batch_size, precision=precision)
+    return _evaluate(run, run.batches)
 
 
 def predict(model, loader, device="auto", *, batch_size=32):
@@ -188,13 +174,11 @@ def predict(model, loader, device="auto", *, batch_size=32):
 
         >>> probabilities = loopy.predict(model, X_test).softmax(dim=1)
     """
-    device = _resolve_device(device)
-    loader = _as_batches(loader, "loader", batch_size, False)
-    model.to(device)
+    run = _prepare(model, None, None, loader, device=device, batch_size=batch_size)
     outputs = []
     with _eval_mode(model):
-        for batch in loader:
-            batch = _to_device(batch, device, False)
+        for batch in run.batches:
+            batch = _to_device(batch, run.device, run.non_blocking)
             if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
                 batch = batch[0]
             outputs.append(_to_device(_call_model(model, batch), torch.device("cpu"), False))
@@ -276,15 +260,19 @@ class Loop:
     (under torchrun; 0 and 1 otherwise), ``scheduler``, ``scaler``, ``val_loader``.
     """
 
-    def __init__(self, model, loss_fn, optimizer, loader, device):
-        self.model, self.loss_fn, self.optimizer, self.loader = model, loss_fn, optimizer, loader
-        self.device, self.epochs, self.epoch, self.step, self.batch_index = device, 1, 0, 0, -1
+    def __init__(self, run, loader, val_loader=None):
+        self.model, self.loss_fn, self.optimizer = run.model, run.loss_fn, run.optimizer
+        self.loader, self.val_loader, self.device = loader, val_loader, run.device
+        self.scheduler, self.scaler, self.dry_run = run.scheduler, run.scaler, run.dry_run
+        self.rank, self.world_size, self.epochs = run.rank, run.world_size, run.epochs
+        self.epoch = self.step = 0
+        self.batch_index, self.num_batches = -1, None
         self.batch = self.output = self.loss = self.grad_norm = self.event = None
-        self.val_loader = self.scheduler = self.scaler = self.stop_reason = None
-        self.metrics, self.history, self.dry_run, self.rank, self.world_size = {}, {}, False, 0, 1
-        self._train_model, self._batches, self._meters, self._last_save = model, loader, {}, None
-        self._interrupted = self._pending_grads = self._epoch_complete = False
-        self._resume_position = None
+        self.stop_reason, self.metrics, self.history = None, {}, {}
+        self._run = run  # the run's options (read only)
+        self._epoch = None  # the current epoch's record: its meters, position and completion
+        self._interrupted = False  # set by the first Ctrl+C
+        self._last_save = None  # the path of the last checkpoint, for the Ctrl+C message
 
     def stop(self, reason="stopped by a hook"):
         """End training at the next boundary (after this optimizer step, or this epoch);
@@ -295,7 +283,8 @@ class Loop:
 
     def averages(self):
         """The running means of this epoch so far, as floats (this pulls numbers off the device)."""
-        values = {name: meter.mean() for name, meter in self._meters.items() if meter.count}
+        meters = self._epoch.meters if self._epoch is not None else {}
+        values = {name: meter.mean() for name, meter in meters.items() if meter.count}
         _check_finite(self, values.get("loss"))
         return values
 
@@ -305,7 +294,7 @@ class Loop:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "epoch": self.epoch + self._epoch_complete, "step": self.step,
+                "epoch": self.epoch + _epoch_complete(self), "step": self.step,
                 "history": self.history, "rng": _rng_state(), "position": _epoch_position(self)}
 
     def save(self, path):
@@ -348,8 +337,7 @@ def progress(refresh=0.5):
                       f"({time.monotonic() - started:.1f}s)", flush=True)
                 continue
             if bar is None:
-                total = min(_length(loop._batches) or math.inf, loop._limit or math.inf)
-                bar = bar_class(total=None if total == math.inf else total, unit="batch",
+                bar = bar_class(total=loop.num_batches, unit="batch",
                                 desc=f"epoch {loop.epoch + 1}/{loop.epochs}")
             if loop.event == "epoch" or time.monotonic() - shown >= refresh:
                 values = loop.metrics if loop.event == "epoch" else loop.averages()  # a sync
@@ -426,7 +414,7 @@ def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
             if best is not None and not better(value, best):
                 continue
             best = value
-        position = (loop.step, loop.epoch + loop._epoch_complete)
+        position = (loop.step, loop.epoch, loop.batch_index)
         if position == saved_at:
             continue  # "end" right after an "epoch" that was saved
         saved_at, target = position, os.fspath(path).format(epoch=loop.epoch + 1, step=loop.step)
@@ -479,145 +467,142 @@ def tensorboard(log_dir=None, every=50):
 
 # --- the training loop ---
 
-def _train_epoch(loop, runner):
-    """One pass over the loader; False when training stopped before the epoch was complete."""
-    loop.model.train()
-    loop.batch_index, loop._epoch_complete = -1, False
-    loop._meters = _new_meters(loop._metrics, with_loss=True)
-    loop._skipped, loop._epoch_first_step = 0, loop.step
-    batches = _resume_batches(loop) if loop._resume_position else _fresh_batches(loop)
-    loop._batches_in_epoch = _length(loop._batches)
-    batches = itertools.islice(batches, loop._limit)
-    if _can_train_lean(loop, runner):
-        _train_lean(loop, batches)
-    else:
-        for loop.batch_index, batch in batches:
-            loop.batch = _to_device(batch, loop.device, loop._non_blocking)
+@dataclasses.dataclass
+class _Epoch:
+    """What changes during one epoch; a new record each epoch, passed to what needs it."""
+    index: int
+    meters: dict  # the running means of the loss and the function metrics
+    first_step: int  # loop.step when the epoch began
+    rng: torch.Tensor  # torch's RNG state before its batches were drawn (a resume replays it)
+    length: int = None  # how many batches it has (dry_run's limit included); None: unknown
+    skipped: int = 0  # batches that nonfinite="skip" left out
+    pending: bool = False  # gradients that no optimizer step has applied yet
+    complete: bool = False  # recorded in the history
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # a reusable "with" that does nothing
+
+
+def _train_epoch(loop, run, runner, position=None):
+    """One pass over the training batches; False when a stop came before the epoch's end.
+    ``position`` (from a checkpoint) resumes the epoch after the batches it had consumed."""
+    run.train_model.train()
+    epoch = loop._epoch = _Epoch(loop.epoch, _new_meters(run.metrics, with_loss=True), loop.step,
+                                 torch.get_rng_state(), _limited_length(run))
+    loop.batch_index, loop.num_batches = -1, epoch.length
+    batches = _epoch_batches(loop, run, epoch, position)
+    model, autocast = run.train_model, run.autocast
+    device, non_blocking, accumulate = run.device, run.non_blocking, run.accumulate
+    stop_at = run.max_steps or math.inf
+    checks_stops = run.world_size > 1  # processes agree on a stop after every step
+    late_sync = run.world_size > 1 and accumulate > 1 and epoch.length is not None
+    for loop.batch_index, batch in batches:
+        loop.batch = _to_device(batch, device, non_blocking)
+        if runner.listening("batch"):
             runner.emit("batch")
-            _train_batch(loop, runner)
-            if loop._pending_grads:
-                continue  # stop only between optimizer steps, so that a resume is exact
-            if _should_stop(loop):
+        group = 1 if accumulate == 1 else _group_size(loop, run, epoch)
+        # under DDP only the last batch of an accumulation group all-reduces the gradients
+        late = late_sync and loop.batch_index % accumulate != group - 1
+        with model.no_sync() if late else _NO_CONTEXT:
+            # forward
+            with autocast:
+                loss, loop.output, target = _forward(run, model, loop.batch)
+            # backward: the gradients of a group add up, each batch's scaled by 1/group
+            if _backward(loop, run, epoch, loss, group):
+                _record(epoch.meters, run.metrics, loop.loss, loop.output, target, loop.batch)
+        # optimizer step, at the end of each accumulation group
+        if (loop.batch_index + 1) % accumulate == 0 and epoch.pending:
+            _optimizer_step(loop, run, runner, epoch)
+        if epoch.pending:
+            continue  # stop only between optimizer steps, so that a resume is exact
+        # termination
+        if checks_stops or loop.stop_reason or loop._interrupted or loop.step >= stop_at:
+            if _should_stop(loop, run):
                 break
     if loop.batch_index < 0:
         raise ValueError(f"loader yielded no batches in epoch {loop.epoch + 1}: a one-shot "
                          f"iterator (a generator) cannot be re-iterated; pass a DataLoader or list")
-    if loop._pending_grads:  # the last, partial, accumulation group
-        _optimizer_step(loop, runner)
-    # a stop inside the epoch leaves it unfinished (a resume continues it), unless at its end
-    last = min(loop._batches_in_epoch or math.inf, loop._limit or math.inf)
-    return loop.stop_reason is None or loop.batch_index + 1 == last
+    if epoch.pending:  # the last group of a loader without len(), or one cut short by a stop
+        _optimizer_step(loop, run, runner, epoch)
+    return loop.stop_reason is None or loop.batch_index + 1 == epoch.length
 
 
-def _can_train_lean(loop, runner):
-    """Whether no hook, option or process group needs more than forward, backward and step
-    per batch. Decided each epoch: hooks change what they wait for only when they get an event."""
-    return loop._accumulate == 1 and loop.scaler is None and loop._clip_grad is None and \
-        loop.world_size == 1 and loop._nonfinite != "skip" and loop._step_fn is None and \
-        (loop.scheduler is None or loop._scheduler_interval == "epoch") and \
-        not any(runner.listening(event) for event in ("batch", "backward", "step"))
+def _limited_length(run):
+    """How many batches a pass over the training data has (dry_run: 2); None when unknown."""
+    length = min(_length(run.batches) or math.inf, run.limit or math.inf)
+    return None if length == math.inf else length
 
 
-def _train_lean(loop, batches):
-    """The batches of an epoch that no hook watches: the arithmetic of _train_batch with less
-    Python per step, since the loop's own cost shows on small models (benchmarks/overhead.py)."""
-    model, loss_fn, optimizer = loop._train_model, loop.loss_fn, loop.optimizer
-    device, non_blocking, autocast = loop.device, loop._non_blocking, loop._autocast
-    metrics, loss_meter, stop_at = loop._metrics, loop._meters["loss"], loop._max_steps or math.inf
-    mixed = not isinstance(autocast, contextlib.nullcontext)
-    batch = output = loss = None  # (a resumed epoch may have no batch left)
-    for loop.batch_index, batch in batches:
-        batch = _to_device(batch, device, non_blocking)
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            _forward(loop, model, batch)  # raises: the batch is not an (inputs, target) pair
-        x, target = batch
-        if mixed:
-            with autocast:
-                output = _call_model(model, x)
-                loss = loss_fn(output, target)
-        else:  # (no context manager at all: its two calls show on small models)
-            output = model(x) if isinstance(x, torch.Tensor) else _call_model(model, x)
-            loss = loss_fn(output, target)
-        try:
-            loss.backward()
-        except (AttributeError, RuntimeError):
-            _check_loss(loss, loop)  # a clearer message when the loss itself is the problem
-            raise
-        loss = loss.detach()
-        loss_meter.add(loss, target.shape[0] if isinstance(target, torch.Tensor) and target.ndim
-                       else _batch_size(target))
-        if metrics:
-            _record(loop._meters, metrics, None, output, target, batch)
-        optimizer.step()
-        optimizer.zero_grad()
-        loop.step += 1
-        if loop._interrupted or loop.step >= stop_at:
-            _should_stop(loop)
-            break
-    if loss is not None:  # what hooks see at "epoch": the last batch
-        loop.batch, loop.output, loop.loss = batch, output, loss
+def _epoch_batches(loop, run, epoch, position):
+    """The epoch's numbered batches. A resumed epoch replays its shuffle from the RNG state of
+    its start, skips the batches it had consumed, and gets back its running means."""
+    if position is not None:
+        torch.set_rng_state(position["epoch_rng"])
+        epoch.rng = position["epoch_rng"]
+    if hasattr(getattr(run.batches, "sampler", None), "set_epoch"):
+        run.batches.sampler.set_epoch(epoch.index)  # a DistributedSampler reshuffles per epoch
+    batches = itertools.islice(enumerate(run.batches), run.limit)
+    if position is None:
+        return batches
+    for loop.batch_index, _ in itertools.islice(batches, position["batches"]):
+        pass
+    _set_rng_state(position["rng"])
+    epoch.first_step, epoch.skipped = position["first_step"], position["skipped"]
+    for name, meter in epoch.meters.items():
+        vars(meter).update(_to_device(position["meters"].get(name, {}), run.device, False))
+    return batches
 
 
-def _train_batch(loop, runner):
-    group = 1 if loop._accumulate == 1 else _group_size(loop)
-    # under DDP with accumulation only a group's last batch all-reduces the gradients
-    if loop.world_size > 1 and loop._batches_in_epoch is not None and \
-            loop.batch_index % loop._accumulate != group - 1:
-        with loop._train_model.no_sync():
-            _forward_backward(loop, group)
-    else:
-        _forward_backward(loop, group)
-    if (loop.batch_index + 1) % loop._accumulate == 0 and loop._pending_grads:
-        _optimizer_step(loop, runner)  # (not when nonfinite="skip" skipped the whole group)
+def _backward(loop, run, epoch, loss, group):
+    """loss.backward() (scaled for accumulation and fp16); False when the batch is skipped."""
+    try:
+        loop.loss = loss.detach()
+        if run.nonfinite == "skip" and not torch.isfinite(loss):  # a host sync, asked for
+            epoch.skipped += 1
+            return False
+        scaled = loss / group if group > 1 else loss
+        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+    except (AttributeError, RuntimeError):
+        _check_loss(loss, run)  # checked only now: a clearer message when the loss is the cause
+        raise
+    epoch.pending = True
+    return True
 
 
-def _forward_backward(loop, group):
-    with loop._autocast:
-        loss, output, target = _forward(loop, loop._train_model, loop.batch)
-    _check_loss(loss, loop)
-    loop.loss, loop.output = loss.detach(), output
-    if loop._nonfinite == "skip" and not torch.isfinite(loss):
-        loop._skipped += 1
-        return
-    scaled = loss / group if group > 1 else loss
-    (loop.scaler.scale(scaled) if loop.scaler is not None else scaled).backward()
-    loop._pending_grads = True
-    _record(loop._meters, loop._metrics, loop.loss, output, target, loop.batch)
-
-
-def _optimizer_step(loop, runner):
-    optimizer, scaler = loop.optimizer, loop.scaler
+def _optimizer_step(loop, run, runner, epoch):
+    optimizer, scaler = run.optimizer, run.scaler
     if scaler is not None:
         scaler.unscale_(optimizer)  # hooks and clipping see the true gradients
-    if loop._clip_grad is not None:
+    if run.clip_grad is not None:
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        loop.grad_norm = torch.nn.utils.clip_grad_norm_(parameters, loop._clip_grad)
-    runner.emit("backward")
+        loop.grad_norm = torch.nn.utils.clip_grad_norm_(parameters, run.clip_grad)
+    if runner.listening("backward"):
+        runner.emit("backward")
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad()
-    loop._pending_grads, loop.step = False, loop.step + 1
-    if loop.scheduler is not None and loop._scheduler_interval == "step":
-        loop.scheduler.step()
-    runner.emit("step")
+    epoch.pending, loop.step = False, loop.step + 1
+    if run.scheduler is not None and run.scheduler_interval == "step":
+        run.scheduler.step()
+    if runner.listening("step"):
+        runner.emit("step")
 
 
-def _group_size(loop):
+def _group_size(loop, run, epoch):
     """How many batches the current accumulation group has (fewer in an epoch's last group)."""
-    n, total = loop._accumulate, loop._batches_in_epoch
-    if n == 1 or total is None:
+    n, total = run.accumulate, epoch.length
+    if total is None:
         return n
-    total = min(total, loop._limit or total)
     return min(n, total - (loop.batch_index - loop.batch_index % n))
 
 
-def _forward(loop, model, batch):
+def _forward(run, model, batch):
     """(loss, output, target) of one batch: ``step(model, batch)``, or ``loss_fn(model(x), y)``."""
-    if loop._step_fn is not None:
-        result = loop._step_fn(model, batch)
+    if run.step_fn is not None:
+        result = run.step_fn(model, batch)
         if isinstance(result, torch.Tensor):
             return result, None, None
         if isinstance(result, (tuple, list)) and len(result) == 3:
@@ -628,8 +613,9 @@ def _forward(loop, model, batch):
         raise TypeError(f"loopy cannot unpack this batch: the loader yielded {_describe(batch)}, "
                         f"and fit expects (inputs, target) pairs. For any other batch pass "
                         f"step=fn(model, batch) returning the loss, or (loss, output, target)")
-    output = _call_model(model, batch[0])
-    return (loop.loss_fn(output, batch[1]) if loop.loss_fn else None), output, batch[1]
+    x, target = batch
+    output = model(x) if isinstance(x, torch.Tensor) else _call_model(model, x)
+    return (run.loss_fn(output, target) if run.loss_fn else None), output, target
 
 
 def _record(meters, metrics, loss, output, target, batch):
@@ -649,21 +635,22 @@ def _record(meters, metrics, loss, output, target, batch):
                 metric.update(output, target)
 
 
-def _end_epoch(loop, runner):
-    values = _epoch_results(loop, loop._meters)
+def _end_epoch(loop, run, runner):
+    epoch = loop._epoch
+    values = _epoch_results(run, epoch.meters)
     _check_finite(loop, values["loss"])
-    if loop._nonfinite == "skip":
-        values["skipped"] = float(loop._skipped)
-    if loop.val_loader is not None:
-        results = _evaluate(loop, loop._val_batches, loop._limit)
+    if run.nonfinite == "skip":
+        values["skipped"] = float(epoch.skipped)
+    if run.val_batches is not None:
+        results = _evaluate(run, run.val_batches)
         values.update({f"val_{name}": value for name, value in results.items()})
-    values["lr"] = float(loop.optimizer.param_groups[0]["lr"])  # before an epoch scheduler
-    if loop.scheduler is not None and loop._scheduler_interval == "epoch":
-        _step_scheduler(loop.scheduler, loop._scheduler_monitor, values)
+    values["lr"] = float(run.optimizer.param_groups[0]["lr"])  # before an epoch scheduler
+    if run.scheduler is not None and run.scheduler_interval == "epoch":
+        _step_scheduler(run.scheduler, run.scheduler_monitor, values)
     loop.metrics = values
     for name, value in values.items():
         loop.history.setdefault(name, []).append(value)
-    loop._epoch_complete = True
+    epoch.complete = True
     runner.emit("epoch")
 
 
@@ -678,15 +665,15 @@ def _step_scheduler(scheduler, monitor, values):
     scheduler.step(values[monitor])
 
 
-def _evaluate(loop, loader, limit):
-    meters = _new_meters(loop._metrics, loop.loss_fn is not None or loop._step_fn is not None)
-    with _eval_mode(loop.model):
-        for batch in itertools.islice(loader, limit):
-            batch = _to_device(batch, loop.device, loop._non_blocking)
-            with loop._autocast:
-                loss, output, target = _forward(loop, loop.model, batch)
-            _record(meters, loop._metrics, loss, output, target, batch)
-    return _epoch_results(loop, meters)
+def _evaluate(run, batches):
+    meters = _new_meters(run.metrics, run.loss_fn is not None or run.step_fn is not None)
+    with _eval_mode(run.model):
+        for batch in itertools.islice(batches, run.limit):
+            batch = _to_device(batch, run.device, run.non_blocking)
+            with run.autocast:
+                loss, output, target = _forward(run, run.model, batch)
+            _record(meters, run.metrics, loss, output, target, batch)
+    return _epoch_results(run, meters)
 
 
 def _new_meters(metrics, with_loss):
@@ -698,19 +685,19 @@ def _new_meters(metrics, with_loss):
     return {name: _Meter() for name in ["loss"] * with_loss + names}
 
 
-def _epoch_results(loop, meters):
+def _epoch_results(run, meters):
     """Batch-size-weighted means (under torchrun, summed over all processes first), then the
     values of the update/compute/reset metrics."""
-    if loop.world_size == 1:
+    if run.world_size == 1:
         results = {name: meter.mean() for name, meter in meters.items()}
     else:
-        sums = [meter.sum(loop.device).double() for meter in meters.values()]
-        counts = [torch.tensor(float(meter.count), dtype=torch.float64, device=loop.device)
+        sums = [meter.sum(run.device).double() for meter in meters.values()]
+        counts = [torch.tensor(float(meter.count), dtype=torch.float64, device=run.device)
                   for meter in meters.values()]
-        both = torch.stack(sums + counts) if sums else torch.zeros(0, device=loop.device)
+        both = torch.stack(sums + counts) if sums else torch.zeros(0, device=run.device)
         torch.distributed.all_reduce(both)
         results = dict(zip(meters, (both[:len(sums)] / both[len(sums):]).tolist()))
-    for name, metric in loop._metrics.items():
+    for name, metric in run.metrics.items():
         if _is_metric_object(metric):
             value = metric.compute()
             try:
@@ -766,26 +753,86 @@ class _Meter:
 
 # --- setup, and torchrun ---
 
-def _prepared_loop(model, loss_fn, loader, metrics, step, device, autocast, optimizer=None):
-    """Place the model and metrics on the device; under torchrun, wrap and shard for training."""
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """The options of one run, decided once by _prepare: read everywhere, written nowhere."""
+    model: torch.nn.Module  # the user's module, on the device
+    train_model: torch.nn.Module  # what trains: the model, or DistributedDataParallel around it
+    loss_fn: object
+    optimizer: object
+    step_fn: object
+    metrics: dict
+    device: torch.device
+    non_blocking: bool  # copies from pinned memory to a GPU need not wait
+    autocast: object  # torch.autocast, or a context that does nothing
+    scaler: object  # fp16's GradScaler, else None
+    batches: object  # this process's batches: to train on, evaluate or predict
+    val_batches: object = None
+    epochs: int = 1
+    limit: int = None  # batches per pass (dry_run: 2); None for all
+    accumulate: int = 1
+    clip_grad: float = None
+    max_steps: int = None
+    nonfinite: str = "raise"
+    scheduler: object = None
+    scheduler_interval: str = "epoch"
+    scheduler_monitor: str = "val_loss"
+    dry_run: bool = False
+    rank: int = 0
+    world_size: int = 1
+    stop_group: object = None  # the process group that stop flags travel on (None: the default)
+    resume: dict = None  # the checkpoint to resume from, loaded and checked
+
+
+def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, metrics=None,
+             device="auto", step=None, batch_size=32, shuffle=False, scheduler=None,
+             scheduler_interval="epoch", scheduler_monitor="val_loss", precision=None,
+             accumulate=1, clip_grad=None, seed=None, max_steps=None, dry_run=False,
+             nonfinite="raise", resume=None, distributed=True):
+    """Check every option and resolve it into a _Run, before any hook runs or anything trains:
+    the arguments, device and process group, precision, data and its sharding, the resume file.
+    ``optimizer=None`` prepares an evaluation; ``distributed=False`` ignores torchrun."""
+    if optimizer is not None:
+        _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, max_steps,
+                             nonfinite, scheduler, scheduler_interval)
+    elif not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
+    metrics = _check_metrics(metrics)
+    device = _resolve_device(device)
+    device = _join_process_group(device) if distributed else device
+    if seed is not None:  # before anything draws a random number
+        random.seed(seed)
+        torch.manual_seed(seed)
+        if "numpy" in sys.modules:
+            sys.modules["numpy"].random.seed(seed % 2**32)
+    batches = _as_batches(loader, "loader", batch_size, shuffle)
+    if val_loader is not None:
+        val_loader = _as_batches(val_loader, "val_loader", batch_size, False)
+    autocast, scaler = _mixed_precision(precision, device)
     if any(t.device != device for t in itertools.chain(model.parameters(), model.buffers())):
         model.to(device)  # (a model already there is left alone: .to() costs ~60 µs per call)
     for metric in metrics.values():
         if isinstance(metric, torch.nn.Module):
             metric.to(device)
-    loop = Loop(model, loss_fn, optimizer, loader, device)
-    loop._metrics, loop._step_fn, loop._autocast = metrics, step, autocast
-    loop._non_blocking = device.type == "cuda" and getattr(loader, "pin_memory", False)
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        loop.rank, loop.world_size = dist.get_rank(), dist.get_world_size()
-    if loop.world_size > 1 and optimizer is not None:
+    rank, world_size, train_model, stop_group = 0, 1, model, None
+    if distributed and dist.is_available() and dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    if world_size > 1:
+        batches = _shard(batches, rank, world_size, training=optimizer is not None)
+        val_loader = _shard(val_loader, rank, world_size, training=False)
+    if world_size > 1 and optimizer is not None:
         cuda = [device.index] if device.type == "cuda" else None
-        loop._train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=cuda)
-        loop._batches = _shard(loop, loader, training=True)
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=cuda)
         # stop flags travel on the CPU, so agreeing to stop never waits for the GPU
-        loop._stop_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-    return loop
+        stop_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    return _Run(
+        model, train_model, loss_fn, optimizer, step, metrics, device,
+        device.type == "cuda" and getattr(loader, "pin_memory", False), autocast, scaler,
+        batches, val_loader, 1 if dry_run else epochs, 2 if dry_run else None, accumulate,
+        clip_grad, max_steps, nonfinite, scheduler, scheduler_interval, scheduler_monitor,
+        dry_run, rank, world_size, stop_group,
+        _load_checkpoint(resume, model) if resume is not None else None)
 
 
 def _join_process_group(device):
@@ -811,11 +858,11 @@ def _join_process_group(device):
     return device
 
 
-def _shard(loop, loader, training):
+def _shard(loader, rank, world_size, training):
     """Each process's part of the data: a DistributedSampler for training (reshuffled each
     epoch), a strided slice without padding for evaluation. Other loaders are left as given."""
     data = torch.utils.data
-    if loop.world_size == 1 or loader is None:
+    if loader is None:
         return loader
     if isinstance(loader, _TensorBatches):
         loader = data.DataLoader(data.TensorDataset(*loader.tensors), loader.batch_size,
@@ -830,22 +877,22 @@ def _shard(loop, loader, training):
         sampler = data.DistributedSampler(loader.dataset, drop_last=loader.drop_last,
                                           shuffle=isinstance(loader.sampler, data.RandomSampler))
     else:
-        sampler = range(loop.rank, len(loader.dataset), loop.world_size)
+        sampler = range(rank, len(loader.dataset), world_size)
     options = ("num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
                "multiprocessing_context", "generator", "prefetch_factor", "persistent_workers")
     return data.DataLoader(loader.dataset, loader.batch_size, sampler=sampler,
                            **{name: getattr(loader, name) for name in options})
 
 
-def _should_stop(loop):
+def _should_stop(loop, run):
     """Turn a Ctrl+C or max_steps into a stop; under torchrun, all processes stop together."""
     if loop._interrupted:
         loop.stop("interrupted by Ctrl+C")
-    if loop._max_steps is not None and loop.step >= loop._max_steps:
-        loop.stop(f"reached max_steps={loop._max_steps}")
-    if loop.world_size > 1:
+    if run.max_steps is not None and loop.step >= run.max_steps:
+        loop.stop(f"reached max_steps={run.max_steps}")
+    if run.world_size > 1:
         flag = torch.tensor([int(loop.stop_reason is not None)])
-        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=loop._stop_group)
+        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=run.stop_group)
         if flag.item():
             loop.stop("stopped by another process")
     return loop.stop_reason is not None
@@ -971,7 +1018,7 @@ def _check_hooks(hooks):
 # --- argument checks ---
 
 def _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, max_steps,
-                         nonfinite, scheduler_interval):
+                         nonfinite, scheduler, scheduler_interval):
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -993,6 +1040,10 @@ def _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, ma
                                  ("scheduler_interval", scheduler_interval, ("epoch", "step"))):
         if value not in allowed:
             raise ValueError(f"{name}={value!r}: use one of {', '.join(map(repr, allowed))}")
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and \
+            scheduler_interval == "step":
+        raise ValueError("scheduler_interval='step' cannot drive ReduceLROnPlateau, which needs "
+                         "an epoch's metric: use scheduler_interval='epoch'")
 
 
 def _check_metrics(metrics):
@@ -1050,8 +1101,8 @@ def _mixed_precision(precision, device):
     return autocast, torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
-def _check_loss(loss, loop):
-    source = "step=" if loop._step_fn is not None else "loss_fn"
+def _check_loss(loss, run):
+    source = "step=" if run.step_fn is not None else "loss_fn"
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise TypeError(f"the loss must be a scalar tensor, but {source} returned "
                         f"{_describe(loss)}: reduce it (reduction='mean' or .mean())")
@@ -1062,10 +1113,11 @@ def _check_loss(loss, loop):
 
 
 def _check_finite(loop, loss):
-    if loss is None or math.isfinite(loss) or loop._nonfinite != "raise":
+    run, epoch = loop._run, loop._epoch
+    if loss is None or math.isfinite(loss) or run.nonfinite != "raise":
         return
-    index = loop._meters["loss"].first_nonfinite() or 0
-    step = loop._epoch_first_step + index // loop._accumulate + 1
+    index = epoch.meters["loss"].first_nonfinite() or 0
+    step = epoch.first_step + index // run.accumulate + 1
     raise FloatingPointError(f"the loss is not finite ({loss}) at epoch {loop.epoch + 1}, batch "
                              f"{index + 1} of the epoch (optimizer step {step}): lower the "
                              f"learning rate or check the data for nan/inf; fit(nonfinite='skip') "
@@ -1203,34 +1255,18 @@ def _describe(value):
 
 # --- checkpoints and resume ---
 
+def _epoch_complete(loop):
+    return loop._epoch is not None and loop._epoch.complete
+
+
 def _epoch_position(loop):
     """Where inside an unfinished epoch the loop stands (None between epochs)."""
-    if loop._epoch_complete or loop.batch_index < 0:
+    epoch = loop._epoch
+    if epoch is None or epoch.complete or loop.batch_index < 0:
         return None
-    return {"batches": loop.batch_index + 1, "first_step": loop._epoch_first_step,
-            "skipped": loop._skipped, "epoch_rng": loop._epoch_rng,
-            "meters": {name: dict(vars(meter)) for name, meter in loop._meters.items()}}
-
-
-def _fresh_batches(loop):
-    loop._epoch_rng = torch.get_rng_state()
-    if hasattr(getattr(loop._batches, "sampler", None), "set_epoch"):
-        loop._batches.sampler.set_epoch(loop.epoch)  # a DistributedSampler reshuffles per epoch
-    return enumerate(loop._batches)
-
-
-def _resume_batches(loop):
-    """Replay the interrupted epoch's shuffle order and skip the batches it had consumed."""
-    position, loop._resume_position = loop._resume_position, None
-    torch.set_rng_state(position["epoch_rng"])
-    batches = _fresh_batches(loop)
-    for loop.batch_index, _ in itertools.islice(batches, position["batches"]):
-        pass
-    _set_rng_state(loop._resume_rng)
-    loop._epoch_first_step, loop._skipped = position["first_step"], position["skipped"]
-    for name, meter in loop._meters.items():
-        vars(meter).update(_to_device(position["meters"].get(name, {}), loop.device, False))
-    return batches
+    return {"batches": loop.batch_index + 1, "first_step": epoch.first_step,
+            "skipped": epoch.skipped, "epoch_rng": epoch.rng,
+            "meters": {name: dict(vars(meter)) for name, meter in epoch.meters.items()}}
 
 
 def _load_checkpoint(path, model):
@@ -1259,6 +1295,8 @@ def _load_checkpoint(path, model):
 
 
 def _restore(loop, state):
+    """Load a checkpoint's state into the run; returns the position inside its unfinished
+    epoch (None at an epoch boundary)."""
     _unwrap(loop.model).load_state_dict(state["model"])
     loop.optimizer.load_state_dict(state["optimizer"])
     for name in ("scheduler", "scaler"):
@@ -1266,8 +1304,8 @@ def _restore(loop, state):
             getattr(loop, name).load_state_dict(state[name])
     loop.epoch, loop.step, loop.history = state["epoch"], state["step"], state["history"]
     loop.metrics = {name: values[-1] for name, values in loop.history.items() if values}
-    loop._resume_position, loop._resume_rng = state["position"], state["rng"]
     _set_rng_state(state["rng"])
+    return None if state["position"] is None else dict(state["position"], rng=state["rng"])
 
 
 def _rng_state():
