@@ -1681,88 +1681,55 @@ def run_script(name, *args, timeout=120):
 
 
 @pytest.mark.slow
-def test_overhead_quick_table_json_and_bit_identical_weights(tmp_path):
+def test_overhead_smoke_run(tmp_path):
     saved = tmp_path / "overhead.json"
-    out = run_script("overhead.py", "--quick", "--save", str(saved))
+    out = run_script("overhead.py", "--quick", "--steps", "4", "--rounds", "1",
+                     "--import-repeats", "1", "--save", str(saved))
     assert "| runner | ms/step | ratio | target | weights vs hand loop |" in out
-    assert "loopy `progress=False`" in out
     assert "`import loopy` beyond `import torch`" in out
     assert "epoch 1/1" not in out  # fit's own progress lines stay out of the table
     result = json.loads(saved.read_text())
     rows = {row["key"]: row for row in result["rows"]}
     assert {"hand", "loopy_lean", "loopy_defaults", "hand_work", "loopy_defaults_work",
-            "loopy_lean_work", "loopy_tty_work"} <= set(rows)
+            "loopy_lean_work", "loopy_tty_work"} == set(rows)
     for key, row in rows.items():
         assert row["bit_identical"], f"{key}: weights differ from the hand-written loop"
-        assert row["ms_per_step"] > 0
-        if key.startswith("loopy"):
-            assert row["ratio"] > 0
-    for key in ("loopy_lean", "loopy_lean_work", "loopy_defaults_work", "loopy_tty_work"):
-        assert isinstance(rows[key]["meets_target"], bool)
-    assert result["import"]["loopy_beyond_torch_ms"] >= 0
-    assert result["machine"]["torch"] == __import__("torch").__version__
+        assert row["ms_per_step"] > 0 and isinstance(row.get("meets_target", False), bool)
+    assert result["steps_per_epoch"] == 4 and result["import"]["loopy_beyond_torch_ms"] >= 0
 
 
 @pytest.mark.slow
-def test_overhead_json_flag_prints_json():
-    result = json.loads(run_script("overhead.py", "--quick", "--json", "--steps", "4",
-                                   "--rounds", "1", "--import-repeats", "1"))
-    assert result["steps_per_epoch"] == 4 and result["rows"]
-
-
-@pytest.mark.slow
-def test_peers_quick_table_json_and_loopy_weights(tmp_path):
+def test_peers_smoke_run(tmp_path):
     saved = tmp_path / "peers.json"
-    out = run_script("peers.py", "--quick", "--runners",
-                     "hand,sliced,loopy,loopy_lean,loopy_tensors,ignite",
-                     "--workloads", "mlp,mlp_val", "--save", str(saved))
+    out = run_script("peers.py", "--quick", "--runners", "sliced,loopy_tensors", "--workloads",
+                     "mlp_val", "--steps", "4", "--rounds", "1", "--save", str(saved))
     assert "| runner | ms/step | x hand | weights vs hand |" in out
     assert "loopy tensor path / hand-sliced loop" in out
     assert "| runner | import beyond torch (ms) |" in out
     result = json.loads(saved.read_text())
-    assert set(result["workloads"]) == {"mlp", "mlp_val"}
-    for name, workload in result["workloads"].items():
-        rows = {row["key"]: row for row in workload["rows"]}
-        for key in ("loopy", "loopy_lean", "loopy_tensors"):
-            assert rows[key]["bit_identical"], f"{name}/{key}: not bit-identical to the hand loop"
-        assert rows["sliced"]["max_abs_diff"] is not None
-        # a peer is either measured or skipped with a note, never silently missing
-        assert "ignite" in rows or "ignite" in result["skipped"]
-    assert result["workloads"]["mlp"]["imports_changed_nothing"]
-    for key, row in result["processes"].items():
+    workload = result["workloads"]["mlp_val"]
+    rows = {row["key"]: row for row in workload["rows"]}
+    assert rows["loopy_tensors"]["bit_identical"], "the tensor path differs from the hand loop"
+    assert workload["imports_changed_nothing"]
+    for key, row in result["processes"].items():  # fresh processes: import, train, memory
         assert "error" not in row["mlp"], f"{key}: {row['mlp']}"
         assert row["mlp"]["process_peak_mib"] > 0 and row["mlp"]["e2e_s"] > 0
-    assert result["processes"]["loopy"]["import_ms"] >= 0
 
 
 @pytest.mark.slow
-def test_gpu_benchmark_quick_on_the_cpu_table_json_and_bit_identical_weights(tmp_path):
+def test_gpu_benchmark_smoke_run_on_the_cpu(tmp_path):
     saved = tmp_path / "gpu.json"
-    out = run_script("gpu.py", "--device", "cpu", "--quick", "--save", str(saved))
-    assert "| runner | ms/step | ratio | weights vs hand loop |" in out
-    assert "The hand-written loop run again from the same start: bit-identical." in out
+    out = run_script("gpu.py", "--device", "cpu", "--quick", "--rounds", "1", "--save",
+                     str(saved))
+    assert "| runner | ms/step | ratio | weights vs hand loop over the DataLoader |" in out
     assert "epoch 1/1" not in out  # fit's own progress lines stay out of the tables
     result = json.loads(saved.read_text())
-    assert result["machine"]["device"] == "cpu" and set(result["workloads"]) == {"mlp", "resnet"}
+    assert set(result["workloads"]) == {"mlp", "resnet"}
     for name, workload in result["workloads"].items():
-        rows = {row["key"]: row for row in workload["rows"]}
-        assert {"hand", "loopy_lean", "loopy_defaults"} <= set(rows)
         assert workload["hand_repeat"]["bit_identical"]
-        for key, row in rows.items():
-            assert row["ms_per_step"] > 0
-            if key.startswith("loopy"):  # same device, same batches: the hand loop's weights
-                assert row["ratio"] > 0 and row["bit_identical"], f"{name}/{key}: weights differ"
-    assert {"hand_loader", "loopy_loader_lean"} <= {row["key"] for row in
-                                                    result["workloads"]["mlp"]["rows"]}
-    assert result["workloads"]["resnet"]["precision"] == "bf16"
-
-
-@pytest.mark.slow
-def test_peers_rejects_an_unknown_runner():
-    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "peers.py"), "--runners",
-                           "nonesuch"], capture_output=True, text=True, cwd=HERE, timeout=60,
-                          env=cpu_env())
-    assert done.returncode != 0 and "unknown runners" in done.stderr
+        for row in workload["rows"]:
+            if row["key"] != "hand":  # the DataLoader's batches: the hand loop's weights
+                assert row["bit_identical"], f"{name}/{row['key']}: weights differ"
 
 
 # --- edge cases found in review ---
