@@ -1616,19 +1616,21 @@ def _fenced_blocks(text, language):
     return blocks
 
 
-def test_readme_python_blocks_run(tmp_path):
-    """The README's ```python blocks run in order in one namespace, like a notebook, in a
-    fresh process; tracebacks point at README.md's line numbers."""
-    blocks = _fenced_blocks(_readme(), "python")
+@pytest.mark.parametrize("document, at_least", [("README.md", 12), ("docs/migrating.md", 3)])
+def test_readme_python_blocks_run(document, at_least, tmp_path):
+    """The ```python blocks of the README and of docs/migrating.md run in order in one namespace,
+    like a notebook, in a fresh process; tracebacks point at the document's line numbers."""
+    with open(os.path.join(HERE, document), encoding="utf-8") as file:
+        blocks = _fenced_blocks(file.read(), "python")
     runnable = [(line, code) for line, code, skipped in blocks if not skipped]
-    assert len(runnable) >= 15 and len(blocks) - len(runnable) <= 3  # skip markers stay rare
+    assert len(runnable) >= at_least and len(blocks) - len(runnable) <= 3  # skips stay rare
     driver = ["import torch",
               "torch.set_num_threads(1)  # the fastest for networks this small, even on a busy machine",
               "namespace = {'__name__': '__main__'}"]
     for line, code in runnable:
-        source = "\n" * (line - 1) + code  # so that line numbers are the README's
-        driver.append(f"exec(compile({source!r}, 'README.md', 'exec'), namespace)")
-    script = tmp_path / "readme_blocks.py"
+        source = "\n" * (line - 1) + code  # so that line numbers are the document's
+        driver.append(f"exec(compile({source!r}, {document!r}, 'exec'), namespace)")
+    script = tmp_path / "document_blocks.py"
     script.write_text("\n".join(driver))
     _python(str(script), cwd=tmp_path)
 
