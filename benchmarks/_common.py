@@ -1,4 +1,4 @@
-"""Shared pieces of the loopy benchmarks: workloads, the hand-written loops, the timing
+"""Shared pieces of the loopy benchmarks: workloads, the hand-written loop, the timing
 harness (interleaved rounds, medians, paired ratios), fresh-process import timing, memory
 readings and Markdown output. Not a public module; used by overhead.py, peers.py and gpu.py."""
 
