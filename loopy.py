@@ -42,6 +42,7 @@ import collections.abc
 import contextlib
 import copy
 import dataclasses
+import datetime
 import inspect
 import itertools
 import math
@@ -64,7 +65,8 @@ class HookError(RuntimeError):
 def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=None, metrics=None,
         device="auto", progress=True, step=None, batch_size=32, shuffle=False, scheduler=None,
         scheduler_interval="epoch", scheduler_monitor="val_loss", precision=None, accumulate=1,
-        clip_grad=None, seed=None, max_steps=None, dry_run=False, nonfinite="raise", resume=None):
+        clip_grad=None, seed=None, max_steps=None, dry_run=False, nonfinite="raise", resume=None,
+        ddp_options=None, process_group_timeout=600):
     """Train ``model`` and return the :class:`Loop` that the hooks saw; with the same seed, the
     weights equal the hand-written loop's bit for bit::
 
@@ -107,8 +109,14 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
             counted in ``history["skipped"]``; syncs every step) or ``"ignore"``.
         resume: path of a :func:`checkpoint` file; the run continues exactly where it stopped.
 
-    Under ``torchrun`` the model trains as DistributedDataParallel on each process's shard of
-    the data, metrics are reduced over all processes, and only rank 0 shows progress and saves.
+        ddp_options: keyword arguments for the DistributedDataParallel that wraps the model
+            under torchrun, e.g. ``{"find_unused_parameters": True}``.
+        process_group_timeout: seconds that a collective waits for the other processes before
+            it fails, when loopy starts the process group (default 600, NCCL's own default).
+
+    Under ``torchrun`` the model trains as DistributedDataParallel (or as the user wrapped it:
+    DDP, or FSDP2's ``fully_shard``) on each process's shard of the data; every metric in the
+    history is global and the same on every process; only rank 0 shows progress and saves.
 
     Returns the :class:`Loop`; ``loop.history`` maps each metric to its per-epoch floats.
 
@@ -121,7 +129,8 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
                    shuffle=shuffle, scheduler=scheduler, scheduler_interval=scheduler_interval,
                    scheduler_monitor=scheduler_monitor, precision=precision,
                    accumulate=accumulate, clip_grad=clip_grad, seed=seed, max_steps=max_steps,
-                   dry_run=dry_run, nonfinite=nonfinite, resume=resume)
+                   dry_run=dry_run, nonfinite=nonfinite, resume=resume,
+                   ddp_options=ddp_options, process_group_timeout=process_group_timeout)
     loop = Loop(run, loader, val_loader)
     if progress and run.rank == 0:
         hooks.append(_default_progress())
@@ -290,8 +299,8 @@ class Loop:
 
     def state_dict(self):
         """The full training state that :func:`checkpoint` saves and ``fit(resume=...)`` loads."""
-        return {"format": "loopy-checkpoint/1", "model": _unwrap(self.model).state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+        model, optimizer = _model_and_optimizer_state(self.model, self.optimizer)
+        return {"format": "loopy-checkpoint/1", "model": model, "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "epoch": self.epoch + _epoch_complete(self), "step": self.step,
@@ -299,22 +308,29 @@ class Loop:
 
     def save(self, path):
         """Write :meth:`state_dict` to ``path`` atomically: a crash mid-write keeps the old file.
-        Under torchrun only the first process (rank 0) writes."""
+        Under torchrun every process must call it (FSDP2 gathers the full state); only the first
+        process (rank 0) writes."""
         path = self._last_save = os.fspath(path)
-        if self.rank != 0:
-            return
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-        try:
-            with open(temporary, "wb") as file:
-                torch.save(self.state_dict(), file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        state = self.state_dict()
+        if self.rank == 0:
+            _write_atomically(state, path)
+        if self.world_size > 1:  # once save returns, every process can read the file
+            torch.distributed.barrier(group=self._run.stop_group)
+
+
+def _write_atomically(state, path):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 # --- built-in hooks ---
@@ -503,13 +519,13 @@ def _train_epoch(loop, run, runner, position=None):
         group = 1 if accumulate == 1 else _group_size(loop, run, epoch)
         # under DDP only the last batch of an accumulation group all-reduces the gradients
         late = late_sync and loop.batch_index % accumulate != group - 1
-        with model.no_sync() if late else _NO_CONTEXT:
+        with _no_gradient_sync(model) if late else _NO_CONTEXT:
             # forward
             with autocast:
                 loss, loop.output, target = _forward(run, model, loop.batch)
             # backward: the gradients of a group add up, each batch's scaled by 1/group
             if _backward(loop, run, epoch, loss, group):
-                _record(epoch.meters, run.metrics, loop.loss, loop.output, target, loop.batch)
+                _record(run, epoch.meters, loop.loss, loop.output, target, loop.batch)
         # optimizer step, at the end of each accumulation group
         if (loop.batch_index + 1) % accumulate == 0 and epoch.pending:
             _optimizer_step(loop, run, runner, epoch)
@@ -539,8 +555,9 @@ def _epoch_batches(loop, run, epoch, position):
     if position is not None:
         torch.set_rng_state(position["epoch_rng"])
         epoch.rng = position["epoch_rng"]
-    if hasattr(getattr(run.batches, "sampler", None), "set_epoch"):
-        run.batches.sampler.set_epoch(epoch.index)  # a DistributedSampler reshuffles per epoch
+    for sampler in (getattr(run.batches, "sampler", None), getattr(run.batches, "batch_sampler", None)):
+        if hasattr(sampler, "set_epoch"):  # a DistributedSampler reshuffles per epoch
+            sampler.set_epoch(epoch.index)
     batches = itertools.islice(enumerate(run.batches), run.limit)
     if position is None:
         return batches
@@ -575,7 +592,8 @@ def _optimizer_step(loop, run, runner, epoch):
         scaler.unscale_(optimizer)  # hooks and clipping see the true gradients
     if run.clip_grad is not None:
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        loop.grad_norm = torch.nn.utils.clip_grad_norm_(parameters, run.clip_grad)
+        norm = torch.nn.utils.clip_grad_norm_(parameters, run.clip_grad)
+        loop.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # (FSDP2)
     if runner.listening("backward"):
         runner.emit("backward")
     if scaler is not None:
@@ -589,6 +607,21 @@ def _optimizer_step(loop, run, runner, epoch):
         run.scheduler.step()
     if runner.listening("step"):
         runner.emit("step")
+
+
+@contextlib.contextmanager
+def _no_gradient_sync(model):
+    """Gradients add up on each process without an all-reduce: DDP's no_sync, or FSDP2's
+    set_requires_gradient_sync(False)."""
+    if not _is_fsdp(model):
+        with model.no_sync():
+            yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def _group_size(loop, run, epoch):
@@ -618,10 +651,11 @@ def _forward(run, model, batch):
     return (run.loss_fn(output, target) if run.loss_fn else None), output, target
 
 
-def _record(meters, metrics, loss, output, target, batch):
+def _record(run, meters, loss, output, target, batch):
     size = _batch_size(target if target is not None else batch)
     if loss is not None and "loss" in meters:
         meters["loss"].add(loss.detach() if loss.requires_grad else loss, size)
+    metrics = run.metrics
     if not metrics:
         return
     if output is None or target is None:
@@ -632,7 +666,34 @@ def _record(meters, metrics, loss, output, target, batch):
             if name in meters:
                 meters[name].add(metric(output, target).detach(), size)
             else:
-                metric.update(output, target)
+                _update(run, metric, output, target)
+
+
+def _update(run, metric, output, target):
+    """metric.update(); under torchrun with every process's outputs and targets, so that its
+    value is global (torchmetrics objects gather their own states in compute() instead)."""
+    torchmetrics = sys.modules.get("torchmetrics")
+    if run.world_size > 1 and not (torchmetrics and isinstance(metric, torchmetrics.Metric)):
+        output, target = _gather(output, "output"), _gather(target, "target")
+    metric.update(output, target)
+
+
+def _gather(tensor, name):
+    """Every process's ``tensor`` joined along dim 0 (their lengths may differ)."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+        raise TypeError(f"under torchrun, update/compute/reset metrics get every process's "
+                        f"outputs and targets, gathered as batch-first tensors; the {name} is "
+                        f"{_describe(tensor)}: use a torchmetrics Metric or a metric function")
+    dist = torch.distributed
+    sizes = [torch.zeros(1, dtype=torch.int64, device=tensor.device)
+             for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(tensor)], device=tensor.device))
+    sizes = [int(size) for size in sizes]  # (a sync, for metrics that asked for objects)
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[:len(tensor)] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
 def _end_epoch(loop, run, runner):
@@ -667,13 +728,46 @@ def _step_scheduler(scheduler, monitor, values):
 
 def _evaluate(run, batches):
     meters = _new_meters(run.metrics, run.loss_fn is not None or run.step_fn is not None)
-    with _eval_mode(run.model):
-        for batch in itertools.islice(batches, run.limit):
-            batch = _to_device(batch, run.device, run.non_blocking)
+    model = run.model  # (the module inside a DDP wrapper: its forward would broadcast buffers)
+    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    last = None
+    with _eval_mode(model):
+        for batch in _in_step(run, itertools.islice(batches, run.limit)):
+            if batch is None:  # a pass that keeps this process in step with the others
+                _extra_pass(run, model, last)
+                continue
+            last = batch = _to_device(batch, run.device, run.non_blocking)
             with run.autocast:
-                loss, output, target = _forward(run, run.model, batch)
-            _record(meters, run.metrics, loss, output, target, batch)
+                loss, output, target = _forward(run, model, batch)
+            _record(run, meters, loss, output, target, batch)
     return _epoch_results(run, meters)
+
+
+def _in_step(run, batches):
+    """The batches; under torchrun, then None until every process has run out, so all make as
+    many passes (FSDP2's forward and gathered metrics are collectives; shards can be uneven)."""
+    if run.world_size == 1:
+        yield from batches
+        return
+    for batch in itertools.chain(batches, itertools.repeat(None)):
+        more = torch.tensor([int(batch is not None)])
+        torch.distributed.all_reduce(more, torch.distributed.ReduceOp.MAX, group=run.stop_group)
+        if not more.item():
+            return
+        yield batch
+
+
+def _extra_pass(run, model, last):
+    """What a process with no batch left does while others evaluate: the same collectives
+    (an FSDP2 forward, gathers of nothing), recorded nowhere."""
+    if last is None:
+        raise ValueError(f"under torchrun, process {run.rank} got no evaluation batch, while "
+                         f"another did: give the validation data at least one batch per process")
+    with run.autocast:
+        _, output, target = _forward(run, model, last)
+    for metric in run.metrics.values():
+        if _is_metric_object(metric):
+            _update(run, metric, output[:0], target[:0])
 
 
 def _new_meters(metrics, with_loss):
@@ -788,7 +882,8 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, me
              device="auto", step=None, batch_size=32, shuffle=False, scheduler=None,
              scheduler_interval="epoch", scheduler_monitor="val_loss", precision=None,
              accumulate=1, clip_grad=None, seed=None, max_steps=None, dry_run=False,
-             nonfinite="raise", resume=None, distributed=True):
+             nonfinite="raise", resume=None, ddp_options=None, process_group_timeout=600,
+             distributed=True):
     """Check every option and resolve it into a _Run, before any hook runs or anything trains:
     the arguments, device and process group, precision, data and its sharding, the resume file.
     ``optimizer=None`` prepares an evaluation; ``distributed=False`` ignores torchrun."""
@@ -799,12 +894,9 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, me
         raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
     metrics = _check_metrics(metrics)
     device = _resolve_device(device)
-    device = _join_process_group(device) if distributed else device
+    device = _join_process_group(device, process_group_timeout) if distributed else device
     if seed is not None:  # before anything draws a random number
-        random.seed(seed)
-        torch.manual_seed(seed)
-        if "numpy" in sys.modules:
-            sys.modules["numpy"].random.seed(seed % 2**32)
+        _seed_everything(seed)
     batches = _as_batches(loader, "loader", batch_size, shuffle)
     if val_loader is not None:
         val_loader = _as_batches(val_loader, "val_loader", batch_size, False)
@@ -821,9 +913,14 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, me
     if world_size > 1:
         batches = _shard(batches, rank, world_size, training=optimizer is not None)
         val_loader = _shard(val_loader, rank, world_size, training=False)
-    if world_size > 1 and optimizer is not None:
+    wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel) or _is_fsdp(model)
+    if wrapped and ddp_options:
+        raise ValueError(f"ddp_options={ddp_options!r}, but the model is already wrapped "
+                         f"({type(model).__name__}): pass the options where you wrap it")
+    if world_size > 1 and optimizer is not None and not wrapped:
         cuda = [device.index] if device.type == "cuda" else None
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=cuda)
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=cuda,
+                                                                **(ddp_options or {}))
         # stop flags travel on the CPU, so agreeing to stop never waits for the GPU
         stop_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return _Run(
@@ -835,7 +932,7 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, me
         _load_checkpoint(resume, model) if resume is not None else None)
 
 
-def _join_process_group(device):
+def _join_process_group(device, timeout):
     """Under torchrun (WORLD_SIZE > 1), start the process group unless the user has, and use
     this process's own GPU, cuda:LOCAL_RANK."""
     dist = torch.distributed
@@ -849,7 +946,8 @@ def _join_process_group(device):
                              f"one process per GPU (torchrun --nproc_per_node="
                              f"{torch.cuda.device_count()}), or pass device='cpu'")
     if torchrun and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout))
         # what loopy started it also ends: a group left to die with the interpreter can abort
         # it ("terminate called without an active exception")
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
@@ -859,29 +957,76 @@ def _join_process_group(device):
 
 
 def _shard(loader, rank, world_size, training):
-    """Each process's part of the data: a DistributedSampler for training (reshuffled each
-    epoch), a strided slice without padding for evaluation. Other loaders are left as given."""
+    """Each process's part of a DataLoader over a map-style dataset. Sequential and random
+    samplers become a DistributedSampler for training (reshuffled each epoch) and a strided
+    slice for evaluation; any other sampler or batch sampler is kept, and each process takes its
+    share of what it draws (_ShardedSampler). Other loaders are used as given."""
     data = torch.utils.data
-    if loader is None:
-        return loader
     if isinstance(loader, _TensorBatches):
         loader = data.DataLoader(data.TensorDataset(*loader.tensors), loader.batch_size,
                                  shuffle=loader.shuffle)
     if not isinstance(loader, data.DataLoader) or isinstance(loader.dataset, data.IterableDataset) \
-            or isinstance(loader.sampler, data.DistributedSampler):
+            or isinstance(loader.sampler, (data.DistributedSampler, _ShardedSampler)):
         return loader
-    if loader.batch_size is None:
-        raise ValueError("loader has a batch_sampler, which loopy cannot shard under torchrun: "
-                         "build it on a torch.utils.data.DistributedSampler yourself")
-    if training:
+    options = {name: getattr(loader, name) for name in (
+        "num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
+        "multiprocessing_context", "generator", "prefetch_factor", "persistent_workers")}
+    if loader.batch_size is None:  # the user's batch sampler: a share of its batches
+        batches = _ShardedSampler(loader.batch_sampler, rank, world_size, pad=training)
+        return data.DataLoader(loader.dataset, batch_sampler=batches, **options)
+    sampler, kind = loader.sampler, type(loader.sampler)
+    if kind is data.SequentialSampler or \
+            (kind is data.RandomSampler and not sampler.replacement and sampler._num_samples is None):
         sampler = data.DistributedSampler(loader.dataset, drop_last=loader.drop_last,
-                                          shuffle=isinstance(loader.sampler, data.RandomSampler))
+                                          shuffle=kind is data.RandomSampler) if training \
+            else range(rank, len(loader.dataset), world_size)
     else:
-        sampler = range(rank, len(loader.dataset), world_size)
-    options = ("num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
-               "multiprocessing_context", "generator", "prefetch_factor", "persistent_workers")
+        sampler = _ShardedSampler(sampler, rank, world_size, pad=training)
     return data.DataLoader(loader.dataset, loader.batch_size, sampler=sampler,
-                           **{name: getattr(loader, name) for name in options})
+                           drop_last=loader.drop_last, **options)
+
+
+class _ShardedSampler:
+    """A process's strided share of what the user's sampler (or batch sampler) draws, as
+    Lightning's DistributedSamplerWrapper does. Every process draws with the same seeds (the
+    epoch's), so the shares are disjoint and together are the draw. For training, the draw is
+    padded by repeating its start, so that every process gets as many items as the others."""
+
+    def __init__(self, sampler, rank, world_size, pad):
+        if _length(sampler) is None:
+            raise ValueError(f"under torchrun each of the {world_size} processes takes its "
+                             f"share of what the loader's sampler draws, which needs its len(), "
+                             f"and {_describe(sampler)} has none: give it __len__, or build the "
+                             f"DataLoader on a torch.utils.data.DistributedSampler yourself")
+        self.sampler, self.rank, self.world_size, self.pad, self.epoch = \
+            sampler, rank, world_size, pad, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        total = len(self.sampler)
+        return -(-total // self.world_size) if self.pad else \
+            len(range(self.rank, total, self.world_size))
+
+    def __iter__(self):
+        saved, generator = _rng_state(), getattr(self.sampler, "generator", None)
+        own = generator.get_state() if isinstance(generator, torch.Generator) else None
+        try:  # the same draw on every process
+            _seed_everything(self.epoch)
+            if own is not None:
+                generator.manual_seed(self.epoch)
+            drawn = list(self.sampler)
+        finally:
+            _set_rng_state(saved)
+            if own is not None:
+                generator.set_state(own)
+        if self.pad and drawn:
+            total = len(self) * self.world_size
+            drawn = (drawn * -(-total // len(drawn)))[:total]
+        return iter(drawn[self.rank::self.world_size])
 
 
 def _should_stop(loop, run):
@@ -1027,8 +1172,9 @@ def _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, ma
     own = {id(p) for p in model.parameters()}
     if own and not any(id(p) in own for g in optimizer.param_groups for p in g["params"]):
         raise ValueError("optimizer holds none of the model's parameters: it was built for "
-                         "another model (or before the model was re-created); build it from "
-                         "this one: torch.optim.SGD(model.parameters(), lr=...)")
+                         "another model (or before the model was re-created, or before "
+                         "fully_shard replaced its parameters); build it from this one, last: "
+                         "torch.optim.SGD(model.parameters(), lr=...)")
     if not callable(step if step is not None else loss_fn):
         raise TypeError(f"loss_fn must be callable, like torch.nn.functional.cross_entropy (or "
                         f"pass step=fn(model, batch) -> loss); got {_describe(loss_fn)}")
@@ -1297,8 +1443,13 @@ def _load_checkpoint(path, model):
 def _restore(loop, state):
     """Load a checkpoint's state into the run; returns the position inside its unfinished
     epoch (None at an epoch boundary)."""
-    _unwrap(loop.model).load_state_dict(state["model"])
-    loop.optimizer.load_state_dict(state["optimizer"])
+    if _is_fsdp(loop.model):  # every process loaded the whole file, and takes its shards
+        sdp, options = _fsdp_state_api()
+        sdp.set_model_state_dict(loop.model, copy.copy(state["model"]), options=options)
+        sdp.set_optimizer_state_dict(loop.model, loop.optimizer, state["optimizer"], options=options)
+    else:
+        _unwrap(loop.model).load_state_dict(state["model"])
+        loop.optimizer.load_state_dict(state["optimizer"])
     for name in ("scheduler", "scaler"):
         if getattr(loop, name) is not None and state[name] is not None:
             getattr(loop, name).load_state_dict(state[name])
@@ -1306,6 +1457,13 @@ def _restore(loop, state):
     loop.metrics = {name: values[-1] for name, values in loop.history.items() if values}
     _set_rng_state(state["rng"])
     return None if state["position"] is None else dict(state["position"], rng=state["rng"])
+
+
+def _seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed % 2**32)
 
 
 def _rng_state():
@@ -1328,6 +1486,30 @@ def _set_rng_state(state):
         numpy = sys.modules["numpy"]
         kind, keys, *rest = state["numpy"]
         numpy.random.set_state((kind, numpy.array(keys, dtype=numpy.uint32), *rest))
+
+
+def _model_and_optimizer_state(model, optimizer):
+    """Plain state dicts; an FSDP2 model's are gathered in full (every process must call this),
+    so the file loads into a plain module with weights_only=True."""
+    if not _is_fsdp(model):
+        return _unwrap(model).state_dict(), optimizer.state_dict()
+    sdp, options = _fsdp_state_api()
+    return (sdp.get_model_state_dict(model, options=options),
+            sdp.get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def _fsdp_state_api():
+    import torch.distributed.checkpoint.state_dict as sdp
+    return sdp, sdp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _is_fsdp(model):
+    """Whether ``model`` was sharded with FSDP2's fully_shard (which needs a process group)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
 
 
 def _unwrap(model):

@@ -2138,3 +2138,289 @@ def test_cuda_the_sync_check_catches_a_sync_inside_a_step(monkeypatch):
     with pytest.raises(RuntimeError, match="called a synchronizing CUDA operation"):
         loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
                   (X.cuda(), y.cuda()), hooks=[reads_the_loss()], progress=False)
+
+
+# --- issue 13: torchrun keeps the user's samplers and wrappers; global metrics; FSDP2 ---
+
+TORCHRUN_13_SCRIPT = """import os, sys, torch, loopy
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset, SubsetRandomSampler
+torch.set_num_threads(1)
+mode, out = sys.argv[1], sys.argv[2]
+rank = int(os.environ.get("RANK", 0))
+X = torch.randn(41, 8, generator=torch.Generator().manual_seed(0))
+y = (X[:, 0] > 0).long()
+data = TensorDataset(X, y)
+result = {}
+
+
+class Errors:  # a plain update/compute/reset metric object
+    def reset(self):
+        self.count = 0
+
+    def update(self, output, target):
+        self.count += int((output.argmax(1) != target).sum())
+
+    def compute(self):
+        return self.count
+
+
+class Seen(torch.nn.Module):  # an MLP that remembers which rows it saw, and an unused layer
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                       torch.nn.Linear(16, 2))
+        self.unused = torch.nn.Linear(8, 2)
+        self.rows = {True: [], False: []}
+
+    def forward(self, x):
+        self.rows[self.training] += x[:, 0].tolist()
+        return self.net(x)
+
+
+def rows_to_indices(rows):
+    return sorted(int((X[:, 0] == value).nonzero()) for value in rows)
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+
+
+if mode == "split":
+    train_idx = [i for i in range(40) if i % 4 != 3]  # 30 samples: 15 on each process
+    val_idx = [i for i in range(41) if i % 4 == 3 or i == 40]  # 11: 6 and 5
+    torch.manual_seed(0)
+    model = Seen()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loop = loopy.fit(model, F.cross_entropy, optimizer,
+                     DataLoader(data, 4, sampler=SubsetRandomSampler(train_idx)),
+                     val_loader=DataLoader(data, 4, sampler=SubsetRandomSampler(val_idx)),
+                     metrics={"errors": Errors()}, epochs=2, progress=False,
+                     ddp_options={"find_unused_parameters": True})
+    result.update(history=loop.history, train_rows=rows_to_indices(model.rows[True]),
+                  val_rows=rows_to_indices(model.rows[False]), train_idx=train_idx,
+                  val_idx=val_idx)
+if mode == "split" and torch.distributed.is_initialized():
+    # a model the user wrapped in DDP, with its own options
+    wrapped = torch.nn.parallel.DistributedDataParallel(Seen(), find_unused_parameters=True)
+    loop = loopy.fit(wrapped, F.cross_entropy, torch.optim.SGD(wrapped.parameters(), lr=0.1),
+                     DataLoader(data, 4, shuffle=True), epochs=1, progress=False)
+    result["wrapped"] = {k: v.clone() for k, v in wrapped.module.state_dict().items()}
+    result["wrapped_step"] = loop.step
+    try:
+        loopy.fit(wrapped, F.cross_entropy, torch.optim.SGD(wrapped.parameters(), lr=0.1),
+                  DataLoader(data, 4), ddp_options={"static_graph": True}, progress=False)
+    except ValueError as error:
+        result["options_refused"] = str(error)
+
+    # a stop at "start" on rank 1 only
+    def stop_at_start():
+        loop = yield "start"
+        if loop.rank == 1:
+            loop.stop("rank 1 stops at start")
+        yield
+    model = mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                     DataLoader(data, 4), epochs=2, hooks=[stop_at_start()], progress=False)
+    result.update(stop_step=loop.step, stop_reason=loop.stop_reason)
+
+    # a sampler without len() cannot be sharded
+    class Endless(torch.utils.data.Sampler):
+        def __iter__(self):
+            return iter(range(41))
+    try:
+        model = mlp()
+        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                  DataLoader(data, 4, sampler=Endless()), progress=False)
+    except ValueError as error:
+        result["refused"] = str(error)
+
+if mode == "fsdp":  # under torchrun, 1 or 2 processes
+    from torch.distributed.fsdp import fully_shard
+    val = DataLoader(TensorDataset(X[:33], y[:33]), 4)  # uneven: 17 and 16 samples
+
+    def sharded(seed=0):
+        model = mlp(seed)
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        return fully_shard(model)
+
+    def run(model, **options):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        loop = loopy.fit(model, F.cross_entropy, optimizer, DataLoader(data, 4), epochs=2,
+                         val_loader=val, metrics={"acc": loopy.accuracy}, accumulate=2,
+                         clip_grad=1.0, progress=False, **options)
+        return loop
+
+    world = int(os.environ["WORLD_SIZE"])
+    if world == 2:  # loopy's own DDP, the reference
+        loop = run(mlp())
+        result["ddp"] = {k: v.clone() for k, v in loop.model.state_dict().items()}
+        result["ddp_history"] = loop.history
+    model = sharded()
+    loop = run(model)
+    result["grad_norm_type"] = type(loop.grad_norm).__name__
+    result["history"] = loop.history
+    final = loop.state_dict()  # (every process gathers; rank 0 holds the whole state)
+    result["fsdp"] = final["model"] if rank == 0 else None
+
+    def stop_at(step):
+        while True:
+            loop = yield "step"
+            if loop.step == step:
+                loop.stop("preempted")
+    stopped = run(sharded(), hooks=[stop_at(2), loopy.checkpoint(os.path.join(out, "run.pt"))])
+    resumed = run(sharded(), resume=os.path.join(out, "run.pt"))
+    state = resumed.state_dict()
+    result["resumed"] = state["model"] if rank == 0 else None
+    result["resumed_history"] = resumed.history
+    try:  # an optimizer built before fully_shard holds none of the model's parameters
+        model = mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        loopy.fit(model, F.cross_entropy, optimizer, DataLoader(data, 4), progress=False)
+    except ValueError as error:
+        result["early_optimizer"] = str(error)
+
+if mode == "hang":  # rank 1 hangs in a hook; rank 0 waits for it no longer than the timeout
+    import time
+
+    def hang_on_rank_1():
+        loop = yield "step"
+        if loop.rank == 1:
+            time.sleep(10)
+        yield
+    model = mlp()
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+              DataLoader(data, 4), hooks=[hang_on_rank_1()], progress=False,
+              process_group_timeout=3)
+
+torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+"""
+
+
+def run_13(tmp_path, mode, processes, expect_failure=False):
+    script = tmp_path / "torchrun13.py"
+    script.write_text(TORCHRUN_13_SCRIPT)
+    out = tmp_path / f"{mode}-{processes}"
+    out.mkdir()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={processes}"] if processes else [sys.executable]
+    result = subprocess.run(launcher + [str(script), mode, str(out)], capture_output=True,
+                            text=True, timeout=300,
+                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
+    if expect_failure:
+        return result
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, [torch.load(out / f"rank{rank}.pt", weights_only=True)
+                 for rank in range(max(processes, 1))]
+
+
+@pytest.fixture(scope="module")
+def split_runs(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("split")
+    return run_13(tmp_path, "split", 2)[1], run_13(tmp_path, "split", 0)[1][0]
+
+
+@pytest.mark.slow
+def test_torchrun_shards_the_users_samplers_instead_of_replacing_them(split_runs):
+    (rank0, rank1), _ = split_runs
+    epochs = 2
+    for rows, split in (("train_rows", "train_idx"), ("val_rows", "val_idx")):
+        assert set(rank0[rows]) <= set(rank0[split]) and set(rank1[rows]) <= set(rank0[split])
+        # together the ranks see each sample of the split once per epoch
+        assert sorted(rank0[rows] + rank1[rows]) == sorted(rank0[split] * epochs)
+    assert len(rank0["val_rows"]) == 6 * epochs and len(rank1["val_rows"]) == 5 * epochs
+
+
+@pytest.mark.slow
+def test_torchrun_metric_objects_are_global_and_equal_one_process(split_runs):
+    (rank0, rank1), single = split_runs
+    assert rank0["history"] == rank1["history"]
+    # a plain update/compute/reset object sees every rank's outputs: the one-process count
+    assert rank0["history"]["errors"] == single["history"]["errors"]
+    assert rank0["history"]["val_errors"] == single["history"]["val_errors"]
+    for name in ("loss", "val_loss"):  # (float sums in another order)
+        assert rank0["history"][name] == pytest.approx(single["history"][name], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_takes_ddp_options_and_a_model_the_user_wrapped(split_runs):
+    (rank0, rank1), _ = split_runs
+    # find_unused_parameters=True through ddp_options made the split run possible at all (its
+    # model has an unused layer); the user's own DDP wrapper trained as given
+    assert rank0["wrapped_step"] == rank1["wrapped_step"] == 6
+    assert all(torch.equal(rank0["wrapped"][k], rank1["wrapped"][k]) for k in rank0["wrapped"])
+    assert rank0["options_refused"] == (
+        "ddp_options={'static_graph': True}, but the model is already wrapped "
+        "(DistributedDataParallel): pass the options where you wrap it")
+
+
+@pytest.mark.slow
+def test_torchrun_a_stop_at_start_on_one_rank_stops_every_rank(split_runs):
+    (rank0, rank1), _ = split_runs
+    assert rank0["stop_step"] == rank1["stop_step"] == 0
+    assert rank1["stop_reason"] == "rank 1 stops at start"
+    assert rank0["stop_reason"] == "stopped by another process"
+
+
+@pytest.mark.slow
+def test_torchrun_a_sampler_without_len_is_refused_with_the_fix(split_runs):
+    (rank0, _), _ = split_runs
+    assert "has none: give it __len__, or build the DataLoader on a " \
+           "torch.utils.data.DistributedSampler yourself" in rank0["refused"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("fsdp")
+    return run_13(tmp_path, "fsdp", 2), run_13(tmp_path, "fsdp", 1)
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_equals_loopys_ddp_and_resumes_exactly(fsdp_runs):
+    (out, (rank0, rank1)), _ = fsdp_runs
+    assert rank0["history"] == rank1["history"] == rank0["ddp_history"]  # uneven validation ran
+    for name, weights in rank0["ddp"].items():  # bit-identical with torch 2.13 on CPU
+        assert torch.equal(rank0["fsdp"][name], weights)
+        assert torch.equal(rank0["resumed"][name], weights)  # a mid-epoch stop, then resume
+    assert rank0["grad_norm_type"] == "Tensor"  # not a DTensor
+    # the file is loopy's usual one: it loads into a plain module with weights_only=True
+    saved = torch.load(out / "run.pt", weights_only=True)
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    plain.load_state_dict(saved["model"])
+    assert saved["position"] is not None  # it was a mid-epoch checkpoint
+    assert "before fully_shard replaced its parameters" in rank0["early_optimizer"]
+
+
+@pytest.mark.slow
+def test_fsdp2_on_one_process_is_bit_identical_to_the_plain_loop(fsdp_runs):
+    _, (_, (single,)) = fsdp_runs
+    X = torch.randn(41, 8, generator=torch.Generator().manual_seed(0))
+    y = (X[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loop = loopy.fit(model, F.cross_entropy, optimizer,
+                     torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), 4),
+                     epochs=2, val_loader=torch.utils.data.DataLoader(
+                         torch.utils.data.TensorDataset(X[:33], y[:33]), 4),
+                     metrics={"acc": loopy.accuracy}, accumulate=2, clip_grad=1.0,
+                     progress=False)
+    assert single["history"] == loop.history
+    for name, weights in model.state_dict().items():
+        assert torch.equal(single["fsdp"][name], weights)
+        assert torch.equal(single["resumed"][name], weights)
+
+
+@pytest.mark.slow
+def test_torchrun_a_hung_rank_fails_the_others_after_process_group_timeout(tmp_path):
+    started = time.monotonic()
+    result = run_13(tmp_path, "hang", 2, expect_failure=True)
+    assert result.returncode != 0 and "Timed out waiting 3000ms" in result.stderr
+    assert time.monotonic() - started < 90
