@@ -262,11 +262,12 @@ class Loop:
 
     Attributes: ``model``, ``optimizer``, ``loss_fn``, ``loader`` (the user's own objects),
     ``device``, ``epoch`` (0-based index of the current epoch), ``epochs``, ``step``
-    (optimizer steps so far), ``batch_index`` (within the epoch), ``batch`` (on the device;
+    (optimizer steps so far), ``batch_index`` (within the epoch), ``num_batches`` (batches in
+    this epoch; None when the loader has no len()), ``batch`` (on the device;
     a ``"batch"`` hook may replace it), ``output``, ``loss`` (detached tensor), ``grad_norm``
     (with ``clip_grad``), ``metrics`` (the last epoch's floats), ``history`` (lists of floats
     per epoch), ``event`` (the current event), ``stop_reason``, ``rank`` and ``world_size``
-    (under torchrun; 0 and 1 otherwise), ``scheduler``, ``scaler``, ``val_loader``.
+    (under torchrun; 0 and 1 otherwise), ``scheduler``, ``scaler``, ``val_loader``, ``dry_run``.
     """
 
     def __init__(self, run, loader, val_loader=None):
