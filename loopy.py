@@ -35,7 +35,8 @@ A hook is a generator: code before its first ``yield`` runs when training starts
 
 __version__ = "0.1.0"
 __all__ = ["fit", "evaluate", "predict", "accuracy", "lr_find", "Loop", "HookError", "EVENTS",
-           "progress", "early_stopping", "checkpoint", "csv_logger", "tensorboard"]
+           "plot_history", "progress", "early_stopping", "checkpoint", "csv_logger", "tensorboard",
+           "log_to", "live_plot"]
 
 import atexit
 import collections.abc
@@ -87,7 +88,9 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
         metrics: ``{"name": fn(output, target) -> tensor}`` (epoch means weighted by batch size)
             or objects with ``update/compute/reset`` (a torchmetrics ``Metric``).
         device: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda:1"``, a ``torch.device``.
-        progress: add the :func:`progress` hook (a bar on a terminal, else a line per epoch).
+        progress: what the :func:`progress` hook shows: ``True`` or ``"bar"`` (a live bar where a
+            person watches, a terminal or a notebook, and a complete line per epoch on stdout),
+            ``"epoch"`` (only the lines, like Keras's ``verbose=2``) or ``False`` (nothing).
         step: ``step(model, batch)`` for any other update, returning the loss or ``(loss, output,
             target)``; validation runs it too, with ``model.training`` False and no grad.
         batch_size, shuffle: for in-memory tensors only.
@@ -129,11 +132,11 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
                    shuffle=shuffle, scheduler=scheduler, scheduler_interval=scheduler_interval,
                    scheduler_monitor=scheduler_monitor, precision=precision,
                    accumulate=accumulate, clip_grad=clip_grad, seed=seed, max_steps=max_steps,
-                   dry_run=dry_run, nonfinite=nonfinite, resume=resume,
+                   dry_run=dry_run, nonfinite=nonfinite, resume=resume, progress=progress,
                    ddp_options=ddp_options, process_group_timeout=process_group_timeout)
     loop = Loop(run, loader, val_loader)
-    if progress and run.rank == 0:
-        hooks.append(_default_progress())
+    if run.progress and run.rank == 0:  # last, so that its epoch line sees what hooks changed
+        hooks.append(_default_progress(bar=run.progress == "bar"))
     with _HookRunner(hooks, loop) as runner, _ctrl_c_stops(loop):
         position = _restore(loop, run.resume) if run.resume is not None else None
         optimizer.zero_grad()
@@ -257,6 +260,49 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
     return {"lr": lrs, "loss": losses, "suggestion": lrs[best]}
 
 
+def plot_history(history, path=None):
+    """Plot a run's curves with matplotlib (``pip install matplotlib``): one panel per metric,
+    training against validation, per epoch (the learning rate left out). ``history`` is a
+    :class:`Loop`, its ``history``, or the result of :func:`lr_find` (its smoothed loss against
+    the learning rate on a log scale, the suggestion marked).
+
+    Returns the matplotlib ``Figure`` (closed in pyplot: a notebook shows it once, as the
+    cell's value); with ``path``, it is also saved there (a PNG for ``"curves.png"``).
+
+        >>> loopy.plot_history(loop, "curves.png")
+    """
+    import matplotlib.pyplot as plt
+    history = getattr(history, "history", history)
+    if not isinstance(history, collections.abc.Mapping) or not history:
+        raise ValueError(f"plot_history needs a Loop, its history or lr_find's result, with at "
+                         f"least one epoch recorded; got {_describe(history)}")
+    if "suggestion" in history:  # lr_find's result
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        axis.plot(history["lr"], history["loss"], label="loss (smoothed)")
+        axis.axvline(history["suggestion"], color="gray", linestyle="--",
+                     label=f"suggestion {history['suggestion']:.3g}")
+        axis.set(xscale="log", xlabel="learning rate")
+        axes = [axis]
+    else:
+        names = dict.fromkeys(name.removeprefix("val_") for name in history
+                              if name not in ("lr", "skipped"))
+        figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+        axes = axes[0]
+        for axis, name in zip(axes, names):
+            for key, label in ((name, "training"), ("val_" + name, "validation")):
+                if key in history:
+                    axis.plot(range(1, len(history[key]) + 1), history[key], label=label)
+            axis.set(title=name, xlabel="epoch")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    plt.close(figure)  # the caller shows or saves it; pyplot would show it a second time
+    if path is not None:
+        figure.savefig(path)
+    return figure
+
+
 class Loop:
     """The live state of one :func:`fit` run: what every hook receives from ``yield``.
 
@@ -268,6 +314,7 @@ class Loop:
     (with ``clip_grad``), ``metrics`` (the last epoch's floats), ``history`` (lists of floats
     per epoch), ``event`` (the current event), ``stop_reason``, ``rank`` and ``world_size``
     (under torchrun; 0 and 1 otherwise), ``scheduler``, ``scaler``, ``val_loader``, ``dry_run``.
+    Its ``repr`` is one line: epochs done, steps, the stop reason and the last metrics.
     """
 
     def __init__(self, run, loader, val_loader=None):
@@ -290,6 +337,23 @@ class Loop:
         taken then resumes it from the next batch."""
         if self.stop_reason is None:
             self.stop_reason = reason
+
+    def print(self, *values, sep=" ", end="\n", file=None):
+        """``print``, on rank 0 only, through ``tqdm.write`` when tqdm is loaded, so that a live
+        progress bar is cleared first and redrawn after: the way to print from a hook at
+        ``"batch"``, ``"backward"`` or ``"step"`` (at ``"epoch"`` the bar is already cleared)."""
+        if self.rank != 0:
+            return
+        tqdm = sys.modules.get("tqdm")
+        if tqdm is None:
+            return print(*values, sep=sep, end=end, file=file, flush=True)
+        tqdm.tqdm.write(sep.join(map(str, values)), file=file, end=end)
+        (file or sys.stdout).flush()
+
+    def __repr__(self):
+        stop = f", stopped: {self.stop_reason}" if self.stop_reason else ""
+        return (f"<Loop epoch {self.epoch + _epoch_complete(self)}/{self.epochs}, step "
+                f"{self.step}{stop}; {_format_metrics(self.metrics) or 'no metrics yet'}>")
 
     def averages(self):
         """The running means of this epoch so far, as floats (this pulls numbers off the device)."""
@@ -336,37 +400,42 @@ def _write_atomically(state, path):
 
 # --- built-in hooks ---
 
-def progress(refresh=0.5):
-    """Show training progress: with tqdm on a terminal or in a notebook, one bar per epoch
-    whose loss and metrics refresh at most every ``refresh`` seconds; otherwise (CI, a log
-    file, no tqdm) one plain line per epoch. ``fit`` adds it unless ``progress=False``."""
-    bar_class = None  # a bar only where a person watches: a terminal or a notebook
-    if "ipykernel" in sys.modules or (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
-        with contextlib.suppress(ImportError):
-            from tqdm.auto import tqdm as bar_class
-    started, shown, bar = time.monotonic(), 0.0, None
+def progress(refresh=0.5, bar=True):
+    """Show training progress: after every epoch, one complete line on stdout with every metric
+    and the epoch's time, wherever stdout goes (a terminal, a notebook, a pipe, a file). With
+    ``bar`` and tqdm, also one live bar per run where a person watches (stderr on a terminal; a
+    notebook: a widget with ipywidgets, else text), its running means refreshed at most every
+    ``refresh`` seconds (a sync each time), and cleared after an epoch's last step, so that a
+    hook's ``print`` at ``"epoch"`` starts a line of its own. ``fit`` adds it last: ``progress=
+    True`` or ``"bar"`` adds ``progress()``, ``progress="epoch"`` adds ``progress(bar=False)``.
+    """
+    bar_class = _bar_class() if bar else None
+    started, shown, live, bar_epoch = time.monotonic(), 0.0, None, None
     try:
         while True:
             loop = yield ("step", "epoch") if bar_class else "epoch"
-            if bar_class is None:
-                line = " - ".join(f"{name} {value:.4g}" for name, value in loop.metrics.items())
-                print(f"epoch {loop.epoch + 1}/{loop.epochs}: {line} "
-                      f"({time.monotonic() - started:.1f}s)", flush=True)
-                continue
-            if bar is None:
-                bar = bar_class(total=loop.num_batches, unit="batch",
-                                desc=f"epoch {loop.epoch + 1}/{loop.epochs}")
-            if loop.event == "epoch" or time.monotonic() - shown >= refresh:
-                values = loop.metrics if loop.event == "epoch" else loop.averages()  # a sync
-                bar.n = loop.batch_index + 1
-                bar.set_postfix({name: f"{value:.4g}" for name, value in values.items()})
-                shown = time.monotonic()
             if loop.event == "epoch":
-                bar.close()
-                bar = None
+                if live is not None:
+                    live.clear()  # (already cleared, unless the loader has no len())
+                print(f"epoch {loop.epoch + 1}/{loop.epochs}: {_format_metrics(loop.metrics)} "
+                      f"({time.monotonic() - started:.1f}s)", flush=True)
+                started = time.monotonic()
+                continue
+            if live is None:  # one bar per run, reset each epoch: a notebook keeps no stale bars
+                live = bar_class(total=loop.num_batches, unit="batch", leave=False)
+            if bar_epoch != loop.epoch:
+                bar_epoch, shown = loop.epoch, 0.0
+                live.set_description(f"epoch {loop.epoch + 1}/{loop.epochs}", refresh=False)
+                live.reset(total=loop.num_batches)
+            if loop.batch_index + 1 == loop.num_batches or loop.stop_reason is not None:
+                live.clear()  # validation and the "epoch" (or "end") hooks come next
+            elif time.monotonic() - shown >= refresh:
+                live.n = loop.batch_index + 1
+                live.set_postfix({name: f"{value:.4g}" for name, value in loop.averages().items()})
+                shown = time.monotonic()
     finally:
-        if bar is not None:
-            bar.close()
+        if live is not None:
+            live.close()
 
 
 _default_progress = progress
@@ -480,6 +549,51 @@ def tensorboard(log_dir=None, every=50):
             loop = yield ("step", "epoch", "end")
     finally:
         writer.close()
+
+
+def log_to(log, every=None):
+    """Send the metrics to an experiment tracker, on rank 0: ``log(metrics, step)`` after every
+    epoch with all of ``loop.metrics`` and ``"epoch"`` (1-based), ``step`` being the optimizer
+    steps so far (continuing across a resume); with ``every``, also every ``every`` optimizer
+    steps with this epoch's running means, ``loop.averages()`` (rank 0's, and a device sync).
+    ``wandb.log``, ``mlflow.log_metrics`` and a Lightning logger's ``log_metrics`` take these
+    arguments as they are.
+
+        >>> loopy.fit(..., hooks=[loopy.log_to(wandb.log, every=100)])
+    """
+    if not callable(log):
+        raise TypeError(f"log_to(log={_describe(log)}): pass a function log(metrics, step), like "
+                        f"wandb.log or mlflow.log_metrics")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"log_to(every={every!r}): use None (epochs only) or a number of steps > 0")
+    events = ("step", "epoch") if every else "epoch"
+    loop = yield events
+    if loop.rank != 0:
+        return
+    while True:
+        if loop.event == "epoch":
+            log({**loop.metrics, "epoch": loop.epoch + 1}, loop.step)
+        elif loop.step % every == 0:
+            log(loop.averages(), loop.step)
+        loop = yield events
+
+
+def live_plot(path=None):
+    """Redraw :func:`plot_history` after every epoch: in a notebook, one figure updated in
+    place (an IPython display handle; nothing is cleared, so the progress lines stay); with
+    ``path``, also a PNG written there each epoch; elsewhere without ``path``, nothing."""
+    notebook = "ipykernel" in sys.modules
+    handle = None
+    while notebook or path is not None:
+        loop = yield "epoch"
+        if loop.rank != 0:
+            return
+        figure = plot_history(loop, path)
+        if notebook and handle is None:
+            from IPython.display import display
+            handle = display(figure, display_id=True)
+        elif notebook:
+            handle.update(figure)
 
 
 # --- the training loop ---
@@ -877,14 +991,15 @@ class _Run:
     world_size: int = 1
     stop_group: object = None  # the process group that stop flags travel on (None: the default)
     resume: dict = None  # the checkpoint to resume from, loaded and checked
+    progress: str = None  # what fit's own progress hook shows: "bar", "epoch" or None (nothing)
 
 
 def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, metrics=None,
              device="auto", step=None, batch_size=32, shuffle=False, scheduler=None,
              scheduler_interval="epoch", scheduler_monitor="val_loss", precision=None,
              accumulate=1, clip_grad=None, seed=None, max_steps=None, dry_run=False,
-             nonfinite="raise", resume=None, ddp_options=None, process_group_timeout=600,
-             distributed=True):
+             nonfinite="raise", resume=None, progress=None, ddp_options=None,
+             process_group_timeout=600, distributed=True):
     """Check every option and resolve it into a _Run, before any hook runs or anything trains:
     the arguments, device and process group, precision, data and its sharding, the resume file.
     ``optimizer=None`` prepares an evaluation; ``distributed=False`` ignores torchrun."""
@@ -894,6 +1009,9 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, me
     elif not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
     metrics = _check_metrics(metrics)
+    if progress not in (None, False, True, "bar", "epoch"):
+        raise ValueError(f"progress={progress!r}: use True or 'bar' (a live bar where a person "
+                         f"watches, and a line per epoch), 'epoch' (the lines only) or False")
     device = _resolve_device(device)
     device = _join_process_group(device, process_group_timeout) if distributed else device
     if seed is not None:  # before anything draws a random number
@@ -930,7 +1048,8 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, me
         batches, val_loader, 1 if dry_run else epochs, 2 if dry_run else None, accumulate,
         clip_grad, max_steps, nonfinite, scheduler, scheduler_interval, scheduler_monitor,
         dry_run, rank, world_size, stop_group,
-        _load_checkpoint(resume, model) if resume is not None else None)
+        _load_checkpoint(resume, model) if resume is not None else None,
+        "bar" if progress in (True, "bar") else progress or None)
 
 
 def _join_process_group(device, timeout):
@@ -1545,3 +1664,23 @@ def _monitored(loop, monitor, who):
         raise ValueError(f"{who}(monitor={monitor!r}): this run has no such metric{hint}; it "
                          f"has {', '.join(map(repr, loop.metrics))}")
     return loop.metrics[monitor]
+
+
+def _format_metrics(metrics):
+    return " - ".join(f"{name} {value:.4g}" for name, value in metrics.items())
+
+
+def _bar_class():
+    """tqdm's bar class where a person watches (a terminal, a notebook), else None."""
+    notebook = "ipykernel" in sys.modules
+    if not (notebook or (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())):
+        return None
+    with contextlib.suppress(ImportError):
+        if notebook:
+            with contextlib.suppress(ImportError):
+                import ipywidgets  # noqa: F401 (without it, tqdm's notebook bar warns, then prints)
+                from tqdm.notebook import tqdm
+                return tqdm
+        from tqdm.std import tqdm
+        return tqdm
+    return None

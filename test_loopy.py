@@ -1,5 +1,6 @@
 """Tests for loopy. The oracle is the hand-written PyTorch loop: same seed, bit-identical weights."""
 import collections
+import contextlib
 import dataclasses
 import importlib.util
 import inspect
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import pytest
 import torch
@@ -835,8 +837,8 @@ def test_progress_shows_a_tqdm_bar_on_a_terminal(monkeypatch, capsys):
     model = make_mlp()
     loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
               epochs=2)
-    captured = capsys.readouterr()
-    assert captured.out == "" and "epoch 2/2" in captured.err and "2/2" in captured.err
+    captured = capsys.readouterr()  # the bar on stderr, and a line per epoch on stdout
+    assert captured.out.count("\n") == 2 and "epoch 2/2" in captured.err and "2/2" in captured.err
 
 
 def test_loopy_copied_alone_trains_without_tqdm(tmp_path):
@@ -2424,3 +2426,344 @@ def test_torchrun_a_hung_rank_fails_the_others_after_process_group_timeout(tmp_p
     result = run_13(tmp_path, "hang", 2, expect_failure=True)
     assert result.returncode != 0 and "Timed out waiting 3000ms" in result.stderr
     assert time.monotonic() - started < 90
+
+
+# --- issue 15: output people can read everywhere, pictures, trackers ---
+
+def _epoch_line(history, epoch, epochs):
+    """What the progress hook prints for ``epoch`` (1-based), up to the epoch's time."""
+    values = " - ".join(f"{name} {values[epoch - 1]:.4g}" for name, values in history.items())
+    return f"epoch {epoch}/{epochs}: {values} ("
+
+
+def _small_fit(epochs=2, **options):
+    X, y = make_data(64)
+    model = make_mlp()
+    return loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                     batch_size=16, epochs=epochs, val_loader=(X[:32], y[:32]),
+                     metrics={"acc": loopy.accuracy}, **options)
+
+
+@pytest.mark.parametrize("progress, bar, lines", [(True, True, True), ("bar", True, True),
+                                                  ("epoch", False, True), (False, False, False)])
+def test_progress_levels_a_bar_where_a_person_watches_a_line_per_epoch_or_nothing(
+        monkeypatch, capsys, progress, bar, lines):
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    loop = _small_fit(progress=progress)
+    captured = capsys.readouterr()
+    expected = [_epoch_line(loop.history, epoch, 2) for epoch in (1, 2)] if lines else []
+    assert [line[:len(start)] for line, start in zip(captured.out.splitlines(), expected)] \
+        == expected and captured.out.count("\n") == len(expected)
+    assert ("epoch 1/2" in captured.err and "batch" in captured.err) == bar
+    assert bar or captured.err == ""
+
+
+def test_progress_rejects_an_unknown_level_before_training():
+    with pytest.raises(ValueError, match=r"progress='loud': use True or 'bar' .* 'epoch' .* False"):
+        _small_fit(progress="loud", hooks=[recorder(log := [])])
+    assert log == []
+
+
+def test_loop_repr_is_one_line_of_epochs_steps_stop_reason_and_metrics():
+    loop = _small_fit(epochs=3, max_steps=9, progress=False)  # 4 steps per epoch: 2 epochs done
+    values = " - ".join(f"{name} {values[-1]:.4g}" for name, values in loop.history.items())
+    assert repr(loop) == f"<Loop epoch 2/3, step 9, stopped: reached max_steps=9; {values}>"
+    assert repr(_small_fit(epochs=1, progress=False)).startswith("<Loop epoch 1/1, step 4; loss ")
+
+
+def test_loop_print_prints_on_rank_0_only(capsys):
+    loop = _small_fit(progress=False)
+    loop.print("a", 1, sep="-")
+    loop.rank = 1
+    loop.print("b")
+    assert capsys.readouterr().out == "a-1\n"
+
+
+TERMINAL_SCRIPT = """
+import json, sys, torch, loopy
+import torch.nn.functional as F
+torch.set_num_threads(1)
+torch.manual_seed(0)
+X, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+def printer():
+    while True:
+        loop = yield ("step", "epoch")
+        if loop.event == "epoch":
+            print(f"hook: epoch {loop.epoch + 1} done")    # a plain print at "epoch"
+        elif loop.step % 8 == 3:
+            loop.print(f"hook: step {loop.step}")         # mid-epoch, the bar on the screen
+
+loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                 epochs=3, val_loader=(X[:64], y[:64]), metrics={"acc": loopy.accuracy},
+                 hooks=[printer()] if "--printer" in sys.argv else [])
+print("history", json.dumps(loop.history))
+"""
+
+
+def _run_in_terminal(tmp_path, *args, stdout=None):
+    """Run TERMINAL_SCRIPT with stderr (and stdout, unless given) on a pseudo-terminal of 80
+    columns; return all that was written to the terminal."""
+    pty, fcntl, termios, struct = (pytest.importorskip(name) for name in
+                                   ("pty", "fcntl", "termios", "struct"))
+    script = tmp_path / "train.py"
+    script.write_text(TERMINAL_SCRIPT)
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {k: v for k, v in cpu_env(PYTHONPATH=HERE).items() if k not in ("COLUMNS", "LINES")}
+    process = subprocess.Popen([sys.executable, str(script), *args], stdin=terminal,
+                               stdout=stdout or terminal, stderr=terminal, env=env)
+    os.close(terminal)
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
+        while chunk := os.read(main, 65536):
+            chunks.append(chunk)
+    os.close(main)
+    assert process.wait(timeout=120) == 0, b"".join(chunks).decode(errors="replace")[-3000:]
+    return b"".join(chunks).decode()
+
+
+def _screen(text):
+    """The lines a terminal shows for ``text``: a carriage return goes back to column 0, and
+    what follows overwrites what was there."""
+    lines = []
+    for raw in text.split("\n"):
+        line, column = [], 0
+        for char in raw:
+            if char == "\r":
+                column = 0
+                continue
+            line[column:column + 1] = [char]
+            column += 1
+        lines.append("".join(line).rstrip())
+    return lines
+
+
+def _history(lines):
+    return json.loads(next(line for line in lines if line.startswith("history "))[8:])
+
+
+@pytest.mark.slow
+def test_an_80_column_terminal_shows_every_epochs_validation_metrics(tmp_path):
+    screen = _screen(_run_in_terminal(tmp_path))
+    history = _history(screen)
+    assert set(history) == {"loss", "acc", "val_loss", "val_acc", "lr"}
+    for epoch in (1, 2, 3):  # every metric of every epoch, whatever the bar could fit
+        assert sum(line.startswith(_epoch_line(history, epoch, 3)) for line in screen) == 1
+
+
+@pytest.mark.slow
+def test_stdout_to_a_file_while_stderr_is_a_terminal_gets_one_line_per_epoch(tmp_path):
+    with open(tmp_path / "train.log", "w") as log:
+        terminal = _run_in_terminal(tmp_path, stdout=log)
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    history = _history(lines)
+    assert len(lines) == 4 and all(lines[epoch - 1].startswith(_epoch_line(history, epoch, 3))
+                                   for epoch in (1, 2, 3))
+    assert "epoch 3/3:" in terminal and "batch/s" in terminal  # the bar was there
+
+
+@pytest.mark.slow
+def test_a_hook_printing_under_a_terminal_starts_its_line_at_column_0(tmp_path):
+    screen = _screen(_run_in_terminal(tmp_path, "--printer"))
+    for epoch in (1, 2, 3):
+        assert f"hook: step {8 * epoch - 5}" in screen  # loop.print, with the bar live
+        assert f"hook: epoch {epoch} done" in screen  # print at "epoch"
+        assert any(line.startswith(_epoch_line(_history(screen), epoch, 3)) for line in screen)
+
+
+NOTEBOOK_CELL = """
+import json, sys
+sys.path.insert(0, {here!r})
+import torch, loopy
+import torch.nn.functional as F
+torch.manual_seed(0)
+X, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                 epochs=3, val_loader=(X[:64], y[:64]), metrics={{"acc": loopy.accuracy}})
+print("history", json.dumps(loop.history))
+loop
+"""
+
+
+@pytest.mark.slow
+def test_a_notebook_keeps_each_epochs_metrics_as_text_and_shows_the_loop(tmp_path, monkeypatch):
+    nbformat, nbclient = pytest.importorskip("nbformat"), pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        NOTEBOOK_CELL.format(here=HERE))])
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbformat.write(notebook, tmp_path / "saved.ipynb")  # what a reopened notebook holds
+    outputs = nbformat.read(tmp_path / "saved.ipynb", as_version=4).cells[0].outputs
+    stdout = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stdout")
+    history = _history(stdout.splitlines())
+    lines = stdout.splitlines()
+    assert all(lines[epoch - 1].startswith(_epoch_line(history, epoch, 3)) for epoch in (1, 2, 3))
+    (result,) = [o for o in outputs if o.output_type == "execute_result"]
+    values = " - ".join(f"{name} {values[-1]:.4g}" for name, values in history.items())
+    assert result.data["text/plain"] == f"<Loop epoch 3/3, step 24; {values}>"
+    assert "IProgress" not in json.dumps([dict(o) for o in outputs])  # no tqdm warning
+    assert sum(o.output_type == "display_data" for o in outputs) <= 1  # one widget bar at most
+
+
+def _recording(records):
+    return lambda metrics, step: records.append((step, metrics))
+
+
+def test_log_to_logs_every_epoch_and_the_running_means_every_n_steps():
+    X, y = make_data(64)  # 4 batches of 16 per epoch
+    records, batches = [], []
+
+    def per_batch():  # the oracle: each batch's loss and accuracy, averaged by hand
+        while True:
+            loop = yield "step"
+            batches.append((float(loop.loss), float(loopy.accuracy(loop.output, loop.batch[1]))))
+
+    model = make_mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                     batch_size=16, epochs=2, val_loader=(X, y), metrics={"acc": loopy.accuracy},
+                     hooks=[per_batch(), loopy.log_to(_recording(records), every=3)],
+                     progress=False)
+
+    def means(first, last):
+        chosen = batches[first:last]
+        return {"loss": pytest.approx(sum(b[0] for b in chosen) / len(chosen), rel=1e-6),
+                "acc": pytest.approx(sum(b[1] for b in chosen) / len(chosen), rel=1e-6)}
+
+    def epoch(index):
+        return {**{name: values[index] for name, values in loop.history.items()},
+                "epoch": index + 1}
+
+    assert records == [(3, means(0, 3)), (4, epoch(0)), (6, means(4, 6)), (8, epoch(1))]
+    assert list(records[1][1]) == [*loop.history, "epoch"]
+
+
+def test_log_to_continues_the_steps_across_a_resume(tmp_path):
+    X, y = make_data(150)  # 10 batches of 16 per epoch
+
+    def run(path, epochs, stop_at_step=None, resume=None):
+        records = []
+        model = make_mlp(dropout=0.2)
+        hooks = [loopy.checkpoint(path), loopy.log_to(_recording(records), every=4)]
+        loopy.fit(model, F.cross_entropy, torch.optim.Adam(model.parameters(), lr=0.01), (X, y),
+                  batch_size=16, shuffle=True, epochs=epochs, val_loader=(X[:50], y[:50]),
+                  seed=None if resume else 7, resume=resume, progress=False,
+                  hooks=hooks + ([stop_when(stop_at_step)] if stop_at_step else []))
+        return records
+
+    straight = run(tmp_path / "straight.pt", epochs=3)
+    before = run(tmp_path / "run.pt", epochs=3, stop_at_step=14)  # in the middle of epoch 2
+    after = run(tmp_path / "run.pt", epochs=3, resume=tmp_path / "run.pt")
+    assert [step for step, _ in straight] == [4, 8, 10, 12, 16, 20, 20, 24, 28, 30]
+    assert before + after == straight
+
+
+def test_log_to_logs_on_rank_0_only_and_checks_its_arguments():
+    records = []
+    hook = loopy.log_to(_recording(records))
+    assert next(hook) == "epoch"
+    with pytest.raises(StopIteration):  # another process: the hook ends, having logged nothing
+        hook.send(types.SimpleNamespace(rank=1, event="epoch", metrics={"loss": 1.0}, epoch=0,
+                                        step=4))
+    assert records == []
+    with pytest.raises(TypeError, match=r"log_to\(log='wandb' .*\): pass a function log\("
+                                        r"metrics, step\), like wandb.log"):
+        _small_fit(hooks=[loopy.log_to("wandb")], progress=False)
+    with pytest.raises(ValueError, match=r"log_to\(every=0\): use None .* or a number of steps"):
+        _small_fit(hooks=[loopy.log_to(print, every=0)], progress=False)
+
+
+LOG_TO_SCRIPT = """
+import json, os, sys, torch, loopy
+import torch.nn.functional as F
+torch.manual_seed(0)
+X, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+model = torch.nn.Linear(8, 2)
+records = []
+loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                 batch_size=8, epochs=2, progress=False,
+                 hooks=[loopy.log_to(lambda metrics, step: records.append([step, metrics]))])
+with open(os.path.join(sys.argv[1], f"rank{loop.rank}.json"), "w") as file:
+    json.dump({"records": records, "history": loop.history}, file)
+"""
+
+
+@pytest.mark.slow
+def test_log_to_under_torchrun_logs_on_rank_0_only(tmp_path):
+    script = tmp_path / "log_to.py"
+    script.write_text(LOG_TO_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(script), str(tmp_path)],
+                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    history = rank0["history"]  # each process takes 4 of the 8 batches: 4 steps per epoch
+    assert rank0["records"] == [[4 * (e + 1), {**{k: v[e] for k, v in history.items()},
+                                                "epoch": e + 1}] for e in (0, 1)]
+    assert rank1["records"] == [] and rank1["history"] == history
+
+
+@pytest.fixture
+def agg():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")  # no window
+
+
+def test_plot_history_draws_training_against_validation_and_writes_a_png(tmp_path, agg):
+    loop = _small_fit(epochs=3, progress=False)
+    figure = loopy.plot_history(loop, tmp_path / "curves.png")
+    assert [axis.get_title() for axis in figure.axes] == ["loss", "acc"]  # no lr panel
+    for axis, name in zip(figure.axes, ("loss", "acc")):
+        curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                  for line in axis.lines}
+        assert curves == {"training": ([1, 2, 3], loop.history[name]),
+                          "validation": ([1, 2, 3], loop.history["val_" + name])}
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(loopy.plot_history(loop.history).axes) == 2  # the history alone, no file
+    with pytest.raises(ValueError, match=r"plot_history needs a Loop, its history or lr_find's"):
+        loopy.plot_history({})
+
+
+def test_plot_history_draws_lr_finds_loss_against_a_log_scale_learning_rate(agg):
+    X, y = make_data(64)
+    model = make_mlp()
+    found = loopy.lr_find(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                          (X, y), num_steps=20)
+    (axis,) = loopy.plot_history(found).axes
+    curve, suggestion = axis.lines
+    assert axis.get_xscale() == "log" and list(curve.get_xdata()) == found["lr"]
+    assert list(curve.get_ydata()) == found["loss"]
+    assert list(suggestion.get_xdata()) == [found["suggestion"]] * 2
+
+
+def test_live_plot_in_a_notebook_displays_one_figure_and_updates_it_in_place(monkeypatch, agg):
+    display = pytest.importorskip("IPython.display")
+    calls = []
+
+    class Handle:
+        def update(self, figure):
+            calls.append(("update", figure))
+
+    def record_display(figure, display_id=False):
+        calls.append(("display", figure, display_id))
+        return Handle()
+
+    monkeypatch.setattr(display, "display", record_display)
+    monkeypatch.setattr(display, "clear_output", lambda *args, **kwargs: calls.append("clear"))
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))  # a notebook
+    loop = _small_fit(epochs=3, hooks=[loopy.live_plot()], progress=False)
+    assert [call[0] for call in calls] == ["display", "update", "update"] and calls[0][2] is True
+    last = calls[-1][1].axes[0].lines[0]  # the figure of the last epoch holds the whole history
+    assert list(last.get_ydata()) == loop.history["loss"]
+
+
+def test_live_plot_elsewhere_writes_a_png_given_a_path_or_does_nothing(tmp_path, agg):
+    _small_fit(hooks=[loopy.live_plot(tmp_path / "live.png"), loopy.live_plot()], progress=False)
+    assert (tmp_path / "live.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(tmp_path) == ["live.png"]
