@@ -410,7 +410,7 @@ def progress(refresh=0.5, bar=True):
     True`` or ``"bar"`` adds ``progress()``, ``progress="epoch"`` adds ``progress(bar=False)``.
     """
     bar_class = _bar_class() if bar else None
-    started, shown, live, bar_epoch = time.monotonic(), 0.0, None, None
+    started, due, live = time.monotonic(), 0.0, None
     try:
         while True:
             loop = yield ("step", "epoch") if bar_class else "epoch"
@@ -419,20 +419,19 @@ def progress(refresh=0.5, bar=True):
                     live.clear()  # (already cleared, unless the loader has no len())
                 print(f"epoch {loop.epoch + 1}/{loop.epochs}: {_format_metrics(loop.metrics)} "
                       f"({time.monotonic() - started:.1f}s)", flush=True)
-                started = time.monotonic()
+                started, due = time.monotonic(), 0.0
                 continue
-            if live is None:  # one bar per run, reset each epoch: a notebook keeps no stale bars
-                live = bar_class(total=loop.num_batches, unit="batch", leave=False)
-            if bar_epoch != loop.epoch:
-                bar_epoch, shown = loop.epoch, 0.0
+            if due == 0.0:  # an epoch's first step; one bar per run: a notebook keeps no stale bars
+                if live is None:
+                    live = bar_class(total=loop.num_batches, unit="batch", leave=False)
                 live.set_description(f"epoch {loop.epoch + 1}/{loop.epochs}", refresh=False)
                 live.reset(total=loop.num_batches)
             if loop.batch_index + 1 == loop.num_batches or loop.stop_reason is not None:
                 live.clear()  # validation and the "epoch" (or "end") hooks come next
-            elif time.monotonic() - shown >= refresh:
+            elif time.monotonic() >= due:
                 live.n = loop.batch_index + 1
                 live.set_postfix({name: f"{value:.4g}" for name, value in loop.averages().items()})
-                shown = time.monotonic()
+                due = time.monotonic() + refresh  # (averages() is a sync: not every step)
     finally:
         if live is not None:
             live.close()
