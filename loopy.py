@@ -47,6 +47,7 @@ import datetime
 import inspect
 import itertools
 import math
+import numbers
 import os
 import random
 import signal
@@ -64,10 +65,11 @@ class HookError(RuntimeError):
 
 
 def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=None, metrics=None,
-        device="auto", progress=True, step=None, batch_size=32, shuffle=False, scheduler=None,
-        scheduler_interval="epoch", scheduler_monitor="val_loss", precision=None, accumulate=1,
-        clip_grad=None, seed=None, max_steps=None, dry_run=False, nonfinite="raise", resume=None,
-        ddp_options=None, process_group_timeout=600):
+        device="auto", progress=True, step=None, batch_size=32, shuffle=False, drop_last=False,
+        val_batch_size=None, scheduler=None, scheduler_interval="epoch",
+        scheduler_monitor="val_loss", precision=None, accumulate=1, clip_grad=None, seed=None,
+        max_steps=None, dry_run=False, nonfinite="raise", resume=None, ddp_options=None,
+        process_group_timeout=600):
     """Train ``model`` and return the :class:`Loop` that the hooks saw; with the same seed, the
     weights equal the hand-written loop's bit for bit::
 
@@ -77,23 +79,32 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
 
     Parameters:
         model: an ``nn.Module``, moved to ``device``; called as ``model(x)``, ``model(*x)`` (a
-            tuple or list ``x``) or ``model(**x)`` (a dict).
+            tuple or list ``x``) or ``model(**x)`` (a dict). It trains in train mode, except for
+            submodules in eval mode when fit is called (a frozen BatchNorm backbone), which stay
+            so (with a warning if their parameters train); a model wholly in eval mode trains.
         loss_fn: ``loss_fn(output, y) -> scalar tensor``; may be None when ``step`` is given.
-        optimizer: a ``torch.optim.Optimizer`` over the model's parameters.
+            An ``nn.Module`` loss moves with the model. Output and target shapes that broadcast
+            to more elements than either (``(N, 1)`` and ``(N,)``) are an error at the first step.
+        optimizer: a ``torch.optim.Optimizer`` over the model's parameters (and a loss module's).
         loader: an iterable of batches (a ``DataLoader``), or tensors ``(X, y)``, batched by
-            ``batch_size`` and ``shuffle`` exactly as ``DataLoader(TensorDataset(X, y))`` does.
+            ``batch_size``, ``shuffle`` and ``drop_last`` exactly as ``DataLoader(TensorDataset(X,
+            y))`` does. NumPy arrays are taken as tensors: floating ones in torch's default dtype,
+            integer ones as int64.
         hooks: generator objects, e.g. ``[loopy.early_stopping(patience=3)]`` (see ``EVENTS``).
         epochs: the total number of passes over ``loader``, also when resuming.
         val_loader: evaluated after every epoch (no grad, eval mode); recorded as ``val_*``.
-        metrics: ``{"name": fn(output, target) -> tensor}`` (epoch means weighted by batch size)
-            or objects with ``update/compute/reset`` (a torchmetrics ``Metric``).
+        metrics: ``{"name": fn(output, target) -> tensor}`` (epoch means weighted by batch size;
+            a function returning a number, such as a scikit-learn metric, works but has synced
+            with the device to compute it) or objects with ``update/compute/reset`` (a
+            torchmetrics ``Metric``).
         device: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda:1"``, a ``torch.device``.
         progress: what the :func:`progress` hook shows: ``True`` or ``"bar"`` (a live bar where a
             person watches, a terminal or a notebook, and a complete line per epoch on stdout),
             ``"epoch"`` (only the lines, like Keras's ``verbose=2``) or ``False`` (nothing).
         step: ``step(model, batch)`` for any other update, returning the loss or ``(loss, output,
             target)``; validation runs it too, with ``model.training`` False and no grad.
-        batch_size, shuffle: for in-memory tensors only.
+        batch_size, shuffle, drop_last: for in-memory tensors only, as DataLoader's.
+        val_batch_size: the batch size for in-memory ``val_loader`` tensors (None: ``batch_size``).
         scheduler: a ``torch.optim.lr_scheduler``, stepped every ``scheduler_interval`` (``"epoch"``
             or ``"step"``); ``ReduceLROnPlateau`` gets ``scheduler_monitor`` (``"val_loss"``, or
             ``"loss"`` without validation). ``history["lr"]`` holds the rate at each epoch's end
@@ -129,12 +140,15 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
     hooks = _check_hooks(hooks)
     run = _prepare(model, loss_fn, optimizer, loader, epochs=epochs, val_loader=val_loader,
                    metrics=metrics, device=device, step=step, batch_size=batch_size,
-                   shuffle=shuffle, scheduler=scheduler, scheduler_interval=scheduler_interval,
+                   shuffle=shuffle, drop_last=drop_last, val_batch_size=val_batch_size,
+                   scheduler=scheduler, scheduler_interval=scheduler_interval,
                    scheduler_monitor=scheduler_monitor, precision=precision,
                    accumulate=accumulate, clip_grad=clip_grad, seed=seed, max_steps=max_steps,
                    dry_run=dry_run, nonfinite=nonfinite, resume=resume, progress=progress,
                    ddp_options=ddp_options, process_group_timeout=process_group_timeout)
     loop = Loop(run, loader, val_loader)
+    if run.step_fn is None:
+        hooks.insert(0, _first_step_checks())
     if run.progress and run.rank == 0:  # last, so that its epoch line sees what hooks changed
         hooks.append(_default_progress(bar=run.progress == "bar"))
     with _HookRunner(hooks, loop) as runner, _ctrl_c_stops(loop):
@@ -181,28 +195,38 @@ def evaluate(model, loader, loss_fn=None, metrics=None, device="auto", *, step=N
 def predict(model, loader, device="auto", *, batch_size=32):
     """Run ``model`` over ``loader`` (batches of inputs, or ``(x, y)`` pairs whose ``y`` is
     ignored) under ``torch.no_grad()`` and ``model.eval()``; return the outputs concatenated
-    along dim 0, on the CPU (a tuple or dict of them when the model returns one).
+    along dim 0, on the CPU (a tuple or dict of them when the model returns one; one list when it
+    returns a list of one item per sample, as detection models do).
     Under torchrun every process predicts the whole loader and returns all outputs.
 
         >>> probabilities = loopy.predict(model, X_test).softmax(dim=1)
     """
     run = _prepare(model, None, None, loader, device=device, batch_size=batch_size)
-    outputs = []
+    outputs, sizes = [], []
     with _eval_mode(model):
         for batch in run.batches:
             batch = _to_device(batch, run.device, run.non_blocking)
             if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
                 batch = batch[0]
             outputs.append(_to_device(_call_model(model, batch), torch.device("cpu"), False))
+            sizes.append(_batch_size(batch))
     if not outputs:
         raise ValueError(f"loader yielded no batches: predict got {_describe(loader)}")
-    return _concat(outputs)
+    try:
+        return _concat(outputs, sizes)
+    except (RuntimeError, TypeError, KeyError, IndexError):
+        raise TypeError(f"predict cannot join the model's outputs ({_describe(outputs[0])} for "
+                        f"the first batch): return batch-first tensors of one shape beyond dim 0, "
+                        f"a tuple or dict of them, or a list of one item per sample") from None
 
 
 def accuracy(output, target):
     """Top-1 accuracy as a 0-dim tensor (no host sync). Class scores ``(N, C, ...)`` are
-    compared by argmax over dim 1; binary logits (same shape as ``target``, or ``(N, 1)``)
-    count as positive above 0."""
+    compared by argmax over dim 1 with class indices ``(N, ...)``, or with the argmax of class
+    probabilities or one-hot targets of the output's shape; binary logits (``(N,)`` or ``(N, 1)``,
+    targets 0/1 of either shape) count as positive above 0."""
+    if output.dim() > 1 and output.size(1) > 1 and output.shape == target.shape:
+        return (output.argmax(dim=1) == target.argmax(dim=1)).float().mean()
     if output.dim() == target.dim() + 1 and output.size(1) > 1:
         predicted = output.argmax(dim=1)
     else:
@@ -227,7 +251,7 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
         raise ValueError(f"lr_find needs 0 < min_lr < max_lr and num_steps >= 2; got min_lr="
                          f"{min_lr}, max_lr={max_lr}, num_steps={num_steps}")
     saved = copy.deepcopy((_unwrap(model).state_dict(), optimizer.state_dict())), _rng_state()
-    training = model.training
+    modes = _modes(model)
     lrs, losses = [], []
 
     def sweep():
@@ -253,7 +277,8 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
         _unwrap(model).load_state_dict(saved[0][0])
         optimizer.load_state_dict(saved[0][1])
         _set_rng_state(saved[1])
-        model.train(training)
+        for module, training in modes:
+            module.training = training
     lowest = min(range(len(losses)), key=losses.__getitem__)
     candidates = range(len(losses) // 10, max(lowest, len(losses) // 10 + 1))
     best = min(candidates, key=lambda i: losses[min(i + 1, len(losses) - 1)] - losses[i])
@@ -617,6 +642,8 @@ def _train_epoch(loop, run, runner, position=None):
     """One pass over the training batches; False when a stop came before the epoch's end.
     ``position`` (from a checkpoint) resumes the epoch after the batches it had consumed."""
     run.train_model.train()
+    for module in run.frozen:  # submodules the user put in eval mode stay in it (a frozen BN)
+        module.training = False
     epoch = loop._epoch = _Epoch(loop.epoch, _new_meters(run.metrics, with_loss=True), loop.step,
                                  torch.get_rng_state(), _limited_length(run))
     loop.batch_index, loop.num_batches = -1, epoch.length
@@ -778,7 +805,10 @@ def _record(run, meters, loss, output, target, batch):
     with torch.no_grad():  # metrics never touch the gradients
         for name, metric in metrics.items():
             if name in meters:
-                meters[name].add(metric(output, target).detach(), size)
+                value = metric(output, target)
+                if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                    value = _metric_number(name, value)
+                meters[name].add(value.detach(), size)
             else:
                 _update(run, metric, output, target)
 
@@ -808,6 +838,15 @@ def _gather(tensor, name):
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+def _metric_number(name, value):
+    """A metric's number as a tensor; a metric returning a tensor of many values is an error."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.tensor(float(value))  # (on the CPU: computing it has synced already)
+    raise TypeError(f"metrics[{name!r}] returned {_describe(value)}: a metric returns one "
+                    f"number per batch, a 0-dim tensor such as (output.argmax(1) == target)"
+                    f".float().mean(), or a Python number")
 
 
 def _end_epoch(loop, run, runner):
@@ -846,13 +885,15 @@ def _evaluate(run, batches):
     model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     last = None
     with _eval_mode(model):
-        for batch in _in_step(run, itertools.islice(batches, run.limit)):
+        for index, batch in enumerate(_in_step(run, itertools.islice(batches, run.limit))):
             if batch is None:  # a pass that keeps this process in step with the others
                 _extra_pass(run, model, last)
                 continue
             last = batch = _to_device(batch, run.device, run.non_blocking)
             with run.autocast:
                 loss, output, target = _forward(run, model, batch)
+            if index == 0 and run.loss_fn is not None and run.step_fn is None:
+                _check_loss_shapes(output, target)
             _record(run, meters, loss, output, target, batch)
     return _epoch_results(run, meters)
 
@@ -899,7 +940,7 @@ def _epoch_results(run, meters):
     if run.world_size == 1:
         results = {name: meter.mean() for name, meter in meters.items()}
     else:
-        sums = [meter.sum(run.device).double() for meter in meters.values()]
+        sums = [meter.sum(run.device).to(run.device, torch.float64) for meter in meters.values()]
         counts = [torch.tensor(float(meter.count), dtype=torch.float64, device=run.device)
                   for meter in meters.values()]
         both = torch.stack(sums + counts) if sums else torch.zeros(0, device=run.device)
@@ -991,20 +1032,24 @@ class _Run:
     stop_group: object = None  # the process group that stop flags travel on (None: the default)
     resume: dict = None  # the checkpoint to resume from, loaded and checked
     progress: str = None  # what fit's own progress hook shows: "bar", "epoch" or None (nothing)
+    frozen: tuple = ()  # submodules in eval mode when fit began: they stay in eval mode
 
 
 def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, metrics=None,
-             device="auto", step=None, batch_size=32, shuffle=False, scheduler=None,
-             scheduler_interval="epoch", scheduler_monitor="val_loss", precision=None,
-             accumulate=1, clip_grad=None, seed=None, max_steps=None, dry_run=False,
-             nonfinite="raise", resume=None, progress=None, ddp_options=None,
-             process_group_timeout=600, distributed=True):
+             device="auto", step=None, batch_size=32, shuffle=False, drop_last=False,
+             val_batch_size=None, scheduler=None, scheduler_interval="epoch",
+             scheduler_monitor="val_loss", precision=None, accumulate=1, clip_grad=None, seed=None,
+             max_steps=None, dry_run=False, nonfinite="raise", resume=None, progress=None,
+             ddp_options=None, process_group_timeout=600, distributed=True):
     """Check every option and resolve it into a _Run, before any hook runs or anything trains:
     the arguments, device and process group, precision, data and its sharding, the resume file.
     ``optimizer=None`` prepares an evaluation; ``distributed=False`` ignores torchrun."""
+    for name, value in (("model", model), ("loss_fn", loss_fn), ("optimizer", optimizer),
+                        ("scheduler", scheduler), ("step", step)):
+        _check_not_a_class(name, value)
     if optimizer is not None:
         _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, max_steps,
-                             nonfinite, scheduler, scheduler_interval)
+                             nonfinite, scheduler, scheduler_interval, drop_last, val_batch_size)
     elif not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
     metrics = _check_metrics(metrics)
@@ -1015,15 +1060,23 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, me
     device = _join_process_group(device, process_group_timeout) if distributed else device
     if seed is not None:  # before anything draws a random number
         _seed_everything(seed)
-    batches = _as_batches(loader, "loader", batch_size, shuffle)
+    batches = _as_batches(loader, "loader", batch_size, shuffle, drop_last)
     if val_loader is not None:
-        val_loader = _as_batches(val_loader, "val_loader", batch_size, False)
+        val_loader = _as_batches(val_loader, "val_loader", val_batch_size or batch_size, False)
+    for name, value, data in (("drop_last", drop_last, batches),
+                              ("val_batch_size", val_batch_size, val_loader)):
+        if value and not isinstance(data, _TensorBatches):
+            raise ValueError(f"{name}={value!r} applies to in-memory tensors, but the data is "
+                             f"{_describe(data)}: set it on the DataLoader, DataLoader(..., "
+                             f"{name.replace('val_', '')}={value!r})")
     autocast, scaler = _mixed_precision(precision, device)
+    if optimizer is not None and isinstance(loss_fn, torch.nn.Module):
+        _check_loss_parameters(loss_fn, optimizer)
     if any(t.device != device for t in itertools.chain(model.parameters(), model.buffers())):
         model.to(device)  # (a model already there is left alone: .to() costs ~60 µs per call)
-    for metric in metrics.values():
-        if isinstance(metric, torch.nn.Module):
-            metric.to(device)
+    for module in [loss_fn, *metrics.values()]:  # a loss's class weights, a metric's state
+        if isinstance(module, torch.nn.Module):
+            module.to(device)
     dist = torch.distributed
     rank, world_size, train_model, stop_group = 0, 1, model, None
     if distributed and dist.is_available() and dist.is_initialized():
@@ -1048,7 +1101,23 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, me
         clip_grad, max_steps, nonfinite, scheduler, scheduler_interval, scheduler_monitor,
         dry_run, rank, world_size, stop_group,
         _load_checkpoint(resume, model) if resume is not None else None,
-        "bar" if progress in (True, "bar") else progress or None)
+        "bar" if progress in (True, "bar") else progress or None,
+        _frozen_submodules(model) if optimizer is not None and model.training else ())
+
+
+def _frozen_submodules(model):
+    """The submodules in eval mode, which stay so while training (as in Lightning), with a
+    warning when they hold parameters that train: from_pretrained returns models in eval mode."""
+    training = [name for name, module in model.named_modules() if not module.training and
+                any(p.requires_grad for p in module.parameters(recurse=False))]
+    if training:
+        warnings.warn(f"submodules of the model are in eval mode ({', '.join(training[:3])}"
+                      f"{', ...' if len(training) > 3 else ''}), so they stay in eval mode while "
+                      f"training (dropout off, BatchNorm statistics fixed), yet their parameters "
+                      f"train; to train them in train mode call model.train() before fit (a "
+                      f"from_pretrained model comes in eval mode); to train none of them, "
+                      f"requires_grad_(False)", stacklevel=4)
+    return tuple(module for module in model.modules() if not module.training)
 
 
 def _join_process_group(device, timeout):
@@ -1083,7 +1152,7 @@ def _shard(loader, rank, world_size, training):
     data = torch.utils.data
     if isinstance(loader, _TensorBatches):
         loader = data.DataLoader(data.TensorDataset(*loader.tensors), loader.batch_size,
-                                 shuffle=loader.shuffle)
+                                 shuffle=loader.shuffle, drop_last=loader.drop_last)
     if not isinstance(loader, data.DataLoader) or isinstance(loader.dataset, data.IterableDataset) \
             or isinstance(loader.sampler, (data.DistributedSampler, _ShardedSampler)):
         return loader
@@ -1282,7 +1351,7 @@ def _check_hooks(hooks):
 # --- argument checks ---
 
 def _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, max_steps,
-                         nonfinite, scheduler, scheduler_interval):
+                         nonfinite, scheduler, scheduler_interval, drop_last, val_batch_size):
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -1297,18 +1366,38 @@ def _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, ma
     if not callable(step if step is not None else loss_fn):
         raise TypeError(f"loss_fn must be callable, like torch.nn.functional.cross_entropy (or "
                         f"pass step=fn(model, batch) -> loss); got {_describe(loss_fn)}")
-    for name, value in (("epochs", epochs), ("accumulate", accumulate), ("max_steps", max_steps)):
-        if (value is not None or name != "max_steps") and (
+    for name, value in (("epochs", epochs), ("accumulate", accumulate), ("max_steps", max_steps),
+                        ("val_batch_size", val_batch_size)):
+        if (value is not None or name in ("epochs", "accumulate")) and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an int >= 1; got {value!r}")
     for name, value, allowed in (("nonfinite", nonfinite, ("raise", "skip", "ignore")),
-                                 ("scheduler_interval", scheduler_interval, ("epoch", "step"))):
+                                 ("scheduler_interval", scheduler_interval, ("epoch", "step")),
+                                 ("drop_last", drop_last, (False, True))):
         if value not in allowed:
             raise ValueError(f"{name}={value!r}: use one of {', '.join(map(repr, allowed))}")
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and \
             scheduler_interval == "step":
         raise ValueError("scheduler_interval='step' cannot drive ReduceLROnPlateau, which needs "
                          "an epoch's metric: use scheduler_interval='epoch'")
+
+
+def _check_not_a_class(name, value):
+    if isinstance(value, type):
+        raise TypeError(f"{name} is the class {value.__module__}.{value.__qualname__}, not an "
+                        f"instance of it: create one, {name}={value.__qualname__}(...)")
+
+
+def _check_loss_parameters(loss_fn, optimizer):
+    """A loss module's learnable parameters (a multi-task loss's weights) must be optimized."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, p in loss_fn.named_parameters() if p.requires_grad and
+               id(p) not in held]
+    if missing:
+        raise ValueError(f"loss_fn has learnable parameters that the optimizer does not hold "
+                         f"({', '.join(missing)}), so they would never change: build the "
+                         f"optimizer over both, torch.optim.Adam([*model.parameters(), "
+                         f"*loss_fn.parameters()]), or freeze them (requires_grad_(False))")
 
 
 def _check_metrics(metrics):
@@ -1318,6 +1407,7 @@ def _check_metrics(metrics):
         raise TypeError(f"metrics must be a dict of name -> metric, like metrics={{'acc': "
                         f"loopy.accuracy}}; got {_describe(metrics)}")
     for name, metric in metrics.items():
+        _check_not_a_class(f"metrics[{name!r}]", metric)
         if not isinstance(name, str) or name in ("loss", "lr", "skipped") or name[:4] == "val_":
             raise ValueError(f"metrics: {name!r} cannot name a metric (loss, lr, skipped and "
                              f"val_* are loopy's own); pick another name")
@@ -1377,6 +1467,28 @@ def _check_loss(loss, run):
                          f"or numpy, or are all of the model's parameters frozen?")
 
 
+def _first_step_checks():
+    """A hook for fit's first optimizer step, which then ends: checks that cost nothing later."""
+    loop = yield "backward"
+    _check_loss_shapes(loop.output, loop.batch[1])
+
+
+def _check_loss_shapes(output, target):
+    """Shapes that broadcast to more elements than either, (N, 1) and (N,) to (N, N), make
+    loss_fn compare every output with every target: torch only warns, once."""
+    if not (isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)):
+        return
+    with contextlib.suppress(RuntimeError):  # shapes that do not broadcast: the loss says so
+        shape = torch.broadcast_shapes(output.shape, target.shape)
+        if shape.numel() > max(output.numel(), target.numel()):
+            raise ValueError(f"loss_fn got an output of shape {tuple(output.shape)} and a "
+                             f"target of shape {tuple(target.shape)}, which broadcast to "
+                             f"{tuple(shape)}: every output would be compared with every "
+                             f"target. Give them one shape: output.squeeze(-1) in the model, "
+                             f"or y.unsqueeze(-1) in the data (a loss that pairs them on "
+                             f"purpose goes in step=)")
+
+
 def _check_finite(loop, loss):
     run, epoch = loop._run, loop._epoch
     if loss is None or math.isfinite(loss) or run.nonfinite != "raise":
@@ -1391,10 +1503,11 @@ def _check_finite(loop, loss):
 
 # --- batches and data ---
 
-def _as_batches(data, name, batch_size, shuffle):
+def _as_batches(data, name, batch_size, shuffle, drop_last=False):
+    data = _from_numpy(data)
     if isinstance(data, torch.Tensor) or (isinstance(data, tuple) and data and
                                           all(isinstance(t, torch.Tensor) for t in data)):
-        return _TensorBatches(data, name, batch_size, shuffle)
+        return _TensorBatches(data, name, batch_size, shuffle, drop_last)
     if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
         raise TypeError(f"{name} must be an iterable of batches (a DataLoader) or tensors "
                         f"(X, y); got {_describe(data)}")
@@ -1404,11 +1517,26 @@ def _as_batches(data, name, batch_size, shuffle):
     return data
 
 
+def _from_numpy(data):
+    """NumPy arrays (alone or in a tuple) as tensors, as Keras takes them: floating arrays in
+    torch's default dtype, integer arrays as int64 (class indices)."""
+    numpy = sys.modules.get("numpy")
+    if isinstance(data, tuple) and numpy is not None:
+        return tuple(map(_from_numpy, data))
+    if numpy is None or not isinstance(data, numpy.ndarray):
+        return data
+    tensor = torch.from_numpy(numpy.ascontiguousarray(data))
+    if tensor.is_floating_point():
+        return tensor.to(torch.get_default_dtype())
+    return tensor.long() if data.dtype.kind in "iu" else tensor
+
+
 class _TensorBatches:
     """Batches of in-memory tensors by slicing. Draws the same random numbers as
-    ``DataLoader(TensorDataset(*tensors), batch_size, shuffle)``, so the batches are identical."""
+    ``DataLoader(TensorDataset(*tensors), batch_size, shuffle, drop_last=drop_last)``, so the
+    batches are identical."""
 
-    def __init__(self, data, name, batch_size, shuffle):
+    def __init__(self, data, name, batch_size, shuffle, drop_last=False):
         self.single = isinstance(data, torch.Tensor)
         self.tensors = (data,) if self.single else tuple(data)
         lengths = {t.shape[0] if t.dim() else None for t in self.tensors}
@@ -1418,9 +1546,13 @@ class _TensorBatches:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
         self.size, self.batch_size, self.shuffle = lengths.pop(), batch_size, shuffle
+        self.drop_last = drop_last
+        if drop_last and self.size < batch_size:
+            raise ValueError(f"{name} is empty: {self.size} samples make no full batch of "
+                             f"batch_size={batch_size}, and drop_last=True drops the partial one")
 
     def __len__(self):
-        return -(-self.size // self.batch_size)
+        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
 
     def __iter__(self):
         torch.empty((), dtype=torch.int64).random_()  # DataLoader draws its workers' base seed
@@ -1429,7 +1561,7 @@ class _TensorBatches:
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
             order = order.to(self.tensors[0].device)
-        for start in range(0, self.size, self.batch_size):
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
             rows = slice(start, start + self.batch_size)
             # copies, as a DataLoader's are: a hook changing a batch in place leaves X alone
             batch = [t[rows].clone() if order is None else t.index_select(0, order[rows])
@@ -1447,6 +1579,10 @@ def _length(data):
 def _to_device(batch, device, non_blocking):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=non_blocking)
+    if type(batch) not in (tuple, list) and callable(getattr(batch, "to", None)):
+        # its own move first: a graph batch, a BatchEncoding, a PackedSequence (whose
+        # batch_sizes must stay on the CPU)
+        return batch.to(device, non_blocking=True) if non_blocking else batch.to(device)
     if isinstance(batch, (tuple, list)):
         for item in batch:  # the common case first, cheaply: all there already
             if not (isinstance(item, torch.Tensor) and item.device == device):
@@ -1466,6 +1602,12 @@ def _to_device(batch, device, non_blocking):
             value = _to_device(getattr(batch, field.name), device, non_blocking)
             object.__setattr__(moved, field.name, value)  # frozen dataclasses too
         return moved
+    if any(isinstance(value, torch.Tensor) and value.device != device
+           for value in getattr(batch, "__dict__", {}).values()):
+        warnings.warn(f"loopy cannot move a batch of type {type(batch).__qualname__} to {device}: "
+                      f"it holds tensors, but has no .to() method; give its class one, "
+                      f"to(self, device, non_blocking=False) returning the moved batch, or make "
+                      f"it a dataclass", stacklevel=3)
     return batch
 
 
@@ -1482,31 +1624,45 @@ def _batch_size(data):
         return data.shape[0] if data.dim() else 1
     if dataclasses.is_dataclass(data):
         data = [getattr(data, f.name) for f in dataclasses.fields(data)]
+    if not isinstance(data, collections.abc.Iterable):
+        return 1  # (a batch object of its own kind: each batch weighs the same)
     for item in data.values() if isinstance(data, dict) else data:
         if isinstance(item, (torch.Tensor, tuple, list, dict)):
             return _batch_size(item)
     return 1
 
 
-def _concat(outputs):
+def _concat(outputs, sizes):
+    """predict's outputs joined: tensors along dim 0, dicts and tuples field by field, lists of
+    one item per sample (a detection model's dicts) into one list."""
     first = outputs[0]
     if isinstance(first, torch.Tensor):
         return torch.cat(outputs)
     if isinstance(first, dict):
-        return {key: _concat([o[key] for o in outputs]) for key in first}
-    parts = [_concat([o[i] for o in outputs]) for i in range(len(first))]
+        return {key: _concat([o[key] for o in outputs], sizes) for key in first}
+    if isinstance(first, list) and all(len(o) == n for o, n in zip(outputs, sizes)) and not all(
+            isinstance(o, torch.Tensor) and o.dim() and len(o) == sizes[0] for o in first):
+        return [item for output in outputs for item in output]  # not batch-first tensors
+    if not isinstance(first, (tuple, list)) or any(len(o) != len(first) for o in outputs):
+        raise TypeError("outputs of different structure")
+    parts = [_concat([o[i] for o in outputs], sizes) for i in range(len(first))]
     return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
 
 
 @contextlib.contextmanager
 def _eval_mode(model):
-    training = model.training
+    modes = _modes(model)
     model.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        model.train(training)
+        for module, training in modes:  # every submodule's own mode, not only the model's
+            module.training = training
+
+
+def _modes(model):
+    return [(module, module.training) for module in model.modules()]
 
 
 def _describe(value):

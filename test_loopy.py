@@ -2767,3 +2767,397 @@ def test_live_plot_elsewhere_writes_a_png_given_a_path_or_does_nothing(tmp_path,
     _small_fit(hooks=[loopy.live_plot(tmp_path / "live.png"), loopy.live_plot()], progress=False)
     assert (tmp_path / "live.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert os.listdir(tmp_path) == ["live.png"]
+
+
+# --- issue 16: nothing silently wrong (metrics, argument kinds, modes, devices, predict, batches) ---
+
+def test_accuracy_with_probability_or_one_hot_targets_compares_argmaxes():
+    generator = torch.Generator().manual_seed(0)
+    output = torch.randn(50, 10, generator=generator)
+    probabilities = torch.randn(50, 10, generator=generator).softmax(dim=1)
+    one_hot = F.one_hot(torch.randint(0, 10, (50,), generator=generator), 10).float()
+    for target in (probabilities, one_hot):
+        expected = (output.argmax(1) == target.argmax(1)).float().mean()
+        assert torch.equal(loopy.accuracy(output, target), expected)
+    # a model that predicts nothing (every logit very negative) is not 90% right
+    nothing = torch.full((50, 10), -5.0)
+    assert loopy.accuracy(nothing, one_hot) == (one_hot.argmax(1) == 0).float().mean()
+    # binary outputs, (N,) or (N, 1), against 0/1 targets of either shape, as before
+    logits = torch.randn(50, generator=generator)
+    labels = torch.randint(0, 2, (50,), generator=generator)
+    expected = ((logits > 0) == (labels > 0.5)).float().mean()
+    for out, target in ((logits, labels), (logits[:, None], labels), (logits[:, None],
+                                                                      labels[:, None].float())):
+        assert torch.equal(loopy.accuracy(out, target), expected)
+
+
+def test_fit_with_one_hot_targets_records_the_true_accuracy():
+    X, y = make_data(96)
+    model = make_mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                     (X, F.one_hot(y, 3).float()), metrics={"acc": loopy.accuracy}, epochs=2,
+                     progress=False)
+    oracle = make_mlp()
+    history = hand_loop(oracle, torch.optim.SGD(oracle.parameters(), lr=0.1),
+                        tensor_loader(X, y), 2, metric=loopy.accuracy)
+    assert loop.history["acc"] == pytest.approx(history["acc"], abs=1e-6)
+
+
+def test_a_metric_returning_a_number_is_recorded_and_a_tensor_of_many_values_is_an_error():
+    numpy = pytest.importorskip("numpy")
+    X, y = make_data(96)
+
+    def run(metric):
+        model = make_mlp()
+        return loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                         (X, y), metrics={"acc": metric}, epochs=2, progress=False,
+                         val_loader=(X, y)).history
+
+    expected = run(loopy.accuracy)
+    as_python = run(lambda output, target: loopy.accuracy(output, target).item())
+    as_numpy = run(lambda output, target: numpy.mean(
+        output.argmax(1).numpy() == target.numpy()))  # a scikit-learn-style metric
+    for history in (as_python, as_numpy):
+        for name in ("acc", "val_acc"):
+            assert history[name] == pytest.approx(expected[name], abs=1e-6)
+    with pytest.raises(TypeError) as raised:
+        run(lambda output, target: (output.argmax(1) == target).float())  # no .mean()
+    message = str(raised.value)
+    assert "metrics['acc'] returned a tensor of shape (32,)" in message and ".mean()" in message
+
+
+def test_classes_instead_of_instances_say_to_create_one():
+    torchmetrics = pytest.importorskip("torchmetrics")
+    message = fit_error(TypeError, loss_fn=torch.nn.CrossEntropyLoss)
+    assert "loss_fn is the class torch.nn.modules.loss.CrossEntropyLoss" in message
+    assert "loss_fn=CrossEntropyLoss(...)" in message
+    message = fit_error(TypeError, optimizer=torch.optim.Adam)
+    assert "optimizer is the class" in message and "optimizer=Adam(...)" in message
+    message = fit_error(TypeError, model=torch.nn.Linear)
+    assert "model is the class" in message and "model=Linear(...)" in message
+    message = fit_error(TypeError, scheduler=torch.optim.lr_scheduler.StepLR)
+    assert "scheduler is the class" in message and "scheduler=StepLR(...)" in message
+    metric = torchmetrics.classification.MulticlassAccuracy
+    message = fit_error(TypeError, metrics={"acc": metric})
+    assert "metrics['acc'] is the class" in message and "MulticlassAccuracy(...)" in message
+    with pytest.raises(TypeError, match="loss_fn is the class"):
+        loopy.evaluate(make_mlp(), make_data(8), torch.nn.CrossEntropyLoss)
+
+
+def test_numpy_arrays_train_as_tensors_of_the_default_dtype_and_int64():
+    numpy = pytest.importorskip("numpy")
+    X, y = make_data(100)
+    X64, y32 = X.double().numpy(), y.numpy().astype(numpy.int32)  # what scikit-learn hands out
+
+    def run(train, val):
+        model = make_mlp()
+        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                         train, val_loader=val, epochs=2, batch_size=16, shuffle=True, seed=0,
+                         metrics={"acc": loopy.accuracy}, progress=False)
+        return model, loop.history
+
+    model, history = run((X64, y32), (X64, y32))
+    oracle, expected = run((X64.astype(numpy.float32), y32.astype(numpy.int64)), (X, y))
+    assert same_weights(model, oracle) and history == expected
+    # the float64 arrays became float32 exactly as torch rounds them
+    reference = make_mlp()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    torch.manual_seed(0)
+    hand_loop(reference, optimizer, tensor_loader(torch.from_numpy(X64).float(),
+                                                  torch.from_numpy(y32).long(), 16, True), 2,
+              val_loader=tensor_loader(X, y, 16))  # (which draws a DataLoader's seed too)
+    assert same_weights(model, reference)
+    assert loopy.evaluate(model, (X64, y32), F.cross_entropy) == \
+        loopy.evaluate(model, (X, y), F.cross_entropy)
+    assert torch.equal(loopy.predict(model, X64[::-1]), loopy.predict(model, X.flip(0)))
+
+
+@pytest.mark.filterwarnings("ignore:Using a target size")  # torch's own warning, before ours
+def test_a_loss_whose_output_and_target_broadcast_is_an_error_at_the_first_step():
+    X = torch.randn(64, 8)
+    y = X.sum(dim=1)  # (N,): the model's output is (N, 1)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    before = copy_of(model)
+    with pytest.raises(ValueError) as raised:
+        loopy.fit(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                  progress=False)
+    message = str(raised.value)
+    assert "output of shape (32, 1)" in message and "target of shape (32,)" in message
+    assert "(32, 32)" in message and "squeeze" in message
+    assert same_weights(model, before)  # raised before the first optimizer step
+    with pytest.raises(ValueError, match="output of shape"):
+        loopy.evaluate(model, (X, y), F.mse_loss)
+    # what is fine: equal shapes, and class scores (N, C) with (N,) indices even when C == N
+    loopy.fit(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1), (X, y[:, None]),
+              progress=False)
+    X3, y3 = make_data(30)
+    model = make_mlp()
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X3, y3),
+              batch_size=3, progress=False)
+
+
+def copy_of(model):
+    import copy
+    return copy.deepcopy(model)
+
+
+def frozen_bn_cnn(trainable=True):
+    model = make_cnn()
+    model[1].eval()  # a frozen BatchNorm: its running statistics must not change
+    model[1].requires_grad_(trainable)
+    return model
+
+
+def test_evaluate_predict_and_lr_find_restore_every_submodule_mode():
+    X, y = image_data(32)
+    for call in (lambda m: loopy.evaluate(m, (X, y), F.cross_entropy),
+                 lambda m: loopy.predict(m, X),
+                 lambda m: loopy.lr_find(m, F.cross_entropy, torch.optim.SGD(m.parameters(),
+                                                                             lr=0.1), (X, y),
+                                         num_steps=3)):
+        model = frozen_bn_cnn(trainable=False)
+        modes = [m.training for m in model.modules()]
+        call(model)
+        assert [m.training for m in model.modules()] == modes and not model[1].training
+
+
+def test_a_submodule_in_eval_mode_stays_in_eval_mode_during_fit():
+    X, y = image_data(96)
+    model = frozen_bn_cnn()
+    stats = {name: buffer.clone() for name, buffer in model[1].named_buffers()}
+    # its affine parameters still train: said, since from_pretrained models come in eval mode
+    with pytest.warns(UserWarning, match=r"submodules of the model are in eval mode \(1\).*"
+                                         r"model.train\(\) before fit"):
+        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                  epochs=2, val_loader=(X[:32], y[:32]), progress=False)
+    oracle = frozen_bn_cnn()
+    optimizer = torch.optim.SGD(oracle.parameters(), lr=0.1)
+    for _ in range(2):  # the hand loop re-applies .eval() to the frozen submodule each epoch
+        oracle.train()
+        oracle[1].eval()
+        for x_batch, y_batch in tensor_loader(X, y):
+            F.cross_entropy(oracle(x_batch), y_batch).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert same_weights(model, oracle)
+    assert all(torch.equal(buffer, stats[name]) for name, buffer in model[1].named_buffers())
+    assert model.training and not model[1].training
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a frozen submodule without trainable parameters: quiet
+        model = frozen_bn_cnn(trainable=False)
+        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                  progress=False)
+    assert all(torch.equal(buffer, stats[name]) for name, buffer in model[1].named_buffers())
+    # a model that is entirely in eval mode (left so by the user) trains in train mode, as before
+    model = make_cnn().eval()
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+              progress=False)
+    assert not torch.equal(model[1].running_mean, torch.zeros(4))
+
+
+def test_a_loss_module_moves_with_the_model_and_its_parameters_must_be_optimized():
+    X, y = make_data(64)
+    model = make_mlp()
+    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]))
+    loopy._prepare(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                   device="meta", distributed=False)  # meta stands in for a GPU
+    assert loss_fn.weight.is_meta and next(model.parameters()).is_meta
+
+    class Weighted(torch.nn.Module):  # a learnable multi-task loss (uncertainty weighting)
+        def __init__(self):
+            super().__init__()
+            self.log_var = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, output, target):
+            return F.cross_entropy(output, target) * torch.exp(-self.log_var) + self.log_var
+
+    model = make_mlp()
+    message = fit_error(ValueError, model=model, loss_fn=Weighted(),
+                        optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert "loss_fn has learnable parameters that the optimizer does not hold (log_var)" in message
+    assert "*loss_fn.parameters()" in message
+    model, loss_fn = make_mlp(), Weighted()
+    loopy.fit(model, loss_fn, torch.optim.SGD([*model.parameters(), *loss_fn.parameters()],
+                                              lr=0.1), (X, y), progress=False)
+    oracle, oracle_loss = make_mlp(), Weighted()
+    optimizer = torch.optim.SGD([*oracle.parameters(), *oracle_loss.parameters()], lr=0.1)
+    for x_batch, y_batch in tensor_loader(X, y):
+        oracle_loss(oracle(x_batch), y_batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert same_weights(model, oracle) and torch.equal(loss_fn.log_var, oracle_loss.log_var)
+
+
+class RecordsMoves:
+    """A batch class with its own .to(), as graph data objects have."""
+
+    def __init__(self, x, y, calls):
+        self.x, self.y, self.calls = x, y, calls
+
+    def to(self, device, non_blocking=False):
+        self.calls.append(device)
+        return RecordsMoves(self.x.to(device), self.y.to(device), self.calls)
+
+
+def test_a_batch_with_its_own_to_method_is_moved_by_it():
+    calls = []
+    moved = loopy._to_device(RecordsMoves(torch.ones(2), torch.ones(2), calls),
+                             torch.device("meta"), False)
+    assert calls == [torch.device("meta")] and moved.x.is_meta and moved.y.is_meta
+    # in fit, each batch is moved by its .to() and reaches step= as it returned it
+    X, y = make_data(64)
+    model = make_mlp()
+    loopy.fit(model, None, torch.optim.SGD(model.parameters(), lr=0.1),
+              [RecordsMoves(X[:32], y[:32], calls), RecordsMoves(X[32:], y[32:], calls)],
+              step=lambda m, b: F.cross_entropy(m(b.x), b.y), progress=False)
+    assert calls == [torch.device("meta")] + [torch.device("cpu")] * 2
+    oracle = make_mlp()
+    hand_loop(oracle, torch.optim.SGD(oracle.parameters(), lr=0.1), tensor_loader(X, y), 1)
+    assert same_weights(model, oracle)
+
+
+def test_a_packed_sequence_keeps_its_batch_sizes_on_the_cpu():
+    packed = torch.nn.utils.rnn.pack_sequence([torch.ones(3, 2), torch.ones(2, 2)])
+    moved = loopy._to_device((packed, torch.zeros(2)), torch.device("meta"), False)
+    assert isinstance(moved[0], torch.nn.utils.rnn.PackedSequence)
+    assert moved[0].data.is_meta and moved[0].batch_sizes.device.type == "cpu"
+    assert moved[1].is_meta
+
+
+def test_an_object_holding_tensors_that_cannot_be_moved_is_warned_about():
+    class Opaque:
+        def __init__(self):
+            self.x = torch.ones(2)
+
+    with pytest.warns(UserWarning, match="cannot move a batch of type .*Opaque.* no .to()"):
+        batch = loopy._to_device([Opaque(), torch.ones(2)], torch.device("meta"), False)
+    assert batch[1].is_meta
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # already there: nothing to say
+        loopy._to_device([Opaque(), torch.ones(2)], torch.device("cpu"), False)
+
+
+class Detector(torch.nn.Module):
+    """Returns one dict per sample, as torchvision's detection models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return [{"boxes": box.view(1, 4), "scores": box.sum().view(1)} for box in self.linear(x)]
+
+
+def test_predict_joins_per_sample_outputs_as_one_list():
+    X, _ = make_data(10)
+    torch.manual_seed(0)
+    model = Detector()
+    outputs = loopy.predict(model, X, batch_size=4)  # batches of 4, 4 and a short 2
+    with torch.no_grad():
+        expected = [model(X[i:i + 1])[0] for i in range(10)]
+    assert len(outputs) == 10
+    for output, truth in zip(outputs, expected):
+        assert torch.allclose(output["boxes"], truth["boxes"])
+        assert torch.allclose(output["scores"], truth["scores"])
+    # batch-first outputs are joined as before, also in a list of several outputs
+    model = make_mlp()
+    features, logits = loopy.predict(torch.nn.Sequential(model, TwoOutputs()), X, batch_size=4)
+    with torch.no_grad():
+        assert torch.allclose(logits, model.eval()(X)) and torch.allclose(features, logits * 2)
+
+
+class TwoOutputs(torch.nn.Module):
+    def forward(self, x):
+        return [x * 2, x]
+
+
+def test_predict_outputs_that_cannot_be_joined_are_a_clear_error():
+    class VariableLength(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :int(x.shape[0])]  # (batch, batch): the width varies with the batch
+
+    X, _ = make_data(10)
+    with pytest.raises(TypeError) as raised:
+        loopy.predict(VariableLength(), X, batch_size=4)
+    message = str(raised.value)
+    assert "predict cannot join the model's outputs" in message and "(4, 4)" in message
+    assert "batch-first tensors" in message and "one item per sample" in message
+
+
+def test_drop_last_for_in_memory_tensors_gives_the_dataloader_batches():
+    X, y = make_data(100)
+    sizes = []
+
+    def batch_sizes():
+        while True:
+            sizes.append(len((yield "batch").batch[1]))
+
+    model = make_mlp()
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+              epochs=2, batch_size=32, shuffle=True, drop_last=True, seed=0,
+              hooks=[batch_sizes()], progress=False)
+    oracle = make_mlp()
+    torch.manual_seed(0)
+    hand_loop(oracle, torch.optim.SGD(oracle.parameters(), lr=0.1), DataLoader(
+        TensorDataset(X, y), batch_size=32, shuffle=True, drop_last=True), 2)
+    assert same_weights(model, oracle) and sizes == [32] * 6
+    message = fit_error(ValueError, loader=make_data(20), drop_last=True)
+    assert "loader is empty" in message and "drop_last=True" in message
+    message = fit_error(ValueError, loader=tensor_loader(X, y), drop_last=True)
+    assert "drop_last=True applies to in-memory tensors" in message
+    assert "DataLoader(..., drop_last=True)" in message
+    message = fit_error(ValueError, drop_last="yes")
+    assert "drop_last='yes'" in message
+
+
+def test_val_batch_size_batches_in_memory_validation_data():
+    X, y = make_data(100)
+    sizes = []
+
+    def size_of_each_batch(output, target):
+        sizes.append(len(target))
+        return loopy.accuracy(output, target)
+
+    model = make_mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                     (X[:64], y[:64]), val_loader=(X, y), val_batch_size=40,
+                     metrics={"acc": size_of_each_batch}, progress=False)
+    assert sizes == [32, 32, 40, 40, 20]
+    oracle = make_mlp()
+    history = hand_loop(oracle, torch.optim.SGD(oracle.parameters(), lr=0.1),
+                        tensor_loader(X[:64], y[:64]), 1, val_loader=tensor_loader(X, y, 40))
+    assert loop.history["val_loss"] == pytest.approx(history["val_loss"], abs=1e-6)
+    sizes.clear()  # None: batch_size, as before
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+              (X[:64], y[:64]), val_loader=(X, y), metrics={"acc": size_of_each_batch},
+              progress=False)
+    assert sizes == [32, 32, 32, 32, 32, 4]
+    message = fit_error(ValueError, val_batch_size=0, val_loader=(X, y))
+    assert "val_batch_size must be an int >= 1" in message
+    message = fit_error(ValueError, val_batch_size=64, val_loader=tensor_loader(X, y))
+    assert "val_batch_size=64 applies to in-memory tensors" in message
+    assert "DataLoader(..., batch_size=64)" in message
+
+
+@pytest.mark.cuda
+def test_cuda_a_loss_module_a_number_metric_and_a_packed_sequence_on_the_gpu():
+    X, y = make_data(64)
+
+    def run(device):
+        model = make_mlp()
+        loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]))
+        loop = loopy.fit(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                         val_loader=(X, y), device=device, progress=False,
+                         metrics={"acc": lambda o, t: loopy.accuracy(o, t).item()})
+        assert loss_fn.weight.device.type == device
+        return loop.history
+
+    on_gpu, on_cpu = run("cuda"), run("cpu")
+    for name in ("loss", "acc", "val_loss", "val_acc"):
+        assert on_gpu[name] == pytest.approx(on_cpu[name], rel=1e-4, abs=1e-6)
+    packed = torch.nn.utils.rnn.pack_sequence([torch.ones(3, 2), torch.ones(2, 2)])
+    moved = loopy._to_device([packed], torch.device("cuda"), False)[0]
+    assert moved.data.is_cuda and moved.batch_sizes.device.type == "cpu"
