@@ -784,8 +784,10 @@ def _forward(run, model, batch):
         raise TypeError(f"step= must return the loss (a scalar tensor) or (loss, output, "
                         f"target); it returned {_describe(result)}")
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        hint = "" if isinstance(batch, (tuple, list, dict)) else \
+            " (a list [X, y] is two batches: pass in-memory data as the tuple (X, y))"
         raise TypeError(f"loopy cannot unpack this batch: the loader yielded {_describe(batch)}, "
-                        f"and fit expects (inputs, target) pairs. For any other batch pass "
+                        f"and fit expects (inputs, target) pairs{hint}. For any other batch pass "
                         f"step=fn(model, batch) returning the loss, or (loss, output, target)")
     x, target = batch
     output = model(x) if isinstance(x, torch.Tensor) else _call_model(model, x)

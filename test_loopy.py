@@ -2844,6 +2844,12 @@ def test_classes_instead_of_instances_say_to_create_one():
         loopy.evaluate(make_mlp(), make_data(8), torch.nn.CrossEntropyLoss)
 
 
+def test_in_memory_data_in_a_list_instead_of_a_tuple_says_so():
+    X, y = make_data(64)
+    message = fit_error(TypeError, loader=[X, y])  # a list is batches; a tuple is (X, y)
+    assert "cannot unpack this batch" in message and "as the tuple (X, y)" in message
+
+
 def test_numpy_arrays_train_as_tensors_of_the_default_dtype_and_int64():
     numpy = pytest.importorskip("numpy")
     X, y = make_data(100)
