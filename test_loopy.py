@@ -3148,6 +3148,55 @@ def test_val_batch_size_batches_in_memory_validation_data():
     assert "DataLoader(..., batch_size=64)" in message
 
 
+TORCHRUN_16_SCRIPT = """import os, sys, torch, loopy
+import torch.nn.functional as F
+torch.set_num_threads(1)
+out, batch_size = sys.argv[1], int(sys.argv[2])
+X = torch.randn(100, 8, generator=torch.Generator().manual_seed(0))
+y = (X[:, 0] > 0).long()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+sizes = []
+
+def accuracy_as_a_number(output, target):
+    sizes.append(len(target))
+    return loopy.accuracy(output, target).item()
+
+loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                 (X.numpy(), y.numpy()), batch_size=batch_size, drop_last=True, epochs=2,
+                 val_loader=(X[:30], y[:30]), val_batch_size=7,
+                 metrics={"acc": accuracy_as_a_number}, progress=False)
+torch.save({"model": model.state_dict(), "history": loop.history, "sizes": sizes},
+           os.path.join(out, f"rank{os.environ.get('RANK', 0)}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_numpy_data_with_drop_last_and_a_number_metric_equal_one_process(tmp_path):
+    script = tmp_path / "run16.py"
+    script.write_text(TORCHRUN_16_SCRIPT)
+    results = {}
+    for processes, batch_size in ((2, 16), (1, 32)):  # 100 samples: the last 4 are dropped
+        out = tmp_path / str(processes)
+        out.mkdir()
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+        result = subprocess.run(launcher + [str(script), str(out), str(batch_size)],
+                                env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[processes] = [torch.load(out / f"rank{rank}.pt", weights_only=True)
+                              for rank in range(processes)]
+    (rank0, rank1), (single,) = results[2], results[1]
+    assert single["sizes"] == [32, 32, 32, 7, 7, 7, 7, 2] * 2
+    assert rank0["sizes"][:3] == rank1["sizes"][:3] == [16, 16, 16]
+    for name, weights in single["model"].items():  # tolerance: float sums in another order
+        torch.testing.assert_close(rank0["model"][name], weights, rtol=1e-5, atol=1e-6)
+    assert rank0["history"] == rank1["history"]
+    for name in ("loss", "acc", "val_loss", "val_acc"):
+        assert rank0["history"][name] == pytest.approx(single["history"][name], rel=1e-5)
+
+
 @pytest.mark.cuda
 def test_cuda_a_loss_module_a_number_metric_and_a_packed_sequence_on_the_gpu():
     X, y = make_data(64)
