@@ -36,7 +36,7 @@ A hook is a generator: code before its first ``yield`` runs when training starts
 __version__ = "0.1.0"
 __all__ = ["fit", "evaluate", "predict", "accuracy", "lr_find", "Loop", "HookError", "EVENTS",
            "plot_history", "progress", "early_stopping", "checkpoint", "csv_logger", "tensorboard",
-           "log_to", "live_plot"]
+           "log_to", "live_plot", "ema"]
 
 import atexit
 import collections.abc
@@ -338,7 +338,11 @@ class Loop:
     a ``"batch"`` hook may replace it), ``output``, ``loss`` (detached tensor), ``grad_norm``
     (with ``clip_grad``), ``metrics`` (the last epoch's floats), ``history`` (lists of floats
     per epoch), ``event`` (the current event), ``stop_reason``, ``rank`` and ``world_size``
-    (under torchrun; 0 and 1 otherwise), ``scheduler``, ``scaler``, ``val_loader``, ``dry_run``.
+    (under torchrun; 0 and 1 otherwise), ``scheduler``, ``scaler``, ``val_loader``, ``dry_run``,
+    ``val_model`` (the module that validation runs: ``model``, unless a hook sets another, as
+    :func:`ema` does), ``hook_state`` (a dict that checkpoints save and a resume restores before
+    the hooks' first event: tensors, numbers, strings, lists and dicts; tensors come back on the
+    CPU).
     Its ``repr`` is one line: epochs done, steps, the stop reason and the last metrics.
     """
 
@@ -351,6 +355,7 @@ class Loop:
         self.batch_index, self.num_batches = -1, None
         self.batch = self.output = self.loss = self.grad_norm = self.event = None
         self.stop_reason, self.metrics, self.history = None, {}, {}
+        self.val_model, self.hook_state = run.model, {}
         self._run = run  # the run's options (read only)
         self._epoch = None  # the current epoch's record: its meters, position and completion
         self._interrupted = False  # set by the first Ctrl+C
@@ -394,7 +399,8 @@ class Loop:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "epoch": self.epoch + _epoch_complete(self), "step": self.step,
-                "history": self.history, "rng": _rng_state(), "position": _epoch_position(self)}
+                "history": self.history, "rng": _rng_state(), "position": _epoch_position(self),
+                "hook_state": self.hook_state}
 
     def save(self, path):
         """Write :meth:`state_dict` to ``path`` atomically: a crash mid-write keeps the old file.
@@ -620,6 +626,50 @@ def live_plot(path=None):
             handle.update(figure)
 
 
+def ema(decay=0.999, apply_at_end=True):
+    """Keep an exponential moving average of the model's parameters, from their values at
+    ``"start"``, updated after every optimizer step: ``average = decay * average + (1 - decay)
+    * parameter``. Validation runs with the averaged weights (``loop.val_model``, a copy of the
+    model); when training ends or stops (not when it fails) the model gets them, unless
+    ``apply_at_end=False``. Buffers, such as BatchNorm's running statistics, are not averaged:
+    the copy uses the model's own, copied after every step. The average is in the checkpoint
+    (``loop.hook_state["ema"]``), so a resumed run continues it exactly.
+
+        >>> loopy.fit(..., val_loader=val, hooks=[loopy.ema(decay=0.999)])
+    """
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
+        raise ValueError(f"ema(decay={decay!r}): use a number between 0 and 1, like 0.999 (the "
+                         f"weight of the old average at each step)")
+    loop = yield "start"
+    if _is_fsdp(loop.model):
+        raise ValueError("loopy.ema() cannot average a model sharded with FSDP2's fully_shard, "
+                         "which cannot be copied: train it under DDP (loopy's default under "
+                         "torchrun), or keep the average of your shards in a hook of your own")
+    model = _unwrap(loop.model)
+    averaged = loop.val_model = copy.deepcopy(model).requires_grad_(False)
+    # detached: no graph and no torch.no_grad() per step (swa_utils' EMA function is 3x slower)
+    averages, parameters = list(averaged.parameters()), [p.detach() for p in model.parameters()]
+    copies, buffers = list(averaged.buffers()), list(model.buffers())
+    state = loop.hook_state.setdefault("ema", {})
+    if state.get("step", -2) >= loop.step - 1:  # resumed (older: a run without ema came between)
+        averaged.load_state_dict(state["average"], strict=False)
+        if state["step"] < loop.step:  # saved at "step" by a hook before this one's update
+            torch._foreach_lerp_(averages, parameters, 1 - decay)
+    state["step"] = loop.step
+    state["average"] = {name: p.detach() for name, p in averaged.named_parameters()}  # live
+    try:
+        while True:
+            loop = yield ("step", "end")
+            if loop.event == "step":
+                torch._foreach_lerp_(averages, parameters, 1 - decay)  # as torch.optim.swa_utils
+                state["step"] = loop.step
+                if buffers:
+                    torch._foreach_copy_(copies, buffers)
+    finally:
+        if apply_at_end and loop.event == "end":  # after every hook's "end", checkpoints too
+            model.load_state_dict(averaged.state_dict())
+
+
 # --- the training loop ---
 
 @dataclasses.dataclass
@@ -708,6 +758,11 @@ def _epoch_batches(loop, run, epoch, position):
     epoch.first_step, epoch.skipped = position["first_step"], position["skipped"]
     for name, meter in epoch.meters.items():
         vars(meter).update(_to_device(position["meters"].get(name, {}), run.device, False))
+    for name, state in position.get("metrics", {}).items():
+        if hasattr(run.metrics[name], "metric_state"):  # torchmetrics keeps the tensors given
+            run.metrics[name].load_state_dict(_to_device(state, run.device, False), strict=False)
+        else:
+            run.metrics[name].load_state_dict(state)
     return batches
 
 
@@ -858,7 +913,7 @@ def _end_epoch(loop, run, runner):
     if run.nonfinite == "skip":
         values["skipped"] = float(epoch.skipped)
     if run.val_batches is not None:
-        results = _evaluate(run, run.val_batches)
+        results = _evaluate(run, run.val_batches, loop.val_model)
         values.update({f"val_{name}": value for name, value in results.items()})
     values["lr"] = float(run.optimizer.param_groups[0]["lr"])  # before an epoch scheduler
     if run.scheduler is not None and run.scheduler_interval == "epoch":
@@ -881,9 +936,10 @@ def _step_scheduler(scheduler, monitor, values):
     scheduler.step(values[monitor])
 
 
-def _evaluate(run, batches):
+def _evaluate(run, batches, model=None):
     meters = _new_meters(run.metrics, run.loss_fn is not None or run.step_fn is not None)
-    model = run.model  # (the module inside a DDP wrapper: its forward would broadcast buffers)
+    model = run.model if model is None else model  # (fit's: loop.val_model)
+    # (the module inside a DDP wrapper: its forward would broadcast buffers)
     model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     last = None
     with _eval_mode(model):
@@ -1689,7 +1745,27 @@ def _epoch_position(loop):
         return None
     return {"batches": loop.batch_index + 1, "first_step": epoch.first_step,
             "skipped": epoch.skipped, "epoch_rng": epoch.rng,
-            "meters": {name: dict(vars(meter)) for name, meter in epoch.meters.items()}}
+            "meters": {name: dict(vars(meter)) for name, meter in epoch.meters.items()},
+            "metrics": _metric_states(loop._run.metrics)}
+
+
+def _metric_states(metrics):
+    """The state of each update/compute/reset metric: a torchmetrics Metric's states (its own
+    and those of the metrics inside it), else its state_dict(); a warning for the others."""
+    states = {}
+    for name, metric in metrics.items():
+        if hasattr(metric, "metric_state"):
+            states[name] = {f"{inner}.{key}".lstrip("."): value
+                            for inner, module in metric.named_modules()
+                            for key, value in getattr(module, "metric_state", {}).items()}
+        elif callable(getattr(metric, "state_dict", None)):
+            states[name] = metric.state_dict()
+        elif _is_metric_object(metric):
+            warnings.warn(f"metrics[{name!r}] ({type(metric).__name__}) has no state_dict(), so "
+                          f"a checkpoint in the middle of an epoch cannot hold its state: a run "
+                          f"resumed from it counts only the rest of that epoch; give it "
+                          f"state_dict() and load_state_dict()", stacklevel=4)
+    return states
 
 
 def _load_checkpoint(path, model):
@@ -1731,6 +1807,7 @@ def _restore(loop, state):
         if getattr(loop, name) is not None and state[name] is not None:
             getattr(loop, name).load_state_dict(state[name])
     loop.epoch, loop.step, loop.history = state["epoch"], state["step"], state["history"]
+    loop.hook_state = state.get("hook_state", {})
     loop.metrics = {name: values[-1] for name, values in loop.history.items() if values}
     _set_rng_state(state["rng"])
     return None if state["position"] is None else dict(state["position"], rng=state["rng"])

@@ -3216,3 +3216,243 @@ def test_cuda_a_loss_module_a_number_metric_and_a_packed_sequence_on_the_gpu():
     packed = torch.nn.utils.rnn.pack_sequence([torch.ones(3, 2), torch.ones(2, 2)])
     moved = loopy._to_device([packed], torch.device("cuda"), False)[0]
     assert moved.data.is_cuda and moved.batch_sizes.device.type == "cpu"
+
+
+# --- issue 14: state that survives a resume: hook state, metric objects, EMA weights ---
+
+def resumed_pair(tmp_path, train, stop_at_step):
+    """(straight, resumed): ``train(path, resume, hooks)`` run straight through, and run with a
+    checkpoint, stopped at ``stop_at_step``, then resumed from that checkpoint."""
+    straight = train(None, None, [])
+    path = tmp_path / "run.pt"
+    train(path, None, [stop_when(stop_at_step)])
+    torch.manual_seed(999)  # the resumed run must not depend on the global RNG
+    return straight, train(path, path, [])
+
+
+def shuffled_run(make_model=make_mlp, metrics=None, epochs=3, **options):
+    """A function (path, resume, hooks) -> (model, loop): shuffled, with validation, checkpoints
+    when given a path (``options["every"]``), and ``options["hooks"]()`` (new for each run)."""
+    def train(path, resume, hooks):
+        X, y = make_data(96, features=64) if make_model is make_cnn else make_data(150)
+        X = X.reshape(-1, 1, 8, 8) if make_model is make_cnn else X
+        model = make_model()
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        own = options["hooks"]() if "hooks" in options else []
+        checkpoint = [loopy.checkpoint(path, options.get("every", "epoch"))] if path else []
+        hooks = hooks + (checkpoint + own if options.get("checkpoint_first") else own + checkpoint)
+        loop = loopy.fit(model, F.cross_entropy, optimizer, (X, y), batch_size=16, shuffle=True,
+                         val_loader=(X[:48], y[:48]), metrics=metrics() if metrics else None,
+                         epochs=epochs, seed=None if resume else 123, hooks=hooks, resume=resume,
+                         progress=False)
+        return model, loop
+    return train
+
+
+def test_a_hooks_state_goes_through_a_mid_epoch_checkpoint_and_back(tmp_path):
+    seen = []
+
+    def loss_sum():  # the README's pattern: read your state at your first event
+        loop = yield "start"
+        state = loop.hook_state.setdefault("loss_sum", {"total": torch.zeros(()), "steps": []})
+        seen.append(len(state["steps"]))
+        while True:
+            loop = yield "step"
+            state["total"] += loop.loss
+            state["steps"].append(loop.step)
+
+    train = shuffled_run(hooks=lambda: [loss_sum()])
+    (_, straight), (_, resumed) = resumed_pair(tmp_path, train, stop_at_step=14)  # mid-epoch 2
+    assert seen == [0, 0, 14]  # the resumed hook found the 14 steps at "start"
+    assert resumed.hook_state["loss_sum"]["steps"] == list(range(1, 31))
+    assert torch.equal(resumed.hook_state["loss_sum"]["total"],
+                       straight.hook_state["loss_sum"]["total"])
+    saved = torch.load(tmp_path / "run.pt", weights_only=True)  # plain data
+    assert saved["hook_state"]["loss_sum"]["steps"] == list(range(1, 31))
+
+
+@pytest.mark.parametrize("name", ["MulticlassAccuracy", "MulticlassAUROC"])  # tensor, list states
+def test_a_torchmetrics_metric_across_a_mid_epoch_resume_equals_the_straight_run(tmp_path, name):
+    torchmetrics = pytest.importorskip("torchmetrics")
+    options = {"thresholds": None} if name == "MulticlassAUROC" else {}
+    metric = lambda: {"m": getattr(torchmetrics.classification, name)(3, **options)}
+    train = shuffled_run(metrics=metric)
+    (_, straight), (_, resumed) = resumed_pair(tmp_path, train, stop_at_step=14)
+    assert resumed.history == straight.history  # the oracle: the run that never stopped
+    assert resumed.history["m"][1] != straight.history["m"][0]  # (a real epoch-2 value)
+
+
+class CountCorrect:
+    """An update/compute/reset metric of loopy's own shape, with or without a state_dict."""
+    def __init__(self):
+        self.reset()
+
+    def update(self, output, target):
+        self.correct += int((output.argmax(1) == target).sum())
+        self.count += len(target)
+
+    def compute(self):
+        return self.correct / self.count
+
+    def reset(self):
+        self.correct = self.count = 0
+
+
+class CountCorrectWithState(CountCorrect):
+    def state_dict(self):
+        return {"correct": self.correct, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.correct, self.count = state["correct"], state["count"]
+
+
+def test_a_metric_object_with_a_state_dict_resumes_and_one_without_warns_at_the_save(tmp_path):
+    metrics = lambda: {"with": CountCorrectWithState(), "without": CountCorrect()}
+    train = shuffled_run(metrics=metrics)
+    with pytest.warns(UserWarning) as warned:
+        (_, straight), (_, resumed) = resumed_pair(tmp_path, train, stop_at_step=14)
+    assert resumed.history["with"] == straight.history["with"]
+    assert resumed.history["without"][1] != straight.history["without"][1]  # the documented loss
+    messages = {str(w.message) for w in warned}
+    assert messages == {"metrics['without'] (CountCorrect) has no state_dict(), so a checkpoint "
+                        "in the middle of an epoch cannot hold its state: a run resumed from it "
+                        "counts only the rest of that epoch; give it state_dict() and "
+                        "load_state_dict()"}
+
+
+def hand_ema(make_model, data, decay, epochs, formula=False):
+    """The hand-written loop with an EMA kept by hand: torch.lerp, as torch.optim.swa_utils
+    does, or the formula ``decay * average + (1 - decay) * parameter`` in float64."""
+    X, y = data
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dtype = torch.float64 if formula else torch.float32
+    average = [p.detach().clone().to(dtype) for p in model.parameters()]
+    for _ in range(epochs):
+        model.train()
+        for x, target in tensor_loader(X, y, batch_size=16):
+            F.cross_entropy(model(x), target).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            with torch.no_grad():
+                for a, p in zip(average, model.parameters()):
+                    if formula:
+                        a.copy_(decay * a + (1 - decay) * p.double())
+                    else:
+                        a.lerp_(p, 1 - decay)
+    return model, average
+
+
+@pytest.mark.parametrize("make_model, data", [(make_mlp, make_data), (make_cnn, image_data)])
+def test_ema_equals_the_hand_computed_average(make_model, data):
+    X, y = data()
+    decay = 0.9
+    models = []
+    for apply_at_end in (True, False):
+        models.append(make_model())
+        loopy.fit(models[-1], F.cross_entropy, torch.optim.SGD(models[-1].parameters(), lr=0.1),
+                  (X, y), batch_size=16, epochs=2, progress=False,
+                  hooks=[loopy.ema(decay=decay, apply_at_end=apply_at_end)])
+    averaged, raw = models
+    hand_model, hand_average = hand_ema(make_model, (X, y), decay, epochs=2)
+    _, formula_average = hand_ema(make_model, (X, y), decay, epochs=2, formula=True)
+    assert same_weights(raw, hand_model)  # apply_at_end=False: the trained weights
+    for a, hand, formula in zip(averaged.parameters(), hand_average, formula_average):
+        assert torch.equal(a, hand)  # the same lerp, in the same order: bit for bit
+        # the formula in float64: lerp rounds differently in float32, by about 1e-7 per step
+        torch.testing.assert_close(a.double(), formula, rtol=0, atol=1e-6)
+    for name, buffer in averaged.named_buffers():  # buffers: the model's own, not averaged
+        assert torch.equal(buffer, dict(hand_model.named_buffers())[name])
+
+
+@pytest.mark.parametrize("checkpoint_first", [False, True])  # the hooks' order does not matter
+@pytest.mark.parametrize("make_model", [make_mlp, make_cnn])
+def test_ema_stopped_mid_epoch_and_resumed_equals_the_straight_run(tmp_path, checkpoint_first,
+                                                                    make_model):
+    train = shuffled_run(make_model, hooks=lambda: [loopy.ema(decay=0.9)], every=9,
+                         checkpoint_first=checkpoint_first)  # saved at "step", not at "end"
+    (straight, straight_loop), (resumed, resumed_loop) = resumed_pair(tmp_path, train, 9)
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+    assert same_weights(resumed_loop.val_model, straight_loop.val_model)
+
+
+def test_an_average_older_than_the_checkpoints_weights_starts_over(tmp_path):
+    path = tmp_path / "run.pt"
+    train = shuffled_run(epochs=1, hooks=lambda: [loopy.ema(decay=0.9)])
+    train(path, None, [])  # the average is saved at step 10 ...
+    shuffled_run(epochs=2)(path, path, [])  # ... kept, stale, by a resumed run without ema
+    model, loop = shuffled_run(epochs=2, hooks=lambda: [loopy.ema(apply_at_end=False)])(
+        path, path, [])  # nothing left to train: the average is the weights at step 20
+    assert loop.step == 20 and same_weights(loop.val_model, model)
+    assert not same_weights(loop.val_model, make_mlp())
+
+
+def test_validation_runs_with_the_averaged_weights():
+    X, y = make_data(150)
+    val = tensor_loader(X[:50], y[:50], batch_size=16)
+    for apply_at_end in (True, False):
+        model = make_mlp()
+        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5),
+                         (X, y), val_loader=val, epochs=2, progress=False,
+                         hooks=[loopy.ema(decay=0.8, apply_at_end=apply_at_end)])
+        averaged = loopy.evaluate(loop.val_model, val, F.cross_entropy)["loss"]
+        assert loop.history["val_loss"][-1] == averaged
+        assert (loopy.evaluate(model, val, F.cross_entropy)["loss"] == averaged) == apply_at_end
+
+
+def test_ema_with_a_bad_decay_says_what_to_use():
+    X, y = make_data()
+    model = make_mlp()
+    for decay in (1.5, -0.1, "0.9", None):
+        with pytest.raises(ValueError, match=r"ema\(decay=.*\): use a number between 0 and 1"):
+            loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                      (X, y), hooks=[loopy.ema(decay=decay)], progress=False)
+
+
+EMA_DISTRIBUTED_SCRIPT = """
+import os, sys, torch, loopy
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+torch.set_num_threads(1)
+X = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
+y = (X[:, 0] > 0).long()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                 DataLoader(TensorDataset(X, y), int(sys.argv[2])), epochs=3, progress=False,
+                 val_loader=DataLoader(TensorDataset(X[:30], y[:30]), 7), hooks=[loopy.ema(0.8)])
+result = {"model": model.state_dict(), "history": loop.history}
+if torch.distributed.is_initialized():  # FSDP2 cannot be copied: a clear error
+    from torch.distributed.fsdp import fully_shard
+    sharded = fully_shard(torch.nn.Linear(8, 2))
+    try:
+        loopy.fit(sharded, F.cross_entropy, torch.optim.SGD(sharded.parameters(), lr=0.1),
+                  (X, y), hooks=[loopy.ema()], progress=False)
+    except ValueError as error:
+        result["fsdp"] = str(error)
+torch.save(result, os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', 0)}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_ema_under_torchrun_is_the_same_on_both_ranks_and_matches_one_process(tmp_path):
+    script = tmp_path / "ema.py"
+    script.write_text(EMA_DISTRIBUTED_SCRIPT)
+    results = []
+    for processes, batch_size in ((2, 8), (1, 16)):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+        out = tmp_path / str(processes)
+        out.mkdir()
+        result = subprocess.run(launcher + [str(script), str(out), str(batch_size)],
+                                env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results += [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(processes)]
+    rank0, rank1, single = results
+    assert rank0["history"] == rank1["history"]
+    for name, weights in single["model"].items():  # tolerance: float sums in another order
+        assert torch.equal(rank0["model"][name], rank1["model"][name])
+        torch.testing.assert_close(rank0["model"][name], weights, rtol=1e-5, atol=1e-6)
+    assert rank0["history"]["val_loss"] == pytest.approx(single["history"]["val_loss"], rel=1e-5)
+    assert rank0["fsdp"].startswith("loopy.ema() cannot average a model sharded with FSDP2")
