@@ -35,16 +35,19 @@ A hook is a generator: code before its first ``yield`` runs when training starts
 
 __version__ = "0.1.0"
 __all__ = ["fit", "evaluate", "predict", "accuracy", "lr_find", "Loop", "HookError", "EVENTS",
-           "progress", "early_stopping", "checkpoint", "csv_logger", "tensorboard"]
+           "plot_history", "progress", "early_stopping", "checkpoint", "csv_logger", "tensorboard",
+           "log_to", "live_plot", "ema"]
 
 import atexit
 import collections.abc
 import contextlib
 import copy
 import dataclasses
+import datetime
 import inspect
 import itertools
 import math
+import numbers
 import os
 import random
 import signal
@@ -62,9 +65,11 @@ class HookError(RuntimeError):
 
 
 def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=None, metrics=None,
-        device="auto", progress=True, step=None, batch_size=32, shuffle=False, scheduler=None,
-        scheduler_interval="epoch", scheduler_monitor="val_loss", precision=None, accumulate=1,
-        clip_grad=None, seed=None, max_steps=None, dry_run=False, nonfinite="raise", resume=None):
+        device="auto", progress=True, step=None, batch_size=32, shuffle=False, drop_last=False,
+        val_batch_size=None, scheduler=None, scheduler_interval="epoch",
+        scheduler_monitor="val_loss", precision=None, accumulate=1, clip_grad=None, seed=None,
+        max_steps=None, dry_run=False, nonfinite="raise", resume=None, ddp_options=None,
+        process_group_timeout=600):
     """Train ``model`` and return the :class:`Loop` that the hooks saw; with the same seed, the
     weights equal the hand-written loop's bit for bit::
 
@@ -74,21 +79,32 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
 
     Parameters:
         model: an ``nn.Module``, moved to ``device``; called as ``model(x)``, ``model(*x)`` (a
-            tuple or list ``x``) or ``model(**x)`` (a dict).
+            tuple or list ``x``) or ``model(**x)`` (a dict). It trains in train mode, except for
+            submodules in eval mode when fit is called (a frozen BatchNorm backbone), which stay
+            so (with a warning if their parameters train); a model wholly in eval mode trains.
         loss_fn: ``loss_fn(output, y) -> scalar tensor``; may be None when ``step`` is given.
-        optimizer: a ``torch.optim.Optimizer`` over the model's parameters.
+            An ``nn.Module`` loss moves with the model. Output and target shapes that broadcast
+            to more elements than either (``(N, 1)`` and ``(N,)``) are an error at the first step.
+        optimizer: a ``torch.optim.Optimizer`` over the model's parameters (and a loss module's).
         loader: an iterable of batches (a ``DataLoader``), or tensors ``(X, y)``, batched by
-            ``batch_size`` and ``shuffle`` exactly as ``DataLoader(TensorDataset(X, y))`` does.
+            ``batch_size``, ``shuffle`` and ``drop_last`` exactly as ``DataLoader(TensorDataset(X,
+            y))`` does. NumPy arrays are taken as tensors: floating ones in torch's default dtype,
+            integer ones as int64.
         hooks: generator objects, e.g. ``[loopy.early_stopping(patience=3)]`` (see ``EVENTS``).
         epochs: the total number of passes over ``loader``, also when resuming.
         val_loader: evaluated after every epoch (no grad, eval mode); recorded as ``val_*``.
-        metrics: ``{"name": fn(output, target) -> tensor}`` (epoch means weighted by batch size)
-            or objects with ``update/compute/reset`` (a torchmetrics ``Metric``).
+        metrics: ``{"name": fn(output, target) -> tensor}`` (epoch means weighted by batch size;
+            a function returning a number, such as a scikit-learn metric, works but has synced
+            with the device to compute it) or objects with ``update/compute/reset`` (a
+            torchmetrics ``Metric``).
         device: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda:1"``, a ``torch.device``.
-        progress: add the :func:`progress` hook (a bar on a terminal, else a line per epoch).
+        progress: what the :func:`progress` hook shows: ``True`` or ``"bar"`` (a live bar where a
+            person watches, a terminal or a notebook, and a complete line per epoch on stdout),
+            ``"epoch"`` (only the lines, like Keras's ``verbose=2``) or ``False`` (nothing).
         step: ``step(model, batch)`` for any other update, returning the loss or ``(loss, output,
             target)``; validation runs it too, with ``model.training`` False and no grad.
-        batch_size, shuffle: for in-memory tensors only.
+        batch_size, shuffle, drop_last: for in-memory tensors only, as DataLoader's.
+        val_batch_size: the batch size for in-memory ``val_loader`` tensors (None: ``batch_size``).
         scheduler: a ``torch.optim.lr_scheduler``, stepped every ``scheduler_interval`` (``"epoch"``
             or ``"step"``); ``ReduceLROnPlateau`` gets ``scheduler_monitor`` (``"val_loss"``, or
             ``"loss"`` without validation). ``history["lr"]`` holds the rate at each epoch's end
@@ -107,8 +123,14 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
             counted in ``history["skipped"]``; syncs every step) or ``"ignore"``.
         resume: path of a :func:`checkpoint` file; the run continues exactly where it stopped.
 
-    Under ``torchrun`` the model trains as DistributedDataParallel on each process's shard of
-    the data, metrics are reduced over all processes, and only rank 0 shows progress and saves.
+        ddp_options: keyword arguments for the DistributedDataParallel that wraps the model
+            under torchrun, e.g. ``{"find_unused_parameters": True}``.
+        process_group_timeout: seconds that a collective waits for the other processes before
+            it fails, when loopy starts the process group (default 600, NCCL's own default).
+
+    Under ``torchrun`` the model trains as DistributedDataParallel (or as the user wrapped it:
+    DDP, or FSDP2's ``fully_shard``) on each process's shard of the data; every metric in the
+    history is global and the same on every process; only rank 0 shows progress and saves.
 
     Returns the :class:`Loop`; ``loop.history`` maps each metric to its per-epoch floats.
 
@@ -116,44 +138,36 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
     a hook breaks the protocol; errors from the model, loss or hooks propagate as they are.
     """
     hooks = _check_hooks(hooks)
-    _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, max_steps,
-                         nonfinite, scheduler_interval)
-    metrics = _check_metrics(metrics)
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and \
-            scheduler_interval == "step":
-        raise ValueError("scheduler_interval='step' cannot drive ReduceLROnPlateau, which needs "
-                         "an epoch's metric: use scheduler_interval='epoch'")
-    device = _join_process_group(_resolve_device(device))
-    if seed is not None:  # before anything draws a random number
-        random.seed(seed)
-        torch.manual_seed(seed)
-        if "numpy" in sys.modules:
-            sys.modules["numpy"].random.seed(seed % 2**32)
-    loader = _as_batches(loader, "loader", batch_size, shuffle)
-    if val_loader is not None:
-        val_loader = _as_batches(val_loader, "val_loader", batch_size, False)
-    autocast, scaler = _mixed_precision(precision, device)
-    loop = _prepared_loop(model, loss_fn, loader, metrics, step, device, autocast, optimizer)
-    loop.epochs, loop._limit = (1, 2) if dry_run else (epochs, None)
-    loop.val_loader, loop.scheduler, loop.scaler = val_loader, scheduler, scaler
-    loop.dry_run, loop._accumulate, loop._clip_grad = dry_run, accumulate, clip_grad
-    loop._max_steps, loop._nonfinite = max_steps, nonfinite
-    loop._val_batches = _shard(loop, val_loader, training=False)
-    loop._scheduler_interval, loop._scheduler_monitor = scheduler_interval, scheduler_monitor
-    if progress and loop.rank == 0:
-        hooks.append(_default_progress())
+    run = _prepare(model, loss_fn, optimizer, loader, epochs=epochs, val_loader=val_loader,
+                   metrics=metrics, device=device, step=step, batch_size=batch_size,
+                   shuffle=shuffle, drop_last=drop_last, val_batch_size=val_batch_size,
+                   scheduler=scheduler, scheduler_interval=scheduler_interval,
+                   scheduler_monitor=scheduler_monitor, precision=precision,
+                   accumulate=accumulate, clip_grad=clip_grad, seed=seed, max_steps=max_steps,
+                   dry_run=dry_run, nonfinite=nonfinite, resume=resume, progress=progress,
+                   ddp_options=ddp_options, process_group_timeout=process_group_timeout)
+    loop = Loop(run, loader, val_loader)
+    if run.step_fn is None:
+        hooks.insert(0, _first_step_checks())
+    if run.progress and run.rank == 0:  # last, so that its epoch line sees what hooks changed
+        hooks.append(_default_progress(bar=run.progress == "bar"))
     with _HookRunner(hooks, loop) as runner, _ctrl_c_stops(loop):
-        if resume is not None:
-            _restore(loop, _load_checkpoint(resume, model))
+        position = _restore(loop, run.resume) if run.resume is not None else None
         optimizer.zero_grad()
         runner.emit("start")
-        while loop.stop_reason is None and loop.epoch + loop._epoch_complete < loop.epochs:
-            loop.epoch += loop._epoch_complete
-            if _train_epoch(loop, runner):
-                _end_epoch(loop, runner)
-                _should_stop(loop)
+        first = run.epochs if _should_stop(loop, run) else loop.epoch  # (a stop at "start")
+        for loop.epoch in range(first, run.epochs):
+            # forward, backward and optimizer step for each batch
+            if not _train_epoch(loop, run, runner, position):
+                break  # stopped inside the epoch: not recorded; a resume continues it
+            position = None
+            # validation, the epoch's means, an epoch scheduler, the "epoch" event
+            _end_epoch(loop, run, runner)
+            # termination: a hook's stop, Ctrl+C, max_steps or another process's stop
+            if _should_stop(loop, run):
+                break
         runner.emit("end")
-    loop._train_model = model  # release DDP's wrapper (and its hold on the process group) now
+    loop._run = dataclasses.replace(run, train_model=model)  # release DDP (and the group) now
     if loop._interrupted:
         how = f"resume with fit(..., resume={loop._last_save!r})" if loop._last_save else \
             "add hooks=[loopy.checkpoint(path)] to be able to resume"
@@ -173,40 +187,46 @@ def evaluate(model, loader, loss_fn=None, metrics=None, device="auto", *, step=N
         >>> loopy.evaluate(model, (X_test, y_test), F.cross_entropy, {"acc": loopy.accuracy})
         {'loss': 0.21, 'acc': 0.94}
     """
-    device = _join_process_group(_resolve_device(device))
-    loader = _as_batches(loader, "loader", batch_size, False)
-    autocast, _ = _mixed_precision(precision, device)
-    loop = _prepared_loop(model, loss_fn, loader, _check_metrics(metrics), step, device, autocast)
-    return _evaluate(loop, _shard(loop, loader, training=False), None)
+    run = _prepare(model, loss_fn, None, loader, metrics=metrics, device=device, step=step,
+                   batch_size=batch_size, precision=precision)
+    return _evaluate(run, run.batches)
 
 
 def predict(model, loader, device="auto", *, batch_size=32):
     """Run ``model`` over ``loader`` (batches of inputs, or ``(x, y)`` pairs whose ``y`` is
     ignored) under ``torch.no_grad()`` and ``model.eval()``; return the outputs concatenated
-    along dim 0, on the CPU (a tuple or dict of them when the model returns one).
+    along dim 0, on the CPU (a tuple or dict of them when the model returns one; one list when it
+    returns a list of one item per sample, as detection models do).
     Under torchrun every process predicts the whole loader and returns all outputs.
 
         >>> probabilities = loopy.predict(model, X_test).softmax(dim=1)
     """
-    device = _resolve_device(device)
-    loader = _as_batches(loader, "loader", batch_size, False)
-    model.to(device)
-    outputs = []
+    run = _prepare(model, None, None, loader, device=device, batch_size=batch_size)
+    outputs, sizes = [], []
     with _eval_mode(model):
-        for batch in loader:
-            batch = _to_device(batch, device, False)
+        for batch in run.batches:
+            batch = _to_device(batch, run.device, run.non_blocking)
             if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
                 batch = batch[0]
             outputs.append(_to_device(_call_model(model, batch), torch.device("cpu"), False))
+            sizes.append(_batch_size(batch))
     if not outputs:
         raise ValueError(f"loader yielded no batches: predict got {_describe(loader)}")
-    return _concat(outputs)
+    try:
+        return _concat(outputs, sizes)
+    except (RuntimeError, TypeError, KeyError, IndexError):
+        raise TypeError(f"predict cannot join the model's outputs ({_describe(outputs[0])} for "
+                        f"the first batch): return batch-first tensors of one shape beyond dim 0, "
+                        f"a tuple or dict of them, or a list of one item per sample") from None
 
 
 def accuracy(output, target):
     """Top-1 accuracy as a 0-dim tensor (no host sync). Class scores ``(N, C, ...)`` are
-    compared by argmax over dim 1; binary logits (same shape as ``target``, or ``(N, 1)``)
-    count as positive above 0."""
+    compared by argmax over dim 1 with class indices ``(N, ...)``, or with the argmax of class
+    probabilities or one-hot targets of the output's shape; binary logits (``(N,)`` or ``(N, 1)``,
+    targets 0/1 of either shape) count as positive above 0."""
+    if output.dim() > 1 and output.size(1) > 1 and output.shape == target.shape:
+        return (output.argmax(dim=1) == target.argmax(dim=1)).float().mean()
     if output.dim() == target.dim() + 1 and output.size(1) > 1:
         predicted = output.argmax(dim=1)
     else:
@@ -231,7 +251,7 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
         raise ValueError(f"lr_find needs 0 < min_lr < max_lr and num_steps >= 2; got min_lr="
                          f"{min_lr}, max_lr={max_lr}, num_steps={num_steps}")
     saved = copy.deepcopy((_unwrap(model).state_dict(), optimizer.state_dict())), _rng_state()
-    training = model.training
+    modes = _modes(model)
     lrs, losses = [], []
 
     def sweep():
@@ -257,11 +277,55 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
         _unwrap(model).load_state_dict(saved[0][0])
         optimizer.load_state_dict(saved[0][1])
         _set_rng_state(saved[1])
-        model.train(training)
+        for module, training in modes:
+            module.training = training
     lowest = min(range(len(losses)), key=losses.__getitem__)
     candidates = range(len(losses) // 10, max(lowest, len(losses) // 10 + 1))
     best = min(candidates, key=lambda i: losses[min(i + 1, len(losses) - 1)] - losses[i])
     return {"lr": lrs, "loss": losses, "suggestion": lrs[best]}
+
+
+def plot_history(history, path=None):
+    """Plot a run's curves with matplotlib (``pip install matplotlib``): one panel per metric,
+    training against validation, per epoch (the learning rate left out). ``history`` is a
+    :class:`Loop`, its ``history``, or the result of :func:`lr_find` (its smoothed loss against
+    the learning rate on a log scale, the suggestion marked).
+
+    Returns the matplotlib ``Figure`` (closed in pyplot: a notebook shows it once, as the
+    cell's value); with ``path``, it is also saved there (a PNG for ``"curves.png"``).
+
+        >>> loopy.plot_history(loop, "curves.png")
+    """
+    import matplotlib.pyplot as plt
+    history = getattr(history, "history", history)
+    if not isinstance(history, collections.abc.Mapping) or not history:
+        raise ValueError(f"plot_history needs a Loop, its history or lr_find's result, with at "
+                         f"least one epoch recorded; got {_describe(history)}")
+    if "suggestion" in history:  # lr_find's result
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        axis.plot(history["lr"], history["loss"], label="loss (smoothed)")
+        axis.axvline(history["suggestion"], color="gray", linestyle="--",
+                     label=f"suggestion {history['suggestion']:.3g}")
+        axis.set(xscale="log", xlabel="learning rate")
+        axes = [axis]
+    else:
+        names = dict.fromkeys(name.removeprefix("val_") for name in history
+                              if name not in ("lr", "skipped"))
+        figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+        axes = axes[0]
+        for axis, name in zip(axes, names):
+            for key, label in ((name, "training"), ("val_" + name, "validation")):
+                if key in history:
+                    axis.plot(range(1, len(history[key]) + 1), history[key], label=label)
+            axis.set(title=name, xlabel="epoch")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    plt.close(figure)  # the caller shows or saves it; pyplot would show it a second time
+    if path is not None:
+        figure.savefig(path)
+    return figure
 
 
 class Loop:
@@ -269,22 +333,33 @@ class Loop:
 
     Attributes: ``model``, ``optimizer``, ``loss_fn``, ``loader`` (the user's own objects),
     ``device``, ``epoch`` (0-based index of the current epoch), ``epochs``, ``step``
-    (optimizer steps so far), ``batch_index`` (within the epoch), ``batch`` (on the device;
+    (optimizer steps so far), ``batch_index`` (within the epoch), ``num_batches`` (batches in
+    this epoch; None when the loader has no len()), ``batch`` (on the device;
     a ``"batch"`` hook may replace it), ``output``, ``loss`` (detached tensor), ``grad_norm``
     (with ``clip_grad``), ``metrics`` (the last epoch's floats), ``history`` (lists of floats
     per epoch), ``event`` (the current event), ``stop_reason``, ``rank`` and ``world_size``
-    (under torchrun; 0 and 1 otherwise), ``scheduler``, ``scaler``, ``val_loader``.
+    (under torchrun; 0 and 1 otherwise), ``scheduler``, ``scaler``, ``val_loader``, ``dry_run``,
+    ``val_model`` (the module that validation runs: ``model``, unless a hook sets another, as
+    :func:`ema` does), ``hook_state`` (a dict that checkpoints save and a resume restores before
+    the hooks' first event: tensors, numbers, strings, lists and dicts; tensors come back on the
+    CPU).
+    Its ``repr`` is one line: epochs done, steps, the stop reason and the last metrics.
     """
 
-    def __init__(self, model, loss_fn, optimizer, loader, device):
-        self.model, self.loss_fn, self.optimizer, self.loader = model, loss_fn, optimizer, loader
-        self.device, self.epochs, self.epoch, self.step, self.batch_index = device, 1, 0, 0, -1
+    def __init__(self, run, loader, val_loader=None):
+        self.model, self.loss_fn, self.optimizer = run.model, run.loss_fn, run.optimizer
+        self.loader, self.val_loader, self.device = loader, val_loader, run.device
+        self.scheduler, self.scaler, self.dry_run = run.scheduler, run.scaler, run.dry_run
+        self.rank, self.world_size, self.epochs = run.rank, run.world_size, run.epochs
+        self.epoch = self.step = 0
+        self.batch_index, self.num_batches = -1, None
         self.batch = self.output = self.loss = self.grad_norm = self.event = None
-        self.val_loader = self.scheduler = self.scaler = self.stop_reason = None
-        self.metrics, self.history, self.dry_run, self.rank, self.world_size = {}, {}, False, 0, 1
-        self._train_model, self._batches, self._meters, self._last_save = model, loader, {}, None
-        self._interrupted = self._pending_grads = self._epoch_complete = False
-        self._resume_position = None
+        self.stop_reason, self.metrics, self.history = None, {}, {}
+        self.val_model, self.hook_state = run.model, {}
+        self._run = run  # the run's options (read only)
+        self._epoch = None  # the current epoch's record: its meters, position and completion
+        self._interrupted = False  # set by the first Ctrl+C
+        self._last_save = None  # the path of the last checkpoint, for the Ctrl+C message
 
     def stop(self, reason="stopped by a hook"):
         """End training at the next boundary (after this optimizer step, or this epoch);
@@ -293,75 +368,104 @@ class Loop:
         if self.stop_reason is None:
             self.stop_reason = reason
 
+    def print(self, *values, sep=" ", end="\n", file=None):
+        """``print``, on rank 0 only, through ``tqdm.write`` when tqdm is loaded, so that a live
+        progress bar is cleared first and redrawn after: the way to print from a hook at
+        ``"batch"``, ``"backward"`` or ``"step"`` (at ``"epoch"`` the bar is already cleared)."""
+        if self.rank != 0:
+            return
+        tqdm = sys.modules.get("tqdm")
+        if tqdm is None:
+            return print(*values, sep=sep, end=end, file=file, flush=True)
+        tqdm.tqdm.write(sep.join(map(str, values)), file=file, end=end)
+        (file or sys.stdout).flush()
+
+    def __repr__(self):
+        stop = f", stopped: {self.stop_reason}" if self.stop_reason else ""
+        return (f"<Loop epoch {self.epoch + _epoch_complete(self)}/{self.epochs}, step "
+                f"{self.step}{stop}; {_format_metrics(self.metrics) or 'no metrics yet'}>")
+
     def averages(self):
         """The running means of this epoch so far, as floats (this pulls numbers off the device)."""
-        values = {name: meter.mean() for name, meter in self._meters.items() if meter.count}
+        meters = self._epoch.meters if self._epoch is not None else {}
+        values = {name: meter.mean() for name, meter in meters.items() if meter.count}
         _check_finite(self, values.get("loss"))
         return values
 
     def state_dict(self):
         """The full training state that :func:`checkpoint` saves and ``fit(resume=...)`` loads."""
-        return {"format": "loopy-checkpoint/1", "model": _unwrap(self.model).state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+        model, optimizer = _model_and_optimizer_state(self.model, self.optimizer)
+        return {"format": "loopy-checkpoint/1", "model": model, "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "epoch": self.epoch + self._epoch_complete, "step": self.step,
-                "history": self.history, "rng": _rng_state(), "position": _epoch_position(self)}
+                "epoch": self.epoch + _epoch_complete(self), "step": self.step,
+                "history": self.history, "rng": _rng_state(), "position": _epoch_position(self),
+                "hook_state": self.hook_state}
 
     def save(self, path):
         """Write :meth:`state_dict` to ``path`` atomically: a crash mid-write keeps the old file.
-        Under torchrun only the first process (rank 0) writes."""
+        Under torchrun every process must call it (FSDP2 gathers the full state); only the first
+        process (rank 0) writes."""
         path = self._last_save = os.fspath(path)
-        if self.rank != 0:
-            return
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-        try:
-            with open(temporary, "wb") as file:
-                torch.save(self.state_dict(), file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        state = self.state_dict()
+        if self.rank == 0:
+            _write_atomically(state, path)
+        if self.world_size > 1:  # once save returns, every process can read the file
+            torch.distributed.barrier(group=self._run.stop_group)
+
+
+def _write_atomically(state, path):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 # --- built-in hooks ---
 
-def progress(refresh=0.5):
-    """Show training progress: with tqdm on a terminal or in a notebook, one bar per epoch
-    whose loss and metrics refresh at most every ``refresh`` seconds; otherwise (CI, a log
-    file, no tqdm) one plain line per epoch. ``fit`` adds it unless ``progress=False``."""
-    bar_class = None  # a bar only where a person watches: a terminal or a notebook
-    if "ipykernel" in sys.modules or (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
-        with contextlib.suppress(ImportError):
-            from tqdm.auto import tqdm as bar_class
-    started, shown, bar = time.monotonic(), 0.0, None
+def progress(refresh=0.5, bar=True):
+    """Show training progress: after every epoch, one complete line on stdout with every metric
+    and the epoch's time, wherever stdout goes (a terminal, a notebook, a pipe, a file). With
+    ``bar`` and tqdm, also one live bar per run where a person watches (stderr on a terminal; a
+    notebook: a widget with ipywidgets, else text), its running means refreshed at most every
+    ``refresh`` seconds (a sync each time), and cleared after an epoch's last step, so that a
+    hook's ``print`` at ``"epoch"`` starts a line of its own. ``fit`` adds it last: ``progress=
+    True`` or ``"bar"`` adds ``progress()``, ``progress="epoch"`` adds ``progress(bar=False)``.
+    """
+    bar_class = _bar_class() if bar else None
+    started, due, live = time.monotonic(), 0.0, None
     try:
         while True:
             loop = yield ("step", "epoch") if bar_class else "epoch"
-            if bar_class is None:
-                line = " - ".join(f"{name} {value:.4g}" for name, value in loop.metrics.items())
-                print(f"epoch {loop.epoch + 1}/{loop.epochs}: {line} "
-                      f"({time.monotonic() - started:.1f}s)", flush=True)
-                continue
-            if bar is None:
-                total = min(_length(loop._batches) or math.inf, loop._limit or math.inf)
-                bar = bar_class(total=None if total == math.inf else total, unit="batch",
-                                desc=f"epoch {loop.epoch + 1}/{loop.epochs}")
-            if loop.event == "epoch" or time.monotonic() - shown >= refresh:
-                values = loop.metrics if loop.event == "epoch" else loop.averages()  # a sync
-                bar.n = loop.batch_index + 1
-                bar.set_postfix({name: f"{value:.4g}" for name, value in values.items()})
-                shown = time.monotonic()
             if loop.event == "epoch":
-                bar.close()
-                bar = None
+                if live is not None:
+                    live.clear()  # (already cleared, unless the loader has no len())
+                print(f"epoch {loop.epoch + 1}/{loop.epochs}: {_format_metrics(loop.metrics)} "
+                      f"({time.monotonic() - started:.1f}s)", flush=True)
+                started, due = time.monotonic(), 0.0
+                continue
+            if due == 0.0:  # an epoch's first step; one bar per run: a notebook keeps no stale bars
+                if live is None:
+                    live = bar_class(total=loop.num_batches, unit="batch", leave=False)
+                live.set_description(f"epoch {loop.epoch + 1}/{loop.epochs}", refresh=False)
+                live.reset(total=loop.num_batches)
+            if loop.batch_index + 1 == loop.num_batches or loop.stop_reason is not None:
+                live.clear()  # validation and the "epoch" (or "end") hooks come next
+            elif time.monotonic() >= due:
+                live.n = loop.batch_index + 1
+                live.set_postfix({name: f"{value:.4g}" for name, value in loop.averages().items()})
+                due = time.monotonic() + refresh  # (averages() is a sync: not every step)
     finally:
-        if bar is not None:
-            bar.close()
+        if live is not None:
+            live.close()
 
 
 _default_progress = progress
@@ -426,7 +530,7 @@ def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
             if best is not None and not better(value, best):
                 continue
             best = value
-        position = (loop.step, loop.epoch + loop._epoch_complete)
+        position = (loop.step, loop.epoch, loop.batch_index)
         if position == saved_at:
             continue  # "end" right after an "epoch" that was saved
         saved_at, target = position, os.fspath(path).format(epoch=loop.epoch + 1, step=loop.step)
@@ -477,147 +581,257 @@ def tensorboard(log_dir=None, every=50):
         writer.close()
 
 
+def log_to(log, every=None):
+    """Send the metrics to an experiment tracker, on rank 0: ``log(metrics, step)`` after every
+    epoch with all of ``loop.metrics`` and ``"epoch"`` (1-based), ``step`` being the optimizer
+    steps so far (continuing across a resume); with ``every``, also every ``every`` optimizer
+    steps with this epoch's running means, ``loop.averages()`` (rank 0's, and a device sync).
+    ``wandb.log``, ``mlflow.log_metrics`` and a Lightning logger's ``log_metrics`` take these
+    arguments as they are.
+
+        >>> loopy.fit(..., hooks=[loopy.log_to(wandb.log, every=100)])
+    """
+    if not callable(log):
+        raise TypeError(f"log_to(log={_describe(log)}): pass a function log(metrics, step), like "
+                        f"wandb.log or mlflow.log_metrics")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"log_to(every={every!r}): use None (epochs only) or a number of steps > 0")
+    events = ("step", "epoch") if every else "epoch"
+    loop = yield events
+    if loop.rank != 0:
+        return
+    while True:
+        if loop.event == "epoch":
+            log({**loop.metrics, "epoch": loop.epoch + 1}, loop.step)
+        elif loop.step % every == 0:
+            log(loop.averages(), loop.step)
+        loop = yield events
+
+
+def live_plot(path=None):
+    """Redraw :func:`plot_history` after every epoch: in a notebook, one figure updated in
+    place (an IPython display handle; nothing is cleared, so the progress lines stay); with
+    ``path``, also a PNG written there each epoch; elsewhere without ``path``, nothing."""
+    notebook = "ipykernel" in sys.modules
+    handle = None
+    while notebook or path is not None:
+        loop = yield "epoch"
+        if loop.rank != 0:
+            return
+        figure = plot_history(loop, path)
+        if notebook and handle is None:
+            from IPython.display import display
+            handle = display(figure, display_id=True)
+        elif notebook:
+            handle.update(figure)
+
+
+def ema(decay=0.999, apply_at_end=True):
+    """Keep an exponential moving average of the model's parameters, from their values at
+    ``"start"``, updated after every optimizer step: ``average = decay * average + (1 - decay)
+    * parameter``. Validation runs with the averaged weights (``loop.val_model``, a copy of the
+    model); when training ends or stops (not when it fails) the model gets them, unless
+    ``apply_at_end=False``. Buffers, such as BatchNorm's running statistics, are not averaged:
+    the copy uses the model's own, copied after every step. The average is in the checkpoint
+    (``loop.hook_state["ema"]``), so a resumed run continues it exactly.
+
+        >>> loopy.fit(..., val_loader=val, hooks=[loopy.ema(decay=0.999)])
+    """
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
+        raise ValueError(f"ema(decay={decay!r}): use a number between 0 and 1, like 0.999 (the "
+                         f"weight of the old average at each step)")
+    loop = yield "start"
+    if _is_fsdp(loop.model):
+        raise ValueError("loopy.ema() cannot average a model sharded with FSDP2's fully_shard, "
+                         "which cannot be copied: train it under DDP (loopy's default under "
+                         "torchrun), or keep the average of your shards in a hook of your own")
+    model = _unwrap(loop.model)
+    averaged = loop.val_model = copy.deepcopy(model).requires_grad_(False)
+    # detached: no graph and no torch.no_grad() per step (swa_utils' EMA function is 3x slower)
+    averages, parameters = list(averaged.parameters()), [p.detach() for p in model.parameters()]
+    copies, buffers = list(averaged.buffers()), list(model.buffers())
+    state = loop.hook_state.setdefault("ema", {})
+    if state.get("step", -2) >= loop.step - 1:  # resumed (older: a run without ema came between)
+        averaged.load_state_dict(state["average"], strict=False)
+        if state["step"] < loop.step:  # saved at "step" by a hook before this one's update
+            torch._foreach_lerp_(averages, parameters, 1 - decay)
+    state["step"] = loop.step
+    state["average"] = {name: p.detach() for name, p in averaged.named_parameters()}  # live
+    try:
+        while True:
+            loop = yield ("step", "end")
+            if loop.event == "step":
+                torch._foreach_lerp_(averages, parameters, 1 - decay)  # as torch.optim.swa_utils
+                state["step"] = loop.step
+                if buffers:
+                    torch._foreach_copy_(copies, buffers)
+    finally:
+        if apply_at_end and loop.event == "end":  # after every hook's "end", checkpoints too
+            model.load_state_dict(averaged.state_dict())
+
+
 # --- the training loop ---
 
-def _train_epoch(loop, runner):
-    """One pass over the loader; False when training stopped before the epoch was complete."""
-    loop.model.train()
-    loop.batch_index, loop._epoch_complete = -1, False
-    loop._meters = _new_meters(loop._metrics, with_loss=True)
-    loop._skipped, loop._epoch_first_step = 0, loop.step
-    batches = _resume_batches(loop) if loop._resume_position else _fresh_batches(loop)
-    loop._batches_in_epoch = _length(loop._batches)
-    batches = itertools.islice(batches, loop._limit)
-    if _can_train_lean(loop, runner):
-        _train_lean(loop, batches)
-    else:
-        for loop.batch_index, batch in batches:
-            loop.batch = _to_device(batch, loop.device, loop._non_blocking)
+@dataclasses.dataclass
+class _Epoch:
+    """What changes during one epoch; a new record each epoch, passed to what needs it."""
+    index: int
+    meters: dict  # the running means of the loss and the function metrics
+    first_step: int  # loop.step when the epoch began
+    rng: torch.Tensor  # torch's RNG state before its batches were drawn (a resume replays it)
+    length: int = None  # how many batches it has (dry_run's limit included); None: unknown
+    skipped: int = 0  # batches that nonfinite="skip" left out
+    pending: bool = False  # gradients that no optimizer step has applied yet
+    complete: bool = False  # recorded in the history
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # a reusable "with" that does nothing
+
+
+def _train_epoch(loop, run, runner, position=None):
+    """One pass over the training batches; False when a stop came before the epoch's end.
+    ``position`` (from a checkpoint) resumes the epoch after the batches it had consumed."""
+    run.train_model.train()
+    for module in run.frozen:  # submodules the user put in eval mode stay in it (a frozen BN)
+        module.training = False
+    epoch = loop._epoch = _Epoch(loop.epoch, _new_meters(run.metrics, with_loss=True), loop.step,
+                                 torch.get_rng_state(), _limited_length(run))
+    loop.batch_index, loop.num_batches = -1, epoch.length
+    batches = _epoch_batches(loop, run, epoch, position)
+    model, autocast = run.train_model, run.autocast
+    device, non_blocking, accumulate = run.device, run.non_blocking, run.accumulate
+    stop_at = run.max_steps or math.inf
+    checks_stops = run.world_size > 1  # processes agree on a stop after every step
+    late_sync = run.world_size > 1 and accumulate > 1 and epoch.length is not None
+    for loop.batch_index, batch in batches:
+        loop.batch = _to_device(batch, device, non_blocking)
+        if runner.listening("batch"):
             runner.emit("batch")
-            _train_batch(loop, runner)
-            if loop._pending_grads:
-                continue  # stop only between optimizer steps, so that a resume is exact
-            if _should_stop(loop):
+        group = 1 if accumulate == 1 else _group_size(loop, run, epoch)
+        # under DDP only the last batch of an accumulation group all-reduces the gradients
+        late = late_sync and loop.batch_index % accumulate != group - 1
+        with _no_gradient_sync(model) if late else _NO_CONTEXT:
+            # forward
+            with autocast:
+                loss, loop.output, target = _forward(run, model, loop.batch)
+            # backward: the gradients of a group add up, each batch's scaled by 1/group
+            if _backward(loop, run, epoch, loss, group):
+                _record(run, epoch.meters, loop.loss, loop.output, target, loop.batch)
+        # optimizer step, at the end of each accumulation group
+        if (loop.batch_index + 1) % accumulate == 0 and epoch.pending:
+            _optimizer_step(loop, run, runner, epoch)
+        if epoch.pending:
+            continue  # stop only between optimizer steps, so that a resume is exact
+        # termination
+        if checks_stops or loop.stop_reason or loop._interrupted or loop.step >= stop_at:
+            if _should_stop(loop, run):
                 break
     if loop.batch_index < 0:
         raise ValueError(f"loader yielded no batches in epoch {loop.epoch + 1}: a one-shot "
                          f"iterator (a generator) cannot be re-iterated; pass a DataLoader or list")
-    if loop._pending_grads:  # the last, partial, accumulation group
-        _optimizer_step(loop, runner)
-    # a stop inside the epoch leaves it unfinished (a resume continues it), unless at its end
-    last = min(loop._batches_in_epoch or math.inf, loop._limit or math.inf)
-    return loop.stop_reason is None or loop.batch_index + 1 == last
+    if epoch.pending:  # the last group of a loader without len(), or one cut short by a stop
+        _optimizer_step(loop, run, runner, epoch)
+    return loop.stop_reason is None or loop.batch_index + 1 == epoch.length
 
 
-def _can_train_lean(loop, runner):
-    """Whether no hook, option or process group needs more than forward, backward and step
-    per batch. Decided each epoch: hooks change what they wait for only when they get an event."""
-    return loop._accumulate == 1 and loop.scaler is None and loop._clip_grad is None and \
-        loop.world_size == 1 and loop._nonfinite != "skip" and loop._step_fn is None and \
-        (loop.scheduler is None or loop._scheduler_interval == "epoch") and \
-        not any(runner.listening(event) for event in ("batch", "backward", "step"))
+def _limited_length(run):
+    """How many batches a pass over the training data has (dry_run: 2); None when unknown."""
+    length = min(_length(run.batches) or math.inf, run.limit or math.inf)
+    return None if length == math.inf else length
 
 
-def _train_lean(loop, batches):
-    """The batches of an epoch that no hook watches: the arithmetic of _train_batch with less
-    Python per step, since the loop's own cost shows on small models (benchmarks/overhead.py)."""
-    model, loss_fn, optimizer = loop._train_model, loop.loss_fn, loop.optimizer
-    device, non_blocking, autocast = loop.device, loop._non_blocking, loop._autocast
-    metrics, loss_meter, stop_at = loop._metrics, loop._meters["loss"], loop._max_steps or math.inf
-    mixed = not isinstance(autocast, contextlib.nullcontext)
-    batch = output = loss = None  # (a resumed epoch may have no batch left)
-    for loop.batch_index, batch in batches:
-        batch = _to_device(batch, device, non_blocking)
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            _forward(loop, model, batch)  # raises: the batch is not an (inputs, target) pair
-        x, target = batch
-        if mixed:
-            with autocast:
-                output = _call_model(model, x)
-                loss = loss_fn(output, target)
-        else:  # (no context manager at all: its two calls show on small models)
-            output = model(x) if isinstance(x, torch.Tensor) else _call_model(model, x)
-            loss = loss_fn(output, target)
-        try:
-            loss.backward()
-        except (AttributeError, RuntimeError):
-            _check_loss(loss, loop)  # a clearer message when the loss itself is the problem
-            raise
-        loss = loss.detach()
-        loss_meter.add(loss, target.shape[0] if isinstance(target, torch.Tensor) and target.ndim
-                       else _batch_size(target))
-        if metrics:
-            _record(loop._meters, metrics, None, output, target, batch)
-        optimizer.step()
-        optimizer.zero_grad()
-        loop.step += 1
-        if loop._interrupted or loop.step >= stop_at:
-            _should_stop(loop)
-            break
-    if loss is not None:  # what hooks see at "epoch": the last batch
-        loop.batch, loop.output, loop.loss = batch, output, loss
+def _epoch_batches(loop, run, epoch, position):
+    """The epoch's numbered batches. A resumed epoch replays its shuffle from the RNG state of
+    its start, skips the batches it had consumed, and gets back its running means."""
+    if position is not None:
+        torch.set_rng_state(position["epoch_rng"])
+        epoch.rng = position["epoch_rng"]
+    for sampler in (getattr(run.batches, "sampler", None), getattr(run.batches, "batch_sampler", None)):
+        if hasattr(sampler, "set_epoch"):  # a DistributedSampler reshuffles per epoch
+            sampler.set_epoch(epoch.index)
+    batches = itertools.islice(enumerate(run.batches), run.limit)
+    if position is None:
+        return batches
+    for loop.batch_index, _ in itertools.islice(batches, position["batches"]):
+        pass
+    _set_rng_state(position["rng"])
+    epoch.first_step, epoch.skipped = position["first_step"], position["skipped"]
+    for name, meter in epoch.meters.items():
+        vars(meter).update(_to_device(position["meters"].get(name, {}), run.device, False))
+    for name, state in position.get("metrics", {}).items():
+        if hasattr(run.metrics[name], "metric_state"):  # torchmetrics keeps the tensors given
+            run.metrics[name].load_state_dict(_to_device(state, run.device, False), strict=False)
+        else:
+            run.metrics[name].load_state_dict(state)
+    return batches
 
 
-def _train_batch(loop, runner):
-    group = 1 if loop._accumulate == 1 else _group_size(loop)
-    # under DDP with accumulation only a group's last batch all-reduces the gradients
-    if loop.world_size > 1 and loop._batches_in_epoch is not None and \
-            loop.batch_index % loop._accumulate != group - 1:
-        with loop._train_model.no_sync():
-            _forward_backward(loop, group)
-    else:
-        _forward_backward(loop, group)
-    if (loop.batch_index + 1) % loop._accumulate == 0 and loop._pending_grads:
-        _optimizer_step(loop, runner)  # (not when nonfinite="skip" skipped the whole group)
+def _backward(loop, run, epoch, loss, group):
+    """loss.backward() (scaled for accumulation and fp16); False when the batch is skipped."""
+    try:
+        loop.loss = loss.detach()
+        if run.nonfinite == "skip" and not torch.isfinite(loss):  # a host sync, asked for
+            epoch.skipped += 1
+            return False
+        scaled = loss / group if group > 1 else loss
+        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+    except (AttributeError, RuntimeError):
+        _check_loss(loss, run)  # checked only now: a clearer message when the loss is the cause
+        raise
+    epoch.pending = True
+    return True
 
 
-def _forward_backward(loop, group):
-    with loop._autocast:
-        loss, output, target = _forward(loop, loop._train_model, loop.batch)
-    _check_loss(loss, loop)
-    loop.loss, loop.output = loss.detach(), output
-    if loop._nonfinite == "skip" and not torch.isfinite(loss):
-        loop._skipped += 1
-        return
-    scaled = loss / group if group > 1 else loss
-    (loop.scaler.scale(scaled) if loop.scaler is not None else scaled).backward()
-    loop._pending_grads = True
-    _record(loop._meters, loop._metrics, loop.loss, output, target, loop.batch)
-
-
-def _optimizer_step(loop, runner):
-    optimizer, scaler = loop.optimizer, loop.scaler
+def _optimizer_step(loop, run, runner, epoch):
+    optimizer, scaler = run.optimizer, run.scaler
     if scaler is not None:
         scaler.unscale_(optimizer)  # hooks and clipping see the true gradients
-    if loop._clip_grad is not None:
+    if run.clip_grad is not None:
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        loop.grad_norm = torch.nn.utils.clip_grad_norm_(parameters, loop._clip_grad)
-    runner.emit("backward")
+        norm = torch.nn.utils.clip_grad_norm_(parameters, run.clip_grad)
+        loop.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # (FSDP2)
+    if runner.listening("backward"):
+        runner.emit("backward")
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad()
-    loop._pending_grads, loop.step = False, loop.step + 1
-    if loop.scheduler is not None and loop._scheduler_interval == "step":
-        loop.scheduler.step()
-    runner.emit("step")
+    epoch.pending, loop.step = False, loop.step + 1
+    if run.scheduler is not None and run.scheduler_interval == "step":
+        run.scheduler.step()
+    if runner.listening("step"):
+        runner.emit("step")
 
 
-def _group_size(loop):
+@contextlib.contextmanager
+def _no_gradient_sync(model):
+    """Gradients add up on each process without an all-reduce: DDP's no_sync, or FSDP2's
+    set_requires_gradient_sync(False)."""
+    if not _is_fsdp(model):
+        with model.no_sync():
+            yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def _group_size(loop, run, epoch):
     """How many batches the current accumulation group has (fewer in an epoch's last group)."""
-    n, total = loop._accumulate, loop._batches_in_epoch
-    if n == 1 or total is None:
+    n, total = run.accumulate, epoch.length
+    if total is None:
         return n
-    total = min(total, loop._limit or total)
     return min(n, total - (loop.batch_index - loop.batch_index % n))
 
 
-def _forward(loop, model, batch):
+def _forward(run, model, batch):
     """(loss, output, target) of one batch: ``step(model, batch)``, or ``loss_fn(model(x), y)``."""
-    if loop._step_fn is not None:
-        result = loop._step_fn(model, batch)
+    if run.step_fn is not None:
+        result = run.step_fn(model, batch)
         if isinstance(result, torch.Tensor):
             return result, None, None
         if isinstance(result, (tuple, list)) and len(result) == 3:
@@ -625,17 +839,21 @@ def _forward(loop, model, batch):
         raise TypeError(f"step= must return the loss (a scalar tensor) or (loss, output, "
                         f"target); it returned {_describe(result)}")
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        hint = "" if isinstance(batch, (tuple, list, dict)) else \
+            " (a list [X, y] is two batches: pass in-memory data as the tuple (X, y))"
         raise TypeError(f"loopy cannot unpack this batch: the loader yielded {_describe(batch)}, "
-                        f"and fit expects (inputs, target) pairs. For any other batch pass "
+                        f"and fit expects (inputs, target) pairs{hint}. For any other batch pass "
                         f"step=fn(model, batch) returning the loss, or (loss, output, target)")
-    output = _call_model(model, batch[0])
-    return (loop.loss_fn(output, batch[1]) if loop.loss_fn else None), output, batch[1]
+    x, target = batch
+    output = model(x) if isinstance(x, torch.Tensor) else _call_model(model, x)
+    return (run.loss_fn(output, target) if run.loss_fn else None), output, target
 
 
-def _record(meters, metrics, loss, output, target, batch):
+def _record(run, meters, loss, output, target, batch):
     size = _batch_size(target if target is not None else batch)
     if loss is not None and "loss" in meters:
         meters["loss"].add(loss.detach() if loss.requires_grad else loss, size)
+    metrics = run.metrics
     if not metrics:
         return
     if output is None or target is None:
@@ -644,26 +862,66 @@ def _record(meters, metrics, loss, output, target, batch):
     with torch.no_grad():  # metrics never touch the gradients
         for name, metric in metrics.items():
             if name in meters:
-                meters[name].add(metric(output, target).detach(), size)
+                value = metric(output, target)
+                if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                    value = _metric_number(name, value)
+                meters[name].add(value.detach(), size)
             else:
-                metric.update(output, target)
+                _update(run, metric, output, target)
 
 
-def _end_epoch(loop, runner):
-    values = _epoch_results(loop, loop._meters)
+def _update(run, metric, output, target):
+    """metric.update(); under torchrun with every process's outputs and targets, so that its
+    value is global (torchmetrics objects gather their own states in compute() instead)."""
+    torchmetrics = sys.modules.get("torchmetrics")
+    if run.world_size > 1 and not (torchmetrics and isinstance(metric, torchmetrics.Metric)):
+        output, target = _gather(output, "output"), _gather(target, "target")
+    metric.update(output, target)
+
+
+def _gather(tensor, name):
+    """Every process's ``tensor`` joined along dim 0 (their lengths may differ)."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+        raise TypeError(f"under torchrun, update/compute/reset metrics get every process's "
+                        f"outputs and targets, gathered as batch-first tensors; the {name} is "
+                        f"{_describe(tensor)}: use a torchmetrics Metric or a metric function")
+    dist = torch.distributed
+    sizes = [torch.zeros(1, dtype=torch.int64, device=tensor.device)
+             for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(tensor)], device=tensor.device))
+    sizes = [int(size) for size in sizes]  # (a sync, for metrics that asked for objects)
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[:len(tensor)] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+def _metric_number(name, value):
+    """A metric's number as a tensor; a metric returning a tensor of many values is an error."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.tensor(float(value))  # (on the CPU: computing it has synced already)
+    raise TypeError(f"metrics[{name!r}] returned {_describe(value)}: a metric returns one "
+                    f"number per batch, a 0-dim tensor such as (output.argmax(1) == target)"
+                    f".float().mean(), or a Python number")
+
+
+def _end_epoch(loop, run, runner):
+    epoch = loop._epoch
+    values = _epoch_results(run, epoch.meters)
     _check_finite(loop, values["loss"])
-    if loop._nonfinite == "skip":
-        values["skipped"] = float(loop._skipped)
-    if loop.val_loader is not None:
-        results = _evaluate(loop, loop._val_batches, loop._limit)
+    if run.nonfinite == "skip":
+        values["skipped"] = float(epoch.skipped)
+    if run.val_batches is not None:
+        results = _evaluate(run, run.val_batches, loop.val_model)
         values.update({f"val_{name}": value for name, value in results.items()})
-    values["lr"] = float(loop.optimizer.param_groups[0]["lr"])  # before an epoch scheduler
-    if loop.scheduler is not None and loop._scheduler_interval == "epoch":
-        _step_scheduler(loop.scheduler, loop._scheduler_monitor, values)
+    values["lr"] = float(run.optimizer.param_groups[0]["lr"])  # before an epoch scheduler
+    if run.scheduler is not None and run.scheduler_interval == "epoch":
+        _step_scheduler(run.scheduler, run.scheduler_monitor, values)
     loop.metrics = values
     for name, value in values.items():
         loop.history.setdefault(name, []).append(value)
-    loop._epoch_complete = True
+    epoch.complete = True
     runner.emit("epoch")
 
 
@@ -678,15 +936,51 @@ def _step_scheduler(scheduler, monitor, values):
     scheduler.step(values[monitor])
 
 
-def _evaluate(loop, loader, limit):
-    meters = _new_meters(loop._metrics, loop.loss_fn is not None or loop._step_fn is not None)
-    with _eval_mode(loop.model):
-        for batch in itertools.islice(loader, limit):
-            batch = _to_device(batch, loop.device, loop._non_blocking)
-            with loop._autocast:
-                loss, output, target = _forward(loop, loop.model, batch)
-            _record(meters, loop._metrics, loss, output, target, batch)
-    return _epoch_results(loop, meters)
+def _evaluate(run, batches, model=None):
+    meters = _new_meters(run.metrics, run.loss_fn is not None or run.step_fn is not None)
+    model = run.model if model is None else model  # (fit's: loop.val_model)
+    # (the module inside a DDP wrapper: its forward would broadcast buffers)
+    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    last = None
+    with _eval_mode(model):
+        for index, batch in enumerate(_in_step(run, itertools.islice(batches, run.limit))):
+            if batch is None:  # a pass that keeps this process in step with the others
+                _extra_pass(run, model, last)
+                continue
+            last = batch = _to_device(batch, run.device, run.non_blocking)
+            with run.autocast:
+                loss, output, target = _forward(run, model, batch)
+            if index == 0 and run.loss_fn is not None and run.step_fn is None:
+                _check_loss_shapes(output, target)
+            _record(run, meters, loss, output, target, batch)
+    return _epoch_results(run, meters)
+
+
+def _in_step(run, batches):
+    """The batches; under torchrun, then None until every process has run out, so all make as
+    many passes (FSDP2's forward and gathered metrics are collectives; shards can be uneven)."""
+    if run.world_size == 1:
+        yield from batches
+        return
+    for batch in itertools.chain(batches, itertools.repeat(None)):
+        more = torch.tensor([int(batch is not None)])
+        torch.distributed.all_reduce(more, torch.distributed.ReduceOp.MAX, group=run.stop_group)
+        if not more.item():
+            return
+        yield batch
+
+
+def _extra_pass(run, model, last):
+    """What a process with no batch left does while others evaluate: the same collectives
+    (an FSDP2 forward, gathers of nothing), recorded nowhere."""
+    if last is None:
+        raise ValueError(f"under torchrun, process {run.rank} got no evaluation batch, while "
+                         f"another did: give the validation data at least one batch per process")
+    with run.autocast:
+        _, output, target = _forward(run, model, last)
+    for metric in run.metrics.values():
+        if _is_metric_object(metric):
+            _update(run, metric, output[:0], target[:0])
 
 
 def _new_meters(metrics, with_loss):
@@ -698,19 +992,19 @@ def _new_meters(metrics, with_loss):
     return {name: _Meter() for name in ["loss"] * with_loss + names}
 
 
-def _epoch_results(loop, meters):
+def _epoch_results(run, meters):
     """Batch-size-weighted means (under torchrun, summed over all processes first), then the
     values of the update/compute/reset metrics."""
-    if loop.world_size == 1:
+    if run.world_size == 1:
         results = {name: meter.mean() for name, meter in meters.items()}
     else:
-        sums = [meter.sum(loop.device).double() for meter in meters.values()]
-        counts = [torch.tensor(float(meter.count), dtype=torch.float64, device=loop.device)
+        sums = [meter.sum(run.device).to(run.device, torch.float64) for meter in meters.values()]
+        counts = [torch.tensor(float(meter.count), dtype=torch.float64, device=run.device)
                   for meter in meters.values()]
-        both = torch.stack(sums + counts) if sums else torch.zeros(0, device=loop.device)
+        both = torch.stack(sums + counts) if sums else torch.zeros(0, device=run.device)
         torch.distributed.all_reduce(both)
         results = dict(zip(meters, (both[:len(sums)] / both[len(sums):]).tolist()))
-    for name, metric in loop._metrics.items():
+    for name, metric in run.metrics.items():
         if _is_metric_object(metric):
             value = metric.compute()
             try:
@@ -766,29 +1060,125 @@ class _Meter:
 
 # --- setup, and torchrun ---
 
-def _prepared_loop(model, loss_fn, loader, metrics, step, device, autocast, optimizer=None):
-    """Place the model and metrics on the device; under torchrun, wrap and shard for training."""
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """The options of one run, decided once by _prepare: read everywhere, written nowhere."""
+    model: torch.nn.Module  # the user's module, on the device
+    train_model: torch.nn.Module  # what trains: the model, or DistributedDataParallel around it
+    loss_fn: object
+    optimizer: object
+    step_fn: object
+    metrics: dict
+    device: torch.device
+    non_blocking: bool  # copies from pinned memory to a GPU need not wait
+    autocast: object  # torch.autocast, or a context that does nothing
+    scaler: object  # fp16's GradScaler, else None
+    batches: object  # this process's batches: to train on, evaluate or predict
+    val_batches: object = None
+    epochs: int = 1
+    limit: int = None  # batches per pass (dry_run: 2); None for all
+    accumulate: int = 1
+    clip_grad: float = None
+    max_steps: int = None
+    nonfinite: str = "raise"
+    scheduler: object = None
+    scheduler_interval: str = "epoch"
+    scheduler_monitor: str = "val_loss"
+    dry_run: bool = False
+    rank: int = 0
+    world_size: int = 1
+    stop_group: object = None  # the process group that stop flags travel on (None: the default)
+    resume: dict = None  # the checkpoint to resume from, loaded and checked
+    progress: str = None  # what fit's own progress hook shows: "bar", "epoch" or None (nothing)
+    frozen: tuple = ()  # submodules in eval mode when fit began: they stay in eval mode
+
+
+def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, metrics=None,
+             device="auto", step=None, batch_size=32, shuffle=False, drop_last=False,
+             val_batch_size=None, scheduler=None, scheduler_interval="epoch",
+             scheduler_monitor="val_loss", precision=None, accumulate=1, clip_grad=None, seed=None,
+             max_steps=None, dry_run=False, nonfinite="raise", resume=None, progress=None,
+             ddp_options=None, process_group_timeout=600, distributed=True):
+    """Check every option and resolve it into a _Run, before any hook runs or anything trains:
+    the arguments, device and process group, precision, data and its sharding, the resume file.
+    ``optimizer=None`` prepares an evaluation; ``distributed=False`` ignores torchrun."""
+    for name, value in (("model", model), ("loss_fn", loss_fn), ("optimizer", optimizer),
+                        ("scheduler", scheduler), ("step", step)):
+        _check_not_a_class(name, value)
+    if optimizer is not None:
+        _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, max_steps,
+                             nonfinite, scheduler, scheduler_interval, drop_last, val_batch_size)
+    elif not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
+    metrics = _check_metrics(metrics)
+    if progress not in (None, False, True, "bar", "epoch"):
+        raise ValueError(f"progress={progress!r}: use True or 'bar' (a live bar where a person "
+                         f"watches, and a line per epoch), 'epoch' (the lines only) or False")
+    device = _resolve_device(device)
+    device = _join_process_group(device, process_group_timeout) if distributed else device
+    if seed is not None:  # before anything draws a random number
+        _seed_everything(seed)
+    batches = _as_batches(loader, "loader", batch_size, shuffle, drop_last)
+    if val_loader is not None:
+        val_loader = _as_batches(val_loader, "val_loader", val_batch_size or batch_size, False)
+    for name, value, data in (("drop_last", drop_last, batches),
+                              ("val_batch_size", val_batch_size, val_loader)):
+        if value and not isinstance(data, _TensorBatches):
+            raise ValueError(f"{name}={value!r} applies to in-memory tensors, but the data is "
+                             f"{_describe(data)}: set it on the DataLoader, DataLoader(..., "
+                             f"{name.replace('val_', '')}={value!r})")
+    autocast, scaler = _mixed_precision(precision, device)
+    if optimizer is not None and isinstance(loss_fn, torch.nn.Module):
+        _check_loss_parameters(loss_fn, optimizer)
     if any(t.device != device for t in itertools.chain(model.parameters(), model.buffers())):
         model.to(device)  # (a model already there is left alone: .to() costs ~60 µs per call)
-    for metric in metrics.values():
-        if isinstance(metric, torch.nn.Module):
-            metric.to(device)
-    loop = Loop(model, loss_fn, optimizer, loader, device)
-    loop._metrics, loop._step_fn, loop._autocast = metrics, step, autocast
-    loop._non_blocking = device.type == "cuda" and getattr(loader, "pin_memory", False)
+    for module in [loss_fn, *metrics.values()]:  # a loss's class weights, a metric's state
+        if isinstance(module, torch.nn.Module):
+            module.to(device)
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        loop.rank, loop.world_size = dist.get_rank(), dist.get_world_size()
-    if loop.world_size > 1 and optimizer is not None:
+    rank, world_size, train_model, stop_group = 0, 1, model, None
+    if distributed and dist.is_available() and dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    if world_size > 1:
+        batches = _shard(batches, rank, world_size, training=optimizer is not None)
+        val_loader = _shard(val_loader, rank, world_size, training=False)
+    wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel) or _is_fsdp(model)
+    if wrapped and ddp_options:
+        raise ValueError(f"ddp_options={ddp_options!r}, but the model is already wrapped "
+                         f"({type(model).__name__}): pass the options where you wrap it")
+    if world_size > 1 and optimizer is not None and not wrapped:
         cuda = [device.index] if device.type == "cuda" else None
-        loop._train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=cuda)
-        loop._batches = _shard(loop, loader, training=True)
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=cuda,
+                                                                **(ddp_options or {}))
         # stop flags travel on the CPU, so agreeing to stop never waits for the GPU
-        loop._stop_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-    return loop
+        stop_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    return _Run(
+        model, train_model, loss_fn, optimizer, step, metrics, device,
+        device.type == "cuda" and getattr(loader, "pin_memory", False), autocast, scaler,
+        batches, val_loader, 1 if dry_run else epochs, 2 if dry_run else None, accumulate,
+        clip_grad, max_steps, nonfinite, scheduler, scheduler_interval, scheduler_monitor,
+        dry_run, rank, world_size, stop_group,
+        _load_checkpoint(resume, model) if resume is not None else None,
+        "bar" if progress in (True, "bar") else progress or None,
+        _frozen_submodules(model) if optimizer is not None and model.training else ())
 
 
-def _join_process_group(device):
+def _frozen_submodules(model):
+    """The submodules in eval mode, which stay so while training (as in Lightning), with a
+    warning when they hold parameters that train: from_pretrained returns models in eval mode."""
+    training = [name for name, module in model.named_modules() if not module.training and
+                any(p.requires_grad for p in module.parameters(recurse=False))]
+    if training:
+        warnings.warn(f"submodules of the model are in eval mode ({', '.join(training[:3])}"
+                      f"{', ...' if len(training) > 3 else ''}), so they stay in eval mode while "
+                      f"training (dropout off, BatchNorm statistics fixed), yet their parameters "
+                      f"train; to train them in train mode call model.train() before fit (a "
+                      f"from_pretrained model comes in eval mode); to train none of them, "
+                      f"requires_grad_(False)", stacklevel=4)
+    return tuple(module for module in model.modules() if not module.training)
+
+
+def _join_process_group(device, timeout):
     """Under torchrun (WORLD_SIZE > 1), start the process group unless the user has, and use
     this process's own GPU, cuda:LOCAL_RANK."""
     dist = torch.distributed
@@ -802,7 +1192,8 @@ def _join_process_group(device):
                              f"one process per GPU (torchrun --nproc_per_node="
                              f"{torch.cuda.device_count()}), or pass device='cpu'")
     if torchrun and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout))
         # what loopy started it also ends: a group left to die with the interpreter can abort
         # it ("terminate called without an active exception")
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
@@ -811,41 +1202,88 @@ def _join_process_group(device):
     return device
 
 
-def _shard(loop, loader, training):
-    """Each process's part of the data: a DistributedSampler for training (reshuffled each
-    epoch), a strided slice without padding for evaluation. Other loaders are left as given."""
+def _shard(loader, rank, world_size, training):
+    """Each process's part of a DataLoader over a map-style dataset. Sequential and random
+    samplers become a DistributedSampler for training (reshuffled each epoch) and a strided
+    slice for evaluation; any other sampler or batch sampler is kept, and each process takes its
+    share of what it draws (_ShardedSampler). Other loaders are used as given."""
     data = torch.utils.data
-    if loop.world_size == 1 or loader is None:
-        return loader
     if isinstance(loader, _TensorBatches):
         loader = data.DataLoader(data.TensorDataset(*loader.tensors), loader.batch_size,
-                                 shuffle=loader.shuffle)
+                                 shuffle=loader.shuffle, drop_last=loader.drop_last)
     if not isinstance(loader, data.DataLoader) or isinstance(loader.dataset, data.IterableDataset) \
-            or isinstance(loader.sampler, data.DistributedSampler):
+            or isinstance(loader.sampler, (data.DistributedSampler, _ShardedSampler)):
         return loader
-    if loader.batch_size is None:
-        raise ValueError("loader has a batch_sampler, which loopy cannot shard under torchrun: "
-                         "build it on a torch.utils.data.DistributedSampler yourself")
-    if training:
+    options = {name: getattr(loader, name) for name in (
+        "num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
+        "multiprocessing_context", "generator", "prefetch_factor", "persistent_workers")}
+    if loader.batch_size is None:  # the user's batch sampler: a share of its batches
+        batches = _ShardedSampler(loader.batch_sampler, rank, world_size, pad=training)
+        return data.DataLoader(loader.dataset, batch_sampler=batches, **options)
+    sampler, kind = loader.sampler, type(loader.sampler)
+    if kind is data.SequentialSampler or \
+            (kind is data.RandomSampler and not sampler.replacement and sampler._num_samples is None):
         sampler = data.DistributedSampler(loader.dataset, drop_last=loader.drop_last,
-                                          shuffle=isinstance(loader.sampler, data.RandomSampler))
+                                          shuffle=kind is data.RandomSampler) if training \
+            else range(rank, len(loader.dataset), world_size)
     else:
-        sampler = range(loop.rank, len(loader.dataset), loop.world_size)
-    options = ("num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
-               "multiprocessing_context", "generator", "prefetch_factor", "persistent_workers")
+        sampler = _ShardedSampler(sampler, rank, world_size, pad=training)
     return data.DataLoader(loader.dataset, loader.batch_size, sampler=sampler,
-                           **{name: getattr(loader, name) for name in options})
+                           drop_last=loader.drop_last, **options)
 
 
-def _should_stop(loop):
+class _ShardedSampler:
+    """A process's strided share of what the user's sampler (or batch sampler) draws, as
+    Lightning's DistributedSamplerWrapper does. Every process draws with the same seeds (the
+    epoch's), so the shares are disjoint and together are the draw. For training, the draw is
+    padded by repeating its start, so that every process gets as many items as the others."""
+
+    def __init__(self, sampler, rank, world_size, pad):
+        if _length(sampler) is None:
+            raise ValueError(f"under torchrun each of the {world_size} processes takes its "
+                             f"share of what the loader's sampler draws, which needs its len(), "
+                             f"and {_describe(sampler)} has none: give it __len__, or build the "
+                             f"DataLoader on a torch.utils.data.DistributedSampler yourself")
+        self.sampler, self.rank, self.world_size, self.pad, self.epoch = \
+            sampler, rank, world_size, pad, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        total = len(self.sampler)
+        return -(-total // self.world_size) if self.pad else \
+            len(range(self.rank, total, self.world_size))
+
+    def __iter__(self):
+        saved, generator = _rng_state(), getattr(self.sampler, "generator", None)
+        own = generator.get_state() if isinstance(generator, torch.Generator) else None
+        try:  # the same draw on every process
+            _seed_everything(self.epoch)
+            if own is not None:
+                generator.manual_seed(self.epoch)
+            drawn = list(self.sampler)
+        finally:
+            _set_rng_state(saved)
+            if own is not None:
+                generator.set_state(own)
+        if self.pad and drawn:
+            total = len(self) * self.world_size
+            drawn = (drawn * -(-total // len(drawn)))[:total]
+        return iter(drawn[self.rank::self.world_size])
+
+
+def _should_stop(loop, run):
     """Turn a Ctrl+C or max_steps into a stop; under torchrun, all processes stop together."""
     if loop._interrupted:
         loop.stop("interrupted by Ctrl+C")
-    if loop._max_steps is not None and loop.step >= loop._max_steps:
-        loop.stop(f"reached max_steps={loop._max_steps}")
-    if loop.world_size > 1:
+    if run.max_steps is not None and loop.step >= run.max_steps:
+        loop.stop(f"reached max_steps={run.max_steps}")
+    if run.world_size > 1:
         flag = torch.tensor([int(loop.stop_reason is not None)])
-        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=loop._stop_group)
+        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=run.stop_group)
         if flag.item():
             loop.stop("stopped by another process")
     return loop.stop_reason is not None
@@ -971,7 +1409,7 @@ def _check_hooks(hooks):
 # --- argument checks ---
 
 def _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, max_steps,
-                         nonfinite, scheduler_interval):
+                         nonfinite, scheduler, scheduler_interval, drop_last, val_batch_size):
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -980,19 +1418,44 @@ def _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, ma
     own = {id(p) for p in model.parameters()}
     if own and not any(id(p) in own for g in optimizer.param_groups for p in g["params"]):
         raise ValueError("optimizer holds none of the model's parameters: it was built for "
-                         "another model (or before the model was re-created); build it from "
-                         "this one: torch.optim.SGD(model.parameters(), lr=...)")
+                         "another model (or before the model was re-created, or before "
+                         "fully_shard replaced its parameters); build it from this one, last: "
+                         "torch.optim.SGD(model.parameters(), lr=...)")
     if not callable(step if step is not None else loss_fn):
         raise TypeError(f"loss_fn must be callable, like torch.nn.functional.cross_entropy (or "
                         f"pass step=fn(model, batch) -> loss); got {_describe(loss_fn)}")
-    for name, value in (("epochs", epochs), ("accumulate", accumulate), ("max_steps", max_steps)):
-        if (value is not None or name != "max_steps") and (
+    for name, value in (("epochs", epochs), ("accumulate", accumulate), ("max_steps", max_steps),
+                        ("val_batch_size", val_batch_size)):
+        if (value is not None or name in ("epochs", "accumulate")) and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an int >= 1; got {value!r}")
     for name, value, allowed in (("nonfinite", nonfinite, ("raise", "skip", "ignore")),
-                                 ("scheduler_interval", scheduler_interval, ("epoch", "step"))):
+                                 ("scheduler_interval", scheduler_interval, ("epoch", "step")),
+                                 ("drop_last", drop_last, (False, True))):
         if value not in allowed:
             raise ValueError(f"{name}={value!r}: use one of {', '.join(map(repr, allowed))}")
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and \
+            scheduler_interval == "step":
+        raise ValueError("scheduler_interval='step' cannot drive ReduceLROnPlateau, which needs "
+                         "an epoch's metric: use scheduler_interval='epoch'")
+
+
+def _check_not_a_class(name, value):
+    if isinstance(value, type):
+        raise TypeError(f"{name} is the class {value.__module__}.{value.__qualname__}, not an "
+                        f"instance of it: create one, {name}={value.__qualname__}(...)")
+
+
+def _check_loss_parameters(loss_fn, optimizer):
+    """A loss module's learnable parameters (a multi-task loss's weights) must be optimized."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, p in loss_fn.named_parameters() if p.requires_grad and
+               id(p) not in held]
+    if missing:
+        raise ValueError(f"loss_fn has learnable parameters that the optimizer does not hold "
+                         f"({', '.join(missing)}), so they would never change: build the "
+                         f"optimizer over both, torch.optim.Adam([*model.parameters(), "
+                         f"*loss_fn.parameters()]), or freeze them (requires_grad_(False))")
 
 
 def _check_metrics(metrics):
@@ -1002,6 +1465,7 @@ def _check_metrics(metrics):
         raise TypeError(f"metrics must be a dict of name -> metric, like metrics={{'acc': "
                         f"loopy.accuracy}}; got {_describe(metrics)}")
     for name, metric in metrics.items():
+        _check_not_a_class(f"metrics[{name!r}]", metric)
         if not isinstance(name, str) or name in ("loss", "lr", "skipped") or name[:4] == "val_":
             raise ValueError(f"metrics: {name!r} cannot name a metric (loss, lr, skipped and "
                              f"val_* are loopy's own); pick another name")
@@ -1050,8 +1514,8 @@ def _mixed_precision(precision, device):
     return autocast, torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
-def _check_loss(loss, loop):
-    source = "step=" if loop._step_fn is not None else "loss_fn"
+def _check_loss(loss, run):
+    source = "step=" if run.step_fn is not None else "loss_fn"
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise TypeError(f"the loss must be a scalar tensor, but {source} returned "
                         f"{_describe(loss)}: reduce it (reduction='mean' or .mean())")
@@ -1061,11 +1525,34 @@ def _check_loss(loss, loop):
                          f"or numpy, or are all of the model's parameters frozen?")
 
 
-def _check_finite(loop, loss):
-    if loss is None or math.isfinite(loss) or loop._nonfinite != "raise":
+def _first_step_checks():
+    """A hook for fit's first optimizer step, which then ends: checks that cost nothing later."""
+    loop = yield "backward"
+    _check_loss_shapes(loop.output, loop.batch[1])
+
+
+def _check_loss_shapes(output, target):
+    """Shapes that broadcast to more elements than either, (N, 1) and (N,) to (N, N), make
+    loss_fn compare every output with every target: torch only warns, once."""
+    if not (isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)):
         return
-    index = loop._meters["loss"].first_nonfinite() or 0
-    step = loop._epoch_first_step + index // loop._accumulate + 1
+    with contextlib.suppress(RuntimeError):  # shapes that do not broadcast: the loss says so
+        shape = torch.broadcast_shapes(output.shape, target.shape)
+        if shape.numel() > max(output.numel(), target.numel()):
+            raise ValueError(f"loss_fn got an output of shape {tuple(output.shape)} and a "
+                             f"target of shape {tuple(target.shape)}, which broadcast to "
+                             f"{tuple(shape)}: every output would be compared with every "
+                             f"target. Give them one shape: output.squeeze(-1) in the model, "
+                             f"or y.unsqueeze(-1) in the data (a loss that pairs them on "
+                             f"purpose goes in step=)")
+
+
+def _check_finite(loop, loss):
+    run, epoch = loop._run, loop._epoch
+    if loss is None or math.isfinite(loss) or run.nonfinite != "raise":
+        return
+    index = epoch.meters["loss"].first_nonfinite() or 0
+    step = epoch.first_step + index // run.accumulate + 1
     raise FloatingPointError(f"the loss is not finite ({loss}) at epoch {loop.epoch + 1}, batch "
                              f"{index + 1} of the epoch (optimizer step {step}): lower the "
                              f"learning rate or check the data for nan/inf; fit(nonfinite='skip') "
@@ -1074,10 +1561,11 @@ def _check_finite(loop, loss):
 
 # --- batches and data ---
 
-def _as_batches(data, name, batch_size, shuffle):
+def _as_batches(data, name, batch_size, shuffle, drop_last=False):
+    data = _from_numpy(data)
     if isinstance(data, torch.Tensor) or (isinstance(data, tuple) and data and
                                           all(isinstance(t, torch.Tensor) for t in data)):
-        return _TensorBatches(data, name, batch_size, shuffle)
+        return _TensorBatches(data, name, batch_size, shuffle, drop_last)
     if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
         raise TypeError(f"{name} must be an iterable of batches (a DataLoader) or tensors "
                         f"(X, y); got {_describe(data)}")
@@ -1087,11 +1575,26 @@ def _as_batches(data, name, batch_size, shuffle):
     return data
 
 
+def _from_numpy(data):
+    """NumPy arrays (alone or in a tuple) as tensors, as Keras takes them: floating arrays in
+    torch's default dtype, integer arrays as int64 (class indices)."""
+    numpy = sys.modules.get("numpy")
+    if isinstance(data, tuple) and numpy is not None:
+        return tuple(map(_from_numpy, data))
+    if numpy is None or not isinstance(data, numpy.ndarray):
+        return data
+    tensor = torch.from_numpy(numpy.ascontiguousarray(data))
+    if tensor.is_floating_point():
+        return tensor.to(torch.get_default_dtype())
+    return tensor.long() if data.dtype.kind in "iu" else tensor
+
+
 class _TensorBatches:
     """Batches of in-memory tensors by slicing. Draws the same random numbers as
-    ``DataLoader(TensorDataset(*tensors), batch_size, shuffle)``, so the batches are identical."""
+    ``DataLoader(TensorDataset(*tensors), batch_size, shuffle, drop_last=drop_last)``, so the
+    batches are identical."""
 
-    def __init__(self, data, name, batch_size, shuffle):
+    def __init__(self, data, name, batch_size, shuffle, drop_last=False):
         self.single = isinstance(data, torch.Tensor)
         self.tensors = (data,) if self.single else tuple(data)
         lengths = {t.shape[0] if t.dim() else None for t in self.tensors}
@@ -1101,9 +1604,13 @@ class _TensorBatches:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
         self.size, self.batch_size, self.shuffle = lengths.pop(), batch_size, shuffle
+        self.drop_last = drop_last
+        if drop_last and self.size < batch_size:
+            raise ValueError(f"{name} is empty: {self.size} samples make no full batch of "
+                             f"batch_size={batch_size}, and drop_last=True drops the partial one")
 
     def __len__(self):
-        return -(-self.size // self.batch_size)
+        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
 
     def __iter__(self):
         torch.empty((), dtype=torch.int64).random_()  # DataLoader draws its workers' base seed
@@ -1112,7 +1619,7 @@ class _TensorBatches:
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
             order = order.to(self.tensors[0].device)
-        for start in range(0, self.size, self.batch_size):
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
             rows = slice(start, start + self.batch_size)
             # copies, as a DataLoader's are: a hook changing a batch in place leaves X alone
             batch = [t[rows].clone() if order is None else t.index_select(0, order[rows])
@@ -1130,6 +1637,10 @@ def _length(data):
 def _to_device(batch, device, non_blocking):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=non_blocking)
+    if type(batch) not in (tuple, list) and callable(getattr(batch, "to", None)):
+        # its own move first: a graph batch, a BatchEncoding, a PackedSequence (whose
+        # batch_sizes must stay on the CPU)
+        return batch.to(device, non_blocking=True) if non_blocking else batch.to(device)
     if isinstance(batch, (tuple, list)):
         for item in batch:  # the common case first, cheaply: all there already
             if not (isinstance(item, torch.Tensor) and item.device == device):
@@ -1149,6 +1660,12 @@ def _to_device(batch, device, non_blocking):
             value = _to_device(getattr(batch, field.name), device, non_blocking)
             object.__setattr__(moved, field.name, value)  # frozen dataclasses too
         return moved
+    if any(isinstance(value, torch.Tensor) and value.device != device
+           for value in getattr(batch, "__dict__", {}).values()):
+        warnings.warn(f"loopy cannot move a batch of type {type(batch).__qualname__} to {device}: "
+                      f"it holds tensors, but has no .to() method; give its class one, "
+                      f"to(self, device, non_blocking=False) returning the moved batch, or make "
+                      f"it a dataclass", stacklevel=3)
     return batch
 
 
@@ -1165,31 +1682,45 @@ def _batch_size(data):
         return data.shape[0] if data.dim() else 1
     if dataclasses.is_dataclass(data):
         data = [getattr(data, f.name) for f in dataclasses.fields(data)]
+    if not isinstance(data, collections.abc.Iterable):
+        return 1  # (a batch object of its own kind: each batch weighs the same)
     for item in data.values() if isinstance(data, dict) else data:
         if isinstance(item, (torch.Tensor, tuple, list, dict)):
             return _batch_size(item)
     return 1
 
 
-def _concat(outputs):
+def _concat(outputs, sizes):
+    """predict's outputs joined: tensors along dim 0, dicts and tuples field by field, lists of
+    one item per sample (a detection model's dicts) into one list."""
     first = outputs[0]
     if isinstance(first, torch.Tensor):
         return torch.cat(outputs)
     if isinstance(first, dict):
-        return {key: _concat([o[key] for o in outputs]) for key in first}
-    parts = [_concat([o[i] for o in outputs]) for i in range(len(first))]
+        return {key: _concat([o[key] for o in outputs], sizes) for key in first}
+    if isinstance(first, list) and all(len(o) == n for o, n in zip(outputs, sizes)) and not all(
+            isinstance(o, torch.Tensor) and o.dim() and len(o) == sizes[0] for o in first):
+        return [item for output in outputs for item in output]  # not batch-first tensors
+    if not isinstance(first, (tuple, list)) or any(len(o) != len(first) for o in outputs):
+        raise TypeError("outputs of different structure")
+    parts = [_concat([o[i] for o in outputs], sizes) for i in range(len(first))]
     return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
 
 
 @contextlib.contextmanager
 def _eval_mode(model):
-    training = model.training
+    modes = _modes(model)
     model.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        model.train(training)
+        for module, training in modes:  # every submodule's own mode, not only the model's
+            module.training = training
+
+
+def _modes(model):
+    return [(module, module.training) for module in model.modules()]
 
 
 def _describe(value):
@@ -1203,34 +1734,38 @@ def _describe(value):
 
 # --- checkpoints and resume ---
 
+def _epoch_complete(loop):
+    return loop._epoch is not None and loop._epoch.complete
+
+
 def _epoch_position(loop):
     """Where inside an unfinished epoch the loop stands (None between epochs)."""
-    if loop._epoch_complete or loop.batch_index < 0:
+    epoch = loop._epoch
+    if epoch is None or epoch.complete or loop.batch_index < 0:
         return None
-    return {"batches": loop.batch_index + 1, "first_step": loop._epoch_first_step,
-            "skipped": loop._skipped, "epoch_rng": loop._epoch_rng,
-            "meters": {name: dict(vars(meter)) for name, meter in loop._meters.items()}}
+    return {"batches": loop.batch_index + 1, "first_step": epoch.first_step,
+            "skipped": epoch.skipped, "epoch_rng": epoch.rng,
+            "meters": {name: dict(vars(meter)) for name, meter in epoch.meters.items()},
+            "metrics": _metric_states(loop._run.metrics)}
 
 
-def _fresh_batches(loop):
-    loop._epoch_rng = torch.get_rng_state()
-    if hasattr(getattr(loop._batches, "sampler", None), "set_epoch"):
-        loop._batches.sampler.set_epoch(loop.epoch)  # a DistributedSampler reshuffles per epoch
-    return enumerate(loop._batches)
-
-
-def _resume_batches(loop):
-    """Replay the interrupted epoch's shuffle order and skip the batches it had consumed."""
-    position, loop._resume_position = loop._resume_position, None
-    torch.set_rng_state(position["epoch_rng"])
-    batches = _fresh_batches(loop)
-    for loop.batch_index, _ in itertools.islice(batches, position["batches"]):
-        pass
-    _set_rng_state(loop._resume_rng)
-    loop._epoch_first_step, loop._skipped = position["first_step"], position["skipped"]
-    for name, meter in loop._meters.items():
-        vars(meter).update(_to_device(position["meters"].get(name, {}), loop.device, False))
-    return batches
+def _metric_states(metrics):
+    """The state of each update/compute/reset metric: a torchmetrics Metric's states (its own
+    and those of the metrics inside it), else its state_dict(); a warning for the others."""
+    states = {}
+    for name, metric in metrics.items():
+        if hasattr(metric, "metric_state"):
+            states[name] = {f"{inner}.{key}".lstrip("."): value
+                            for inner, module in metric.named_modules()
+                            for key, value in getattr(module, "metric_state", {}).items()}
+        elif callable(getattr(metric, "state_dict", None)):
+            states[name] = metric.state_dict()
+        elif _is_metric_object(metric):
+            warnings.warn(f"metrics[{name!r}] ({type(metric).__name__}) has no state_dict(), so "
+                          f"a checkpoint in the middle of an epoch cannot hold its state: a run "
+                          f"resumed from it counts only the rest of that epoch; give it "
+                          f"state_dict() and load_state_dict()", stacklevel=4)
+    return states
 
 
 def _load_checkpoint(path, model):
@@ -1259,15 +1794,30 @@ def _load_checkpoint(path, model):
 
 
 def _restore(loop, state):
-    _unwrap(loop.model).load_state_dict(state["model"])
-    loop.optimizer.load_state_dict(state["optimizer"])
+    """Load a checkpoint's state into the run; returns the position inside its unfinished
+    epoch (None at an epoch boundary)."""
+    if _is_fsdp(loop.model):  # every process loaded the whole file, and takes its shards
+        sdp, options = _fsdp_state_api()
+        sdp.set_model_state_dict(loop.model, copy.copy(state["model"]), options=options)
+        sdp.set_optimizer_state_dict(loop.model, loop.optimizer, state["optimizer"], options=options)
+    else:
+        _unwrap(loop.model).load_state_dict(state["model"])
+        loop.optimizer.load_state_dict(state["optimizer"])
     for name in ("scheduler", "scaler"):
         if getattr(loop, name) is not None and state[name] is not None:
             getattr(loop, name).load_state_dict(state[name])
     loop.epoch, loop.step, loop.history = state["epoch"], state["step"], state["history"]
+    loop.hook_state = state.get("hook_state", {})
     loop.metrics = {name: values[-1] for name, values in loop.history.items() if values}
-    loop._resume_position, loop._resume_rng = state["position"], state["rng"]
     _set_rng_state(state["rng"])
+    return None if state["position"] is None else dict(state["position"], rng=state["rng"])
+
+
+def _seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed % 2**32)
 
 
 def _rng_state():
@@ -1290,6 +1840,30 @@ def _set_rng_state(state):
         numpy = sys.modules["numpy"]
         kind, keys, *rest = state["numpy"]
         numpy.random.set_state((kind, numpy.array(keys, dtype=numpy.uint32), *rest))
+
+
+def _model_and_optimizer_state(model, optimizer):
+    """Plain state dicts; an FSDP2 model's are gathered in full (every process must call this),
+    so the file loads into a plain module with weights_only=True."""
+    if not _is_fsdp(model):
+        return _unwrap(model).state_dict(), optimizer.state_dict()
+    sdp, options = _fsdp_state_api()
+    return (sdp.get_model_state_dict(model, options=options),
+            sdp.get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def _fsdp_state_api():
+    import torch.distributed.checkpoint.state_dict as sdp
+    return sdp, sdp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _is_fsdp(model):
+    """Whether ``model`` was sharded with FSDP2's fully_shard (which needs a process group)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
 
 
 def _unwrap(model):
@@ -1324,3 +1898,23 @@ def _monitored(loop, monitor, who):
         raise ValueError(f"{who}(monitor={monitor!r}): this run has no such metric{hint}; it "
                          f"has {', '.join(map(repr, loop.metrics))}")
     return loop.metrics[monitor]
+
+
+def _format_metrics(metrics):
+    return " - ".join(f"{name} {value:.4g}" for name, value in metrics.items())
+
+
+def _bar_class():
+    """tqdm's bar class where a person watches (a terminal, a notebook), else None."""
+    notebook = "ipykernel" in sys.modules
+    if not (notebook or (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())):
+        return None
+    with contextlib.suppress(ImportError):
+        if notebook:
+            with contextlib.suppress(ImportError):
+                import ipywidgets  # noqa: F401 (without it, tqdm's notebook bar warns, then prints)
+                from tqdm.notebook import tqdm
+                return tqdm
+        from tqdm.std import tqdm
+        return tqdm
+    return None

@@ -4,6 +4,7 @@ Most tests train through ``train(**overrides)``: a small MLP, SGD, one epoch, no
 output, each argument overridable. ``python -m pytest -m "not slow"`` skips the subprocess
 runs (torchrun, examples, benchmarks) for a quick loop; CI runs everything."""
 import collections
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import pytest
 import torch
@@ -895,8 +897,8 @@ def test_progress_shows_a_tqdm_bar_on_a_terminal(monkeypatch, capsys):
     pytest.importorskip("tqdm")
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     train(epochs=2, progress=True)
-    captured = capsys.readouterr()
-    assert captured.out == "" and "epoch 2/2" in captured.err and "2/2" in captured.err
+    captured = capsys.readouterr()  # the bar on stderr, and a line per epoch on stdout
+    assert captured.out.count("\n") == 2 and "epoch 2/2" in captured.err and "2/2" in captured.err
 
 
 def test_loopy_copied_alone_trains_without_tqdm(tmp_path):
@@ -1745,19 +1747,21 @@ def _fenced_blocks(text, language):
     return blocks
 
 
-def test_readme_python_blocks_run(tmp_path):
-    """The README's ```python blocks run in order in one namespace, like a notebook, in a
-    fresh process; tracebacks point at README.md's line numbers."""
-    blocks = _fenced_blocks(_readme(), "python")
+@pytest.mark.parametrize("document, at_least", [("README.md", 12), ("docs/migrating.md", 3)])
+def test_readme_python_blocks_run(document, at_least, tmp_path):
+    """The ```python blocks of the README and of docs/migrating.md run in order in one namespace,
+    like a notebook, in a fresh process; tracebacks point at the document's line numbers."""
+    with open(os.path.join(HERE, document), encoding="utf-8") as file:
+        blocks = _fenced_blocks(file.read(), "python")
     runnable = [(line, code) for line, code, skipped in blocks if not skipped]
-    assert len(runnable) >= 15 and len(blocks) - len(runnable) <= 3  # skip markers stay rare
+    assert len(runnable) >= at_least and len(blocks) - len(runnable) <= 3  # skips stay rare
     driver = ["import torch",
               "torch.set_num_threads(1)  # the fastest for networks this small, even on a busy machine",
               "namespace = {'__name__': '__main__'}"]
     for line, code in runnable:
-        source = "\n" * (line - 1) + code  # so that line numbers are the README's
-        driver.append(f"exec(compile({source!r}, 'README.md', 'exec'), namespace)")
-    script = tmp_path / "readme_blocks.py"
+        source = "\n" * (line - 1) + code  # so that line numbers are the document's
+        driver.append(f"exec(compile({source!r}, {document!r}, 'exec'), namespace)")
+    script = tmp_path / "document_blocks.py"
     script.write_text("\n".join(driver))
     _python(str(script), cwd=tmp_path)
 
@@ -1801,138 +1805,64 @@ def test_readme_shows_the_plot():
 
 BENCHMARKS = os.path.join(HERE, "benchmarks")
 
-BENCHMARKS_SCRIPT = """
-import contextlib, io, json, os, runpy, sys, traceback
-benchmarks, runs, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-results = {}
-for name, (script, arguments) in runs.items():
-    sys.argv, code = [script, *arguments], 0
-    with contextlib.redirect_stdout(io.StringIO()) as stdout, \\
-            contextlib.redirect_stderr(io.StringIO()) as stderr:
-        try:
-            runpy.run_path(os.path.join(benchmarks, script), run_name="__main__")
-        except SystemExit as exit:
-            code = exit.code
-        except BaseException:
-            print(traceback.format_exc(), file=sys.stderr)
-            code = 1
-    results[name] = {"stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "code": code}
-with open(out, "w") as file:
-    json.dump(results, file)
-"""
 
-
-@pytest.fixture(scope="module")
-def benchmark_runs(tmp_path_factory):
-    """Each benchmark script's quick run as ``__main__``, in two fresh processes side by side
-    (overhead.py, whose import timing starts processes of its own; the others one after
-    another), so that torch is imported twice in all: {name: (stdout, stderr, exit code,
-    the JSON it saved)}."""
-    tmp_path = tmp_path_factory.mktemp("benchmarks")
-    groups = [
-        {"overhead": ("overhead.py", ["--quick", "--steps", "4", "--rounds", "1",
-                                      "--import-repeats", "1"])},
-        {"gpu": ("gpu.py", ["--device", "cpu", "--quick"]),
-         "peers": ("peers.py", ["--quick", "--no-processes", "--runners",
-                                "hand,sliced,loopy,loopy_lean,loopy_tensors,ignite",
-                                "--workloads", "mlp,mlp_val"]),
-         "peers_json": ("peers.py", ["--quick", "--json", "--no-processes", "--runners", "loopy",
-                                     "--workloads", "mlp", "--steps", "4", "--rounds", "1"]),
-         "peers_unknown": ("peers.py", ["--runners", "nonesuch"])},
-    ]
-    processes = []
-    for index, runs in enumerate(groups):
-        for name, (_, arguments) in runs.items():
-            arguments += ["--save", str(tmp_path / f"{name}.json")]
-        processes.append(subprocess.Popen(
-            [sys.executable, "-c", BENCHMARKS_SCRIPT, BENCHMARKS, json.dumps(runs),
-             str(tmp_path / f"results-{index}.json")], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, cwd=HERE, env=cpu_env()))
-    results = {}
-    for index, (code, _, stderr) in enumerate([finished(process) for process in processes]):
-        assert code == 0, stderr[-3000:]
-        with open(tmp_path / f"results-{index}.json") as file:
-            results.update(json.load(file))
-    saved = {name: tmp_path / f"{name}.json" for name in results}
-    return {name: (run["stdout"], run["stderr"], run["code"],
-                   json.loads(saved[name].read_text()) if saved[name].exists() else None)
-            for name, run in results.items()}
-
-
-def benchmark_output(benchmark_runs, name):
-    stdout, stderr, code, saved = benchmark_runs[name]
-    assert code == 0, f"{name} failed:\n{stderr[-3000:]}"
-    return stdout, saved
+def run_script(name, *args, timeout=120):
+    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, name), *args],
+                          capture_output=True, text=True, cwd=HERE, timeout=timeout, env=cpu_env())
+    assert done.returncode == 0, f"{name} {' '.join(args)} failed:\n{done.stderr[-3000:]}"
+    return done.stdout
 
 
 @pytest.mark.slow
-def test_overhead_quick_table_json_and_bit_identical_weights(benchmark_runs):
-    out, result = benchmark_output(benchmark_runs, "overhead")
+def test_overhead_smoke_run(tmp_path):
+    saved = tmp_path / "overhead.json"
+    out = run_script("overhead.py", "--quick", "--steps", "4", "--rounds", "1",
+                     "--import-repeats", "1", "--save", str(saved))
     assert "| runner | ms/step | ratio | target | weights vs hand loop |" in out
-    assert "loopy `progress=False`" in out
     assert "`import loopy` beyond `import torch`" in out
     assert "epoch 1/1" not in out  # fit's own progress lines stay out of the table
-    assert result["steps_per_epoch"] == 4 and result["rows"]
+    result = json.loads(saved.read_text())
     rows = {row["key"]: row for row in result["rows"]}
     assert {"hand", "loopy_lean", "loopy_defaults", "hand_work", "loopy_defaults_work",
-            "loopy_lean_work", "loopy_tty_work"} <= set(rows)
+            "loopy_lean_work", "loopy_tty_work"} == set(rows)
     for key, row in rows.items():
         assert row["bit_identical"], f"{key}: weights differ from the hand-written loop"
-        assert row["ms_per_step"] > 0
-        if key.startswith("loopy"):
-            assert row["ratio"] > 0
-    for key in ("loopy_lean", "loopy_lean_work", "loopy_defaults_work", "loopy_tty_work"):
-        assert isinstance(rows[key]["meets_target"], bool)
-    assert result["import"]["loopy_beyond_torch_ms"] >= 0
-    assert result["machine"]["torch"] == torch.__version__
+        assert row["ms_per_step"] > 0 and isinstance(row.get("meets_target", False), bool)
+    assert result["steps_per_epoch"] == 4 and result["import"]["loopy_beyond_torch_ms"] >= 0
 
 
 @pytest.mark.slow
-def test_peers_quick_table_json_and_loopy_weights(benchmark_runs):
-    out, result = benchmark_output(benchmark_runs, "peers")
+def test_peers_smoke_run(tmp_path):
+    saved = tmp_path / "peers.json"
+    out = run_script("peers.py", "--quick", "--runners", "sliced,loopy_tensors", "--workloads",
+                     "mlp_val", "--steps", "4", "--rounds", "1", "--save", str(saved))
     assert "| runner | ms/step | x hand | weights vs hand |" in out
     assert "loopy tensor path / hand-sliced loop" in out
-    assert set(result["workloads"]) == {"mlp", "mlp_val"}
-    for name, workload in result["workloads"].items():
-        rows = {row["key"]: row for row in workload["rows"]}
-        for key in ("loopy", "loopy_lean", "loopy_tensors"):
-            assert rows[key]["bit_identical"], f"{name}/{key}: not bit-identical to the hand loop"
-        assert rows["sliced"]["max_abs_diff"] is not None
-        # a peer is either measured or skipped with a note, never silently missing
-        assert "ignite" in rows or "ignite" in result["skipped"]
-    assert result["workloads"]["mlp"]["imports_changed_nothing"]
+    assert "| runner | import beyond torch (ms) |" in out
+    result = json.loads(saved.read_text())
+    workload = result["workloads"]["mlp_val"]
+    rows = {row["key"]: row for row in workload["rows"]}
+    assert rows["loopy_tensors"]["bit_identical"], "the tensor path differs from the hand loop"
+    assert workload["imports_changed_nothing"]
+    for key, row in result["processes"].items():  # fresh processes: import, train, memory
+        assert "error" not in row["mlp"], f"{key}: {row['mlp']}"
+        assert row["mlp"]["process_peak_mib"] > 0 and row["mlp"]["e2e_s"] > 0
 
 
 @pytest.mark.slow
-def test_the_json_flag_prints_the_json_that_save_writes(benchmark_runs):
-    out, saved = benchmark_output(benchmark_runs, "peers_json")
-    assert json.loads(out) == saved and saved["workloads"]["mlp"]["rows"]
-
-
-@pytest.mark.slow
-def test_gpu_benchmark_quick_on_the_cpu_table_json_and_bit_identical_weights(benchmark_runs):
-    out, result = benchmark_output(benchmark_runs, "gpu")
-    assert "| runner | ms/step | ratio | weights vs hand loop |" in out
-    assert "The hand-written loop run again from the same start: bit-identical." in out
+def test_gpu_benchmark_smoke_run_on_the_cpu(tmp_path):
+    saved = tmp_path / "gpu.json"
+    out = run_script("gpu.py", "--device", "cpu", "--quick", "--rounds", "1", "--save",
+                     str(saved))
+    assert "| runner | ms/step | ratio | weights vs hand loop over the DataLoader |" in out
     assert "epoch 1/1" not in out  # fit's own progress lines stay out of the tables
-    assert result["machine"]["device"] == "cpu" and set(result["workloads"]) == {"mlp", "resnet"}
+    result = json.loads(saved.read_text())
+    assert set(result["workloads"]) == {"mlp", "resnet"}
     for name, workload in result["workloads"].items():
-        rows = {row["key"]: row for row in workload["rows"]}
-        assert {"hand", "loopy_lean", "loopy_defaults"} <= set(rows)
         assert workload["hand_repeat"]["bit_identical"]
-        for key, row in rows.items():
-            assert row["ms_per_step"] > 0
-            if key.startswith("loopy"):  # same device, same batches: the hand loop's weights
-                assert row["ratio"] > 0 and row["bit_identical"], f"{name}/{key}: weights differ"
-    assert {"hand_loader", "loopy_loader_lean"} <= {row["key"] for row in
-                                                    result["workloads"]["mlp"]["rows"]}
-    assert result["workloads"]["resnet"]["precision"] == "bf16"
-
-
-@pytest.mark.slow
-def test_peers_rejects_an_unknown_runner(benchmark_runs):
-    _, stderr, code, _ = benchmark_runs["peers_unknown"]
-    assert code != 0 and "unknown runners" in stderr
+        for row in workload["rows"]:
+            if row["key"] != "hand":  # the DataLoader's batches: the hand loop's weights
+                assert row["bit_identical"], f"{name}/{row['key']}: weights differ"
 
 
 # --- CUDA (run on a GPU machine; skipped elsewhere) ---
@@ -2234,3 +2164,1324 @@ def test_cuda_the_sync_check_catches_a_sync_inside_a_step():
     with pytest.raises(RuntimeError, match="called a synchronizing CUDA operation"):
         train(model=model, optimizer=optimizer, loader=(X.cuda(), y.cuda()),
               hooks=[reads_the_loss()])
+
+
+# --- issue 13: torchrun keeps the user's samplers and wrappers; global metrics; FSDP2 ---
+
+TORCHRUN_13_SCRIPT = """import os, sys, torch, loopy
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset, SubsetRandomSampler
+torch.set_num_threads(1)
+mode, out = sys.argv[1], sys.argv[2]
+rank = int(os.environ.get("RANK", 0))
+X = torch.randn(41, 8, generator=torch.Generator().manual_seed(0))
+y = (X[:, 0] > 0).long()
+data = TensorDataset(X, y)
+result = {}
+
+
+class Errors:  # a plain update/compute/reset metric object
+    def reset(self):
+        self.count = 0
+
+    def update(self, output, target):
+        self.count += int((output.argmax(1) != target).sum())
+
+    def compute(self):
+        return self.count
+
+
+class Seen(torch.nn.Module):  # an MLP that remembers which rows it saw, and an unused layer
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                       torch.nn.Linear(16, 2))
+        self.unused = torch.nn.Linear(8, 2)
+        self.rows = {True: [], False: []}
+
+    def forward(self, x):
+        self.rows[self.training] += x[:, 0].tolist()
+        return self.net(x)
+
+
+def rows_to_indices(rows):
+    return sorted(int((X[:, 0] == value).nonzero()) for value in rows)
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+
+
+if mode == "split":
+    train_idx = [i for i in range(40) if i % 4 != 3]  # 30 samples: 15 on each process
+    val_idx = [i for i in range(41) if i % 4 == 3 or i == 40]  # 11: 6 and 5
+    torch.manual_seed(0)
+    model = Seen()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loop = loopy.fit(model, F.cross_entropy, optimizer,
+                     DataLoader(data, 4, sampler=SubsetRandomSampler(train_idx)),
+                     val_loader=DataLoader(data, 4, sampler=SubsetRandomSampler(val_idx)),
+                     metrics={"errors": Errors()}, epochs=2, progress=False,
+                     ddp_options={"find_unused_parameters": True})
+    result.update(history=loop.history, train_rows=rows_to_indices(model.rows[True]),
+                  val_rows=rows_to_indices(model.rows[False]), train_idx=train_idx,
+                  val_idx=val_idx)
+if mode == "split" and torch.distributed.is_initialized():
+    # a model the user wrapped in DDP, with its own options
+    wrapped = torch.nn.parallel.DistributedDataParallel(Seen(), find_unused_parameters=True)
+    loop = loopy.fit(wrapped, F.cross_entropy, torch.optim.SGD(wrapped.parameters(), lr=0.1),
+                     DataLoader(data, 4, shuffle=True), epochs=1, progress=False)
+    result["wrapped"] = {k: v.clone() for k, v in wrapped.module.state_dict().items()}
+    result["wrapped_step"] = loop.step
+    try:
+        loopy.fit(wrapped, F.cross_entropy, torch.optim.SGD(wrapped.parameters(), lr=0.1),
+                  DataLoader(data, 4), ddp_options={"static_graph": True}, progress=False)
+    except ValueError as error:
+        result["options_refused"] = str(error)
+
+    # a stop at "start" on rank 1 only
+    def stop_at_start():
+        loop = yield "start"
+        if loop.rank == 1:
+            loop.stop("rank 1 stops at start")
+        yield
+    model = mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                     DataLoader(data, 4), epochs=2, hooks=[stop_at_start()], progress=False)
+    result.update(stop_step=loop.step, stop_reason=loop.stop_reason)
+
+    # a sampler without len() cannot be sharded
+    class Endless(torch.utils.data.Sampler):
+        def __iter__(self):
+            return iter(range(41))
+    try:
+        model = mlp()
+        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                  DataLoader(data, 4, sampler=Endless()), progress=False)
+    except ValueError as error:
+        result["refused"] = str(error)
+
+if mode == "fsdp":  # under torchrun, 1 or 2 processes
+    from torch.distributed.fsdp import fully_shard
+    val = DataLoader(TensorDataset(X[:33], y[:33]), 4)  # uneven: 17 and 16 samples
+
+    def sharded(seed=0):
+        model = mlp(seed)
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        return fully_shard(model)
+
+    def run(model, **options):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        loop = loopy.fit(model, F.cross_entropy, optimizer, DataLoader(data, 4), epochs=2,
+                         val_loader=val, metrics={"acc": loopy.accuracy}, accumulate=2,
+                         clip_grad=1.0, progress=False, **options)
+        return loop
+
+    world = int(os.environ["WORLD_SIZE"])
+    if world == 2:  # loopy's own DDP, the reference
+        loop = run(mlp())
+        result["ddp"] = {k: v.clone() for k, v in loop.model.state_dict().items()}
+        result["ddp_history"] = loop.history
+    model = sharded()
+    loop = run(model)
+    result["grad_norm_type"] = type(loop.grad_norm).__name__
+    result["history"] = loop.history
+    final = loop.state_dict()  # (every process gathers; rank 0 holds the whole state)
+    result["fsdp"] = final["model"] if rank == 0 else None
+
+    def stop_at(step):
+        while True:
+            loop = yield "step"
+            if loop.step == step:
+                loop.stop("preempted")
+    stopped = run(sharded(), hooks=[stop_at(2), loopy.checkpoint(os.path.join(out, "run.pt"))])
+    resumed = run(sharded(), resume=os.path.join(out, "run.pt"))
+    state = resumed.state_dict()
+    result["resumed"] = state["model"] if rank == 0 else None
+    result["resumed_history"] = resumed.history
+    try:  # an optimizer built before fully_shard holds none of the model's parameters
+        model = mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        loopy.fit(model, F.cross_entropy, optimizer, DataLoader(data, 4), progress=False)
+    except ValueError as error:
+        result["early_optimizer"] = str(error)
+
+if mode == "hang":  # rank 1 hangs in a hook; rank 0 waits for it no longer than the timeout
+    import time
+
+    def hang_on_rank_1():
+        loop = yield "step"
+        if loop.rank == 1:
+            time.sleep(10)
+        yield
+    model = mlp()
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+              DataLoader(data, 4), hooks=[hang_on_rank_1()], progress=False,
+              process_group_timeout=3)
+
+torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+"""
+
+
+def run_13(tmp_path, mode, processes, expect_failure=False):
+    script = tmp_path / "torchrun13.py"
+    script.write_text(TORCHRUN_13_SCRIPT)
+    out = tmp_path / f"{mode}-{processes}"
+    out.mkdir()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={processes}"] if processes else [sys.executable]
+    result = subprocess.run(launcher + [str(script), mode, str(out)], capture_output=True,
+                            text=True, timeout=300,
+                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
+    if expect_failure:
+        return result
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, [torch.load(out / f"rank{rank}.pt", weights_only=True)
+                 for rank in range(max(processes, 1))]
+
+
+@pytest.fixture(scope="module")
+def split_runs(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("split")
+    return run_13(tmp_path, "split", 2)[1], run_13(tmp_path, "split", 0)[1][0]
+
+
+@pytest.mark.slow
+def test_torchrun_shards_the_users_samplers_instead_of_replacing_them(split_runs):
+    (rank0, rank1), _ = split_runs
+    epochs = 2
+    for rows, split in (("train_rows", "train_idx"), ("val_rows", "val_idx")):
+        assert set(rank0[rows]) <= set(rank0[split]) and set(rank1[rows]) <= set(rank0[split])
+        # together the ranks see each sample of the split once per epoch
+        assert sorted(rank0[rows] + rank1[rows]) == sorted(rank0[split] * epochs)
+    assert len(rank0["val_rows"]) == 6 * epochs and len(rank1["val_rows"]) == 5 * epochs
+
+
+@pytest.mark.slow
+def test_torchrun_metric_objects_are_global_and_equal_one_process(split_runs):
+    (rank0, rank1), single = split_runs
+    assert rank0["history"] == rank1["history"]
+    # a plain update/compute/reset object sees every rank's outputs: the one-process count
+    assert rank0["history"]["errors"] == single["history"]["errors"]
+    assert rank0["history"]["val_errors"] == single["history"]["val_errors"]
+    for name in ("loss", "val_loss"):  # (float sums in another order)
+        assert rank0["history"][name] == pytest.approx(single["history"][name], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_takes_ddp_options_and_a_model_the_user_wrapped(split_runs):
+    (rank0, rank1), _ = split_runs
+    # find_unused_parameters=True through ddp_options made the split run possible at all (its
+    # model has an unused layer); the user's own DDP wrapper trained as given
+    assert rank0["wrapped_step"] == rank1["wrapped_step"] == 6
+    assert all(torch.equal(rank0["wrapped"][k], rank1["wrapped"][k]) for k in rank0["wrapped"])
+    assert rank0["options_refused"] == (
+        "ddp_options={'static_graph': True}, but the model is already wrapped "
+        "(DistributedDataParallel): pass the options where you wrap it")
+
+
+@pytest.mark.slow
+def test_torchrun_a_stop_at_start_on_one_rank_stops_every_rank(split_runs):
+    (rank0, rank1), _ = split_runs
+    assert rank0["stop_step"] == rank1["stop_step"] == 0
+    assert rank1["stop_reason"] == "rank 1 stops at start"
+    assert rank0["stop_reason"] == "stopped by another process"
+
+
+@pytest.mark.slow
+def test_torchrun_a_sampler_without_len_is_refused_with_the_fix(split_runs):
+    (rank0, _), _ = split_runs
+    assert "has none: give it __len__, or build the DataLoader on a " \
+           "torch.utils.data.DistributedSampler yourself" in rank0["refused"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("fsdp")
+    return run_13(tmp_path, "fsdp", 2), run_13(tmp_path, "fsdp", 1)
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_equals_loopys_ddp_and_resumes_exactly(fsdp_runs):
+    (out, (rank0, rank1)), _ = fsdp_runs
+    assert rank0["history"] == rank1["history"] == rank0["ddp_history"]  # uneven validation ran
+    for name, weights in rank0["ddp"].items():  # bit-identical with torch 2.13 on CPU
+        assert torch.equal(rank0["fsdp"][name], weights)
+        assert torch.equal(rank0["resumed"][name], weights)  # a mid-epoch stop, then resume
+    assert rank0["grad_norm_type"] == "Tensor"  # not a DTensor
+    # the file is loopy's usual one: it loads into a plain module with weights_only=True
+    saved = torch.load(out / "run.pt", weights_only=True)
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    plain.load_state_dict(saved["model"])
+    assert saved["position"] is not None  # it was a mid-epoch checkpoint
+    assert "before fully_shard replaced its parameters" in rank0["early_optimizer"]
+
+
+@pytest.mark.slow
+def test_fsdp2_on_one_process_is_bit_identical_to_the_plain_loop(fsdp_runs):
+    _, (_, (single,)) = fsdp_runs
+    X = torch.randn(41, 8, generator=torch.Generator().manual_seed(0))
+    y = (X[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loop = loopy.fit(model, F.cross_entropy, optimizer,
+                     torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), 4),
+                     epochs=2, val_loader=torch.utils.data.DataLoader(
+                         torch.utils.data.TensorDataset(X[:33], y[:33]), 4),
+                     metrics={"acc": loopy.accuracy}, accumulate=2, clip_grad=1.0,
+                     progress=False)
+    assert single["history"] == loop.history
+    for name, weights in model.state_dict().items():
+        assert torch.equal(single["fsdp"][name], weights)
+        assert torch.equal(single["resumed"][name], weights)
+
+
+@pytest.mark.slow
+def test_torchrun_a_hung_rank_fails_the_others_after_process_group_timeout(tmp_path):
+    started = time.monotonic()
+    result = run_13(tmp_path, "hang", 2, expect_failure=True)
+    assert result.returncode != 0 and "Timed out waiting 3000ms" in result.stderr
+    assert time.monotonic() - started < 90
+
+
+# --- issue 15: output people can read everywhere, pictures, trackers ---
+
+def _epoch_line(history, epoch, epochs):
+    """What the progress hook prints for ``epoch`` (1-based), up to the epoch's time."""
+    values = " - ".join(f"{name} {values[epoch - 1]:.4g}" for name, values in history.items())
+    return f"epoch {epoch}/{epochs}: {values} ("
+
+
+def _small_fit(epochs=2, **options):
+    X, y = make_data(64)
+    model = make_mlp()
+    return loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                     batch_size=16, epochs=epochs, val_loader=(X[:32], y[:32]),
+                     metrics={"acc": loopy.accuracy}, **options)
+
+
+@pytest.mark.parametrize("progress, bar, lines", [(True, True, True), ("bar", True, True),
+                                                  ("epoch", False, True), (False, False, False)])
+def test_progress_levels_a_bar_where_a_person_watches_a_line_per_epoch_or_nothing(
+        monkeypatch, capsys, progress, bar, lines):
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    loop = _small_fit(progress=progress)
+    captured = capsys.readouterr()
+    expected = [_epoch_line(loop.history, epoch, 2) for epoch in (1, 2)] if lines else []
+    assert [line[:len(start)] for line, start in zip(captured.out.splitlines(), expected)] \
+        == expected and captured.out.count("\n") == len(expected)
+    assert ("epoch 1/2" in captured.err and "batch" in captured.err) == bar
+    assert bar or captured.err == ""
+
+
+def test_progress_rejects_an_unknown_level_before_training():
+    with pytest.raises(ValueError, match=r"progress='loud': use True or 'bar' .* 'epoch' .* False"):
+        _small_fit(progress="loud", hooks=[recorder(log := [])])
+    assert log == []
+
+
+def test_loop_repr_is_one_line_of_epochs_steps_stop_reason_and_metrics():
+    loop = _small_fit(epochs=3, max_steps=9, progress=False)  # 4 steps per epoch: 2 epochs done
+    values = " - ".join(f"{name} {values[-1]:.4g}" for name, values in loop.history.items())
+    assert repr(loop) == f"<Loop epoch 2/3, step 9, stopped: reached max_steps=9; {values}>"
+    assert repr(_small_fit(epochs=1, progress=False)).startswith("<Loop epoch 1/1, step 4; loss ")
+
+
+def test_loop_print_prints_on_rank_0_only(capsys):
+    loop = _small_fit(progress=False)
+    loop.print("a", 1, sep="-")
+    loop.rank = 1
+    loop.print("b")
+    assert capsys.readouterr().out == "a-1\n"
+
+
+TERMINAL_SCRIPT = """
+import json, sys, torch, loopy
+import torch.nn.functional as F
+torch.set_num_threads(1)
+torch.manual_seed(0)
+X, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+def printer():
+    while True:
+        loop = yield ("step", "epoch")
+        if loop.event == "epoch":
+            print(f"hook: epoch {loop.epoch + 1} done")    # a plain print at "epoch"
+        elif loop.step % 8 == 3:
+            loop.print(f"hook: step {loop.step}")         # mid-epoch, the bar on the screen
+
+loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                 epochs=3, val_loader=(X[:64], y[:64]), metrics={"acc": loopy.accuracy},
+                 hooks=[printer()] if "--printer" in sys.argv else [])
+print("history", json.dumps(loop.history))
+"""
+
+
+def _run_in_terminal(tmp_path, *args, stdout=None):
+    """Run TERMINAL_SCRIPT with stderr (and stdout, unless given) on a pseudo-terminal of 80
+    columns; return all that was written to the terminal."""
+    pty, fcntl, termios, struct = (pytest.importorskip(name) for name in
+                                   ("pty", "fcntl", "termios", "struct"))
+    script = tmp_path / "train.py"
+    script.write_text(TERMINAL_SCRIPT)
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {k: v for k, v in cpu_env(PYTHONPATH=HERE).items() if k not in ("COLUMNS", "LINES")}
+    process = subprocess.Popen([sys.executable, str(script), *args], stdin=terminal,
+                               stdout=stdout or terminal, stderr=terminal, env=env)
+    os.close(terminal)
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
+        while chunk := os.read(main, 65536):
+            chunks.append(chunk)
+    os.close(main)
+    assert process.wait(timeout=120) == 0, b"".join(chunks).decode(errors="replace")[-3000:]
+    return b"".join(chunks).decode()
+
+
+def _screen(text):
+    """The lines a terminal shows for ``text``: a carriage return goes back to column 0, and
+    what follows overwrites what was there."""
+    lines = []
+    for raw in text.split("\n"):
+        line, column = [], 0
+        for char in raw:
+            if char == "\r":
+                column = 0
+                continue
+            line[column:column + 1] = [char]
+            column += 1
+        lines.append("".join(line).rstrip())
+    return lines
+
+
+def _history(lines):
+    return json.loads(next(line for line in lines if line.startswith("history "))[8:])
+
+
+@pytest.mark.slow
+def test_an_80_column_terminal_shows_every_epochs_validation_metrics(tmp_path):
+    screen = _screen(_run_in_terminal(tmp_path))
+    history = _history(screen)
+    assert set(history) == {"loss", "acc", "val_loss", "val_acc", "lr"}
+    for epoch in (1, 2, 3):  # every metric of every epoch, whatever the bar could fit
+        assert sum(line.startswith(_epoch_line(history, epoch, 3)) for line in screen) == 1
+
+
+@pytest.mark.slow
+def test_stdout_to_a_file_while_stderr_is_a_terminal_gets_one_line_per_epoch(tmp_path):
+    with open(tmp_path / "train.log", "w") as log:
+        terminal = _run_in_terminal(tmp_path, stdout=log)
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    history = _history(lines)
+    assert len(lines) == 4 and all(lines[epoch - 1].startswith(_epoch_line(history, epoch, 3))
+                                   for epoch in (1, 2, 3))
+    assert "epoch 3/3:" in terminal and "batch/s" in terminal  # the bar was there
+
+
+@pytest.mark.slow
+def test_a_hook_printing_under_a_terminal_starts_its_line_at_column_0(tmp_path):
+    screen = _screen(_run_in_terminal(tmp_path, "--printer"))
+    for epoch in (1, 2, 3):
+        assert f"hook: step {8 * epoch - 5}" in screen  # loop.print, with the bar live
+        assert f"hook: epoch {epoch} done" in screen  # print at "epoch"
+        assert any(line.startswith(_epoch_line(_history(screen), epoch, 3)) for line in screen)
+
+
+NOTEBOOK_CELL = """
+import json, sys
+sys.path.insert(0, {here!r})
+import torch, loopy
+import torch.nn.functional as F
+torch.manual_seed(0)
+X, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                 epochs=3, val_loader=(X[:64], y[:64]), metrics={{"acc": loopy.accuracy}})
+print("history", json.dumps(loop.history))
+loop
+"""
+
+
+@pytest.mark.slow
+def test_a_notebook_keeps_each_epochs_metrics_as_text_and_shows_the_loop(tmp_path, monkeypatch):
+    nbformat, nbclient = pytest.importorskip("nbformat"), pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        NOTEBOOK_CELL.format(here=HERE))])
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbformat.write(notebook, tmp_path / "saved.ipynb")  # what a reopened notebook holds
+    outputs = nbformat.read(tmp_path / "saved.ipynb", as_version=4).cells[0].outputs
+    stdout = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stdout")
+    history = _history(stdout.splitlines())
+    lines = stdout.splitlines()
+    assert all(lines[epoch - 1].startswith(_epoch_line(history, epoch, 3)) for epoch in (1, 2, 3))
+    (result,) = [o for o in outputs if o.output_type == "execute_result"]
+    values = " - ".join(f"{name} {values[-1]:.4g}" for name, values in history.items())
+    assert result.data["text/plain"] == f"<Loop epoch 3/3, step 24; {values}>"
+    assert "IProgress" not in json.dumps([dict(o) for o in outputs])  # no tqdm warning
+    assert sum(o.output_type == "display_data" for o in outputs) <= 1  # one widget bar at most
+
+
+def _recording(records):
+    return lambda metrics, step: records.append((step, metrics))
+
+
+def test_log_to_logs_every_epoch_and_the_running_means_every_n_steps():
+    X, y = make_data(64)  # 4 batches of 16 per epoch
+    records, batches = [], []
+
+    def per_batch():  # the oracle: each batch's loss and accuracy, averaged by hand
+        while True:
+            loop = yield "step"
+            batches.append((float(loop.loss), float(loopy.accuracy(loop.output, loop.batch[1]))))
+
+    model = make_mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                     batch_size=16, epochs=2, val_loader=(X, y), metrics={"acc": loopy.accuracy},
+                     hooks=[per_batch(), loopy.log_to(_recording(records), every=3)],
+                     progress=False)
+
+    def means(first, last):
+        chosen = batches[first:last]
+        return {"loss": pytest.approx(sum(b[0] for b in chosen) / len(chosen), rel=1e-6),
+                "acc": pytest.approx(sum(b[1] for b in chosen) / len(chosen), rel=1e-6)}
+
+    def epoch(index):
+        return {**{name: values[index] for name, values in loop.history.items()},
+                "epoch": index + 1}
+
+    assert records == [(3, means(0, 3)), (4, epoch(0)), (6, means(4, 6)), (8, epoch(1))]
+    assert list(records[1][1]) == [*loop.history, "epoch"]
+
+
+def test_log_to_continues_the_steps_across_a_resume(tmp_path):
+    X, y = make_data(150)  # 10 batches of 16 per epoch
+
+    def run(path, epochs, stop_at_step=None, resume=None):
+        records = []
+        model = make_mlp(dropout=0.2)
+        hooks = [loopy.checkpoint(path), loopy.log_to(_recording(records), every=4)]
+        loopy.fit(model, F.cross_entropy, torch.optim.Adam(model.parameters(), lr=0.01), (X, y),
+                  batch_size=16, shuffle=True, epochs=epochs, val_loader=(X[:50], y[:50]),
+                  seed=None if resume else 7, resume=resume, progress=False,
+                  hooks=hooks + ([stop_when(stop_at_step)] if stop_at_step else []))
+        return records
+
+    straight = run(tmp_path / "straight.pt", epochs=3)
+    before = run(tmp_path / "run.pt", epochs=3, stop_at_step=14)  # in the middle of epoch 2
+    after = run(tmp_path / "run.pt", epochs=3, resume=tmp_path / "run.pt")
+    assert [step for step, _ in straight] == [4, 8, 10, 12, 16, 20, 20, 24, 28, 30]
+    assert before + after == straight
+
+
+def test_log_to_logs_on_rank_0_only_and_checks_its_arguments():
+    records = []
+    hook = loopy.log_to(_recording(records))
+    assert next(hook) == "epoch"
+    with pytest.raises(StopIteration):  # another process: the hook ends, having logged nothing
+        hook.send(types.SimpleNamespace(rank=1, event="epoch", metrics={"loss": 1.0}, epoch=0,
+                                        step=4))
+    assert records == []
+    with pytest.raises(TypeError, match=r"log_to\(log='wandb' .*\): pass a function log\("
+                                        r"metrics, step\), like wandb.log"):
+        _small_fit(hooks=[loopy.log_to("wandb")], progress=False)
+    with pytest.raises(ValueError, match=r"log_to\(every=0\): use None .* or a number of steps"):
+        _small_fit(hooks=[loopy.log_to(print, every=0)], progress=False)
+
+
+LOG_TO_SCRIPT = """
+import json, os, sys, torch, loopy
+import torch.nn.functional as F
+torch.manual_seed(0)
+X, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+model = torch.nn.Linear(8, 2)
+records = []
+loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                 batch_size=8, epochs=2, progress=False,
+                 hooks=[loopy.log_to(lambda metrics, step: records.append([step, metrics]))])
+with open(os.path.join(sys.argv[1], f"rank{loop.rank}.json"), "w") as file:
+    json.dump({"records": records, "history": loop.history}, file)
+"""
+
+
+@pytest.mark.slow
+def test_log_to_under_torchrun_logs_on_rank_0_only(tmp_path):
+    script = tmp_path / "log_to.py"
+    script.write_text(LOG_TO_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(script), str(tmp_path)],
+                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    history = rank0["history"]  # each process takes 4 of the 8 batches: 4 steps per epoch
+    assert rank0["records"] == [[4 * (e + 1), {**{k: v[e] for k, v in history.items()},
+                                                "epoch": e + 1}] for e in (0, 1)]
+    assert rank1["records"] == [] and rank1["history"] == history
+
+
+@pytest.fixture
+def agg():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")  # no window
+
+
+def test_plot_history_draws_training_against_validation_and_writes_a_png(tmp_path, agg):
+    loop = _small_fit(epochs=3, progress=False)
+    figure = loopy.plot_history(loop, tmp_path / "curves.png")
+    assert [axis.get_title() for axis in figure.axes] == ["loss", "acc"]  # no lr panel
+    for axis, name in zip(figure.axes, ("loss", "acc")):
+        curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                  for line in axis.lines}
+        assert curves == {"training": ([1, 2, 3], loop.history[name]),
+                          "validation": ([1, 2, 3], loop.history["val_" + name])}
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(loopy.plot_history(loop.history).axes) == 2  # the history alone, no file
+    with pytest.raises(ValueError, match=r"plot_history needs a Loop, its history or lr_find's"):
+        loopy.plot_history({})
+
+
+def test_plot_history_draws_lr_finds_loss_against_a_log_scale_learning_rate(agg):
+    X, y = make_data(64)
+    model = make_mlp()
+    found = loopy.lr_find(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                          (X, y), num_steps=20)
+    (axis,) = loopy.plot_history(found).axes
+    curve, suggestion = axis.lines
+    assert axis.get_xscale() == "log" and list(curve.get_xdata()) == found["lr"]
+    assert list(curve.get_ydata()) == found["loss"]
+    assert list(suggestion.get_xdata()) == [found["suggestion"]] * 2
+
+
+def test_live_plot_in_a_notebook_displays_one_figure_and_updates_it_in_place(monkeypatch, agg):
+    display = pytest.importorskip("IPython.display")
+    calls = []
+
+    class Handle:
+        def update(self, figure):
+            calls.append(("update", figure))
+
+    def record_display(figure, display_id=False):
+        calls.append(("display", figure, display_id))
+        return Handle()
+
+    monkeypatch.setattr(display, "display", record_display)
+    monkeypatch.setattr(display, "clear_output", lambda *args, **kwargs: calls.append("clear"))
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))  # a notebook
+    loop = _small_fit(epochs=3, hooks=[loopy.live_plot()], progress=False)
+    assert [call[0] for call in calls] == ["display", "update", "update"] and calls[0][2] is True
+    last = calls[-1][1].axes[0].lines[0]  # the figure of the last epoch holds the whole history
+    assert list(last.get_ydata()) == loop.history["loss"]
+
+
+def test_live_plot_elsewhere_writes_a_png_given_a_path_or_does_nothing(tmp_path, agg):
+    _small_fit(hooks=[loopy.live_plot(tmp_path / "live.png"), loopy.live_plot()], progress=False)
+    assert (tmp_path / "live.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(tmp_path) == ["live.png"]
+
+
+# --- issue 16: nothing silently wrong (metrics, argument kinds, modes, devices, predict, batches) ---
+
+def test_accuracy_with_probability_or_one_hot_targets_compares_argmaxes():
+    generator = torch.Generator().manual_seed(0)
+    output = torch.randn(50, 10, generator=generator)
+    probabilities = torch.randn(50, 10, generator=generator).softmax(dim=1)
+    one_hot = F.one_hot(torch.randint(0, 10, (50,), generator=generator), 10).float()
+    for target in (probabilities, one_hot):
+        expected = (output.argmax(1) == target.argmax(1)).float().mean()
+        assert torch.equal(loopy.accuracy(output, target), expected)
+    # a model that predicts nothing (every logit very negative) is not 90% right
+    nothing = torch.full((50, 10), -5.0)
+    assert loopy.accuracy(nothing, one_hot) == (one_hot.argmax(1) == 0).float().mean()
+    # binary outputs, (N,) or (N, 1), against 0/1 targets of either shape, as before
+    logits = torch.randn(50, generator=generator)
+    labels = torch.randint(0, 2, (50,), generator=generator)
+    expected = ((logits > 0) == (labels > 0.5)).float().mean()
+    for out, target in ((logits, labels), (logits[:, None], labels), (logits[:, None],
+                                                                      labels[:, None].float())):
+        assert torch.equal(loopy.accuracy(out, target), expected)
+
+
+def test_fit_with_one_hot_targets_records_the_true_accuracy():
+    X, y = make_data(96)
+    model = make_mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                     (X, F.one_hot(y, 3).float()), metrics={"acc": loopy.accuracy}, epochs=2,
+                     progress=False)
+    oracle = make_mlp()
+    history = hand_loop(oracle, torch.optim.SGD(oracle.parameters(), lr=0.1),
+                        tensor_loader(X, y), 2, metric=loopy.accuracy)
+    assert loop.history["acc"] == pytest.approx(history["acc"], abs=1e-6)
+
+
+def test_a_metric_returning_a_number_is_recorded_and_a_tensor_of_many_values_is_an_error():
+    numpy = pytest.importorskip("numpy")
+    X, y = make_data(96)
+
+    def run(metric):
+        model = make_mlp()
+        return loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                         (X, y), metrics={"acc": metric}, epochs=2, progress=False,
+                         val_loader=(X, y)).history
+
+    expected = run(loopy.accuracy)
+    as_python = run(lambda output, target: loopy.accuracy(output, target).item())
+    as_numpy = run(lambda output, target: numpy.mean(
+        output.argmax(1).numpy() == target.numpy()))  # a scikit-learn-style metric
+    for history in (as_python, as_numpy):
+        for name in ("acc", "val_acc"):
+            assert history[name] == pytest.approx(expected[name], abs=1e-6)
+    with pytest.raises(TypeError) as raised:
+        run(lambda output, target: (output.argmax(1) == target).float())  # no .mean()
+    message = str(raised.value)
+    assert "metrics['acc'] returned a tensor of shape (32,)" in message and ".mean()" in message
+
+
+def test_classes_instead_of_instances_say_to_create_one():
+    torchmetrics = pytest.importorskip("torchmetrics")
+    message = fit_error(TypeError, loss_fn=torch.nn.CrossEntropyLoss)
+    assert "loss_fn is the class torch.nn.modules.loss.CrossEntropyLoss" in message
+    assert "loss_fn=CrossEntropyLoss(...)" in message
+    model = make_mlp()  # (not through train(), which builds an optimizer given as a class)
+    with pytest.raises(TypeError) as raised:
+        loopy.fit(model, F.cross_entropy, torch.optim.Adam, make_data(), progress=False)
+    assert "optimizer is the class" in str(raised.value)
+    assert "optimizer=Adam(...)" in str(raised.value)
+    with pytest.raises(TypeError) as raised:
+        loopy.fit(torch.nn.Linear, F.cross_entropy, torch.optim.SGD(model.parameters()),
+                  make_data(), progress=False)
+    assert "model is the class" in str(raised.value) and "model=Linear(...)" in str(raised.value)
+    message = fit_error(TypeError, scheduler=torch.optim.lr_scheduler.StepLR)
+    assert "scheduler is the class" in message and "scheduler=StepLR(...)" in message
+    metric = torchmetrics.classification.MulticlassAccuracy
+    message = fit_error(TypeError, metrics={"acc": metric})
+    assert "metrics['acc'] is the class" in message and "MulticlassAccuracy(...)" in message
+    with pytest.raises(TypeError, match="loss_fn is the class"):
+        loopy.evaluate(make_mlp(), make_data(8), torch.nn.CrossEntropyLoss)
+
+
+def test_in_memory_data_in_a_list_instead_of_a_tuple_says_so():
+    X, y = make_data(64)
+    message = fit_error(TypeError, loader=[X, y])  # a list is batches; a tuple is (X, y)
+    assert "cannot unpack this batch" in message and "as the tuple (X, y)" in message
+
+
+def test_numpy_arrays_train_as_tensors_of_the_default_dtype_and_int64():
+    numpy = pytest.importorskip("numpy")
+    X, y = make_data(100)
+    X64, y32 = X.double().numpy(), y.numpy().astype(numpy.int32)  # what scikit-learn hands out
+
+    def run(train, val):
+        model = make_mlp()
+        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                         train, val_loader=val, epochs=2, batch_size=16, shuffle=True, seed=0,
+                         metrics={"acc": loopy.accuracy}, progress=False)
+        return model, loop.history
+
+    model, history = run((X64, y32), (X64, y32))
+    oracle, expected = run((X64.astype(numpy.float32), y32.astype(numpy.int64)), (X, y))
+    assert same_weights(model, oracle) and history == expected
+    # the float64 arrays became float32 exactly as torch rounds them
+    reference = make_mlp()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    torch.manual_seed(0)
+    hand_loop(reference, optimizer, tensor_loader(torch.from_numpy(X64).float(),
+                                                  torch.from_numpy(y32).long(), 16, True), 2,
+              val_loader=tensor_loader(X, y, 16))  # (which draws a DataLoader's seed too)
+    assert same_weights(model, reference)
+    assert loopy.evaluate(model, (X64, y32), F.cross_entropy) == \
+        loopy.evaluate(model, (X, y), F.cross_entropy)
+    assert torch.equal(loopy.predict(model, X64[::-1]), loopy.predict(model, X.flip(0)))
+
+
+@pytest.mark.filterwarnings("ignore:Using a target size")  # torch's own warning, before ours
+def test_a_loss_whose_output_and_target_broadcast_is_an_error_at_the_first_step():
+    X = torch.randn(64, 8)
+    y = X.sum(dim=1)  # (N,): the model's output is (N, 1)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    before = copy_of(model)
+    with pytest.raises(ValueError) as raised:
+        loopy.fit(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                  progress=False)
+    message = str(raised.value)
+    assert "output of shape (32, 1)" in message and "target of shape (32,)" in message
+    assert "(32, 32)" in message and "squeeze" in message
+    assert same_weights(model, before)  # raised before the first optimizer step
+    with pytest.raises(ValueError, match="output of shape"):
+        loopy.evaluate(model, (X, y), F.mse_loss)
+    # what is fine: equal shapes, and class scores (N, C) with (N,) indices even when C == N
+    loopy.fit(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1), (X, y[:, None]),
+              progress=False)
+    X3, y3 = make_data(30)
+    model = make_mlp()
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X3, y3),
+              batch_size=3, progress=False)
+
+
+def copy_of(model):
+    import copy
+    return copy.deepcopy(model)
+
+
+def frozen_bn_cnn(trainable=True):
+    model = make_cnn()
+    model[1].eval()  # a frozen BatchNorm: its running statistics must not change
+    model[1].requires_grad_(trainable)
+    return model
+
+
+def test_evaluate_predict_and_lr_find_restore_every_submodule_mode():
+    X, y = image_data(32)
+    for call in (lambda m: loopy.evaluate(m, (X, y), F.cross_entropy),
+                 lambda m: loopy.predict(m, X),
+                 lambda m: loopy.lr_find(m, F.cross_entropy, torch.optim.SGD(m.parameters(),
+                                                                             lr=0.1), (X, y),
+                                         num_steps=3)):
+        model = frozen_bn_cnn(trainable=False)
+        modes = [m.training for m in model.modules()]
+        call(model)
+        assert [m.training for m in model.modules()] == modes and not model[1].training
+
+
+def test_a_submodule_in_eval_mode_stays_in_eval_mode_during_fit():
+    X, y = image_data(96)
+    model = frozen_bn_cnn()
+    stats = {name: buffer.clone() for name, buffer in model[1].named_buffers()}
+    # its affine parameters still train: said, since from_pretrained models come in eval mode
+    with pytest.warns(UserWarning, match=r"submodules of the model are in eval mode \(1\).*"
+                                         r"model.train\(\) before fit"):
+        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                  epochs=2, val_loader=(X[:32], y[:32]), progress=False)
+    oracle = frozen_bn_cnn()
+    optimizer = torch.optim.SGD(oracle.parameters(), lr=0.1)
+    for _ in range(2):  # the hand loop re-applies .eval() to the frozen submodule each epoch
+        oracle.train()
+        oracle[1].eval()
+        for x_batch, y_batch in tensor_loader(X, y):
+            F.cross_entropy(oracle(x_batch), y_batch).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert same_weights(model, oracle)
+    assert all(torch.equal(buffer, stats[name]) for name, buffer in model[1].named_buffers())
+    assert model.training and not model[1].training
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a frozen submodule without trainable parameters: quiet
+        model = frozen_bn_cnn(trainable=False)
+        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                  progress=False)
+    assert all(torch.equal(buffer, stats[name]) for name, buffer in model[1].named_buffers())
+    # a model that is entirely in eval mode (left so by the user) trains in train mode, as before
+    model = make_cnn().eval()
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+              progress=False)
+    assert not torch.equal(model[1].running_mean, torch.zeros(4))
+
+
+def test_a_loss_module_moves_with_the_model_and_its_parameters_must_be_optimized():
+    X, y = make_data(64)
+    model = make_mlp()
+    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]))
+    loopy._prepare(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                   device="meta", distributed=False)  # meta stands in for a GPU
+    assert loss_fn.weight.is_meta and next(model.parameters()).is_meta
+
+    class Weighted(torch.nn.Module):  # a learnable multi-task loss (uncertainty weighting)
+        def __init__(self):
+            super().__init__()
+            self.log_var = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, output, target):
+            return F.cross_entropy(output, target) * torch.exp(-self.log_var) + self.log_var
+
+    model = make_mlp()
+    message = fit_error(ValueError, model=model, loss_fn=Weighted(),
+                        optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert "loss_fn has learnable parameters that the optimizer does not hold (log_var)" in message
+    assert "*loss_fn.parameters()" in message
+    model, loss_fn = make_mlp(), Weighted()
+    loopy.fit(model, loss_fn, torch.optim.SGD([*model.parameters(), *loss_fn.parameters()],
+                                              lr=0.1), (X, y), progress=False)
+    oracle, oracle_loss = make_mlp(), Weighted()
+    optimizer = torch.optim.SGD([*oracle.parameters(), *oracle_loss.parameters()], lr=0.1)
+    for x_batch, y_batch in tensor_loader(X, y):
+        oracle_loss(oracle(x_batch), y_batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert same_weights(model, oracle) and torch.equal(loss_fn.log_var, oracle_loss.log_var)
+
+
+class RecordsMoves:
+    """A batch class with its own .to(), as graph data objects have."""
+
+    def __init__(self, x, y, calls):
+        self.x, self.y, self.calls = x, y, calls
+
+    def to(self, device, non_blocking=False):
+        self.calls.append(device)
+        return RecordsMoves(self.x.to(device), self.y.to(device), self.calls)
+
+
+def test_a_batch_with_its_own_to_method_is_moved_by_it():
+    calls = []
+    moved = loopy._to_device(RecordsMoves(torch.ones(2), torch.ones(2), calls),
+                             torch.device("meta"), False)
+    assert calls == [torch.device("meta")] and moved.x.is_meta and moved.y.is_meta
+    # in fit, each batch is moved by its .to() and reaches step= as it returned it
+    X, y = make_data(64)
+    model = make_mlp()
+    loopy.fit(model, None, torch.optim.SGD(model.parameters(), lr=0.1),
+              [RecordsMoves(X[:32], y[:32], calls), RecordsMoves(X[32:], y[32:], calls)],
+              step=lambda m, b: F.cross_entropy(m(b.x), b.y), progress=False)
+    assert calls == [torch.device("meta")] + [torch.device("cpu")] * 2
+    oracle = make_mlp()
+    hand_loop(oracle, torch.optim.SGD(oracle.parameters(), lr=0.1), tensor_loader(X, y), 1)
+    assert same_weights(model, oracle)
+
+
+def test_a_packed_sequence_keeps_its_batch_sizes_on_the_cpu():
+    packed = torch.nn.utils.rnn.pack_sequence([torch.ones(3, 2), torch.ones(2, 2)])
+    moved = loopy._to_device((packed, torch.zeros(2)), torch.device("meta"), False)
+    assert isinstance(moved[0], torch.nn.utils.rnn.PackedSequence)
+    assert moved[0].data.is_meta and moved[0].batch_sizes.device.type == "cpu"
+    assert moved[1].is_meta
+
+
+def test_an_object_holding_tensors_that_cannot_be_moved_is_warned_about():
+    class Opaque:
+        def __init__(self):
+            self.x = torch.ones(2)
+
+    with pytest.warns(UserWarning, match="cannot move a batch of type .*Opaque.* no .to()"):
+        batch = loopy._to_device([Opaque(), torch.ones(2)], torch.device("meta"), False)
+    assert batch[1].is_meta
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # already there: nothing to say
+        loopy._to_device([Opaque(), torch.ones(2)], torch.device("cpu"), False)
+
+
+class Detector(torch.nn.Module):
+    """Returns one dict per sample, as torchvision's detection models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return [{"boxes": box.view(1, 4), "scores": box.sum().view(1)} for box in self.linear(x)]
+
+
+def test_predict_joins_per_sample_outputs_as_one_list():
+    X, _ = make_data(10)
+    torch.manual_seed(0)
+    model = Detector()
+    outputs = loopy.predict(model, X, batch_size=4)  # batches of 4, 4 and a short 2
+    with torch.no_grad():
+        expected = [model(X[i:i + 1])[0] for i in range(10)]
+    assert len(outputs) == 10
+    for output, truth in zip(outputs, expected):
+        assert torch.allclose(output["boxes"], truth["boxes"])
+        assert torch.allclose(output["scores"], truth["scores"])
+    # batch-first outputs are joined as before, also in a list of several outputs
+    model = make_mlp()
+    features, logits = loopy.predict(torch.nn.Sequential(model, TwoOutputs()), X, batch_size=4)
+    with torch.no_grad():
+        assert torch.allclose(logits, model.eval()(X)) and torch.allclose(features, logits * 2)
+
+
+class TwoOutputs(torch.nn.Module):
+    def forward(self, x):
+        return [x * 2, x]
+
+
+def test_predict_outputs_that_cannot_be_joined_are_a_clear_error():
+    class VariableLength(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :int(x.shape[0])]  # (batch, batch): the width varies with the batch
+
+    X, _ = make_data(10)
+    with pytest.raises(TypeError) as raised:
+        loopy.predict(VariableLength(), X, batch_size=4)
+    message = str(raised.value)
+    assert "predict cannot join the model's outputs" in message and "(4, 4)" in message
+    assert "batch-first tensors" in message and "one item per sample" in message
+
+
+def test_drop_last_for_in_memory_tensors_gives_the_dataloader_batches():
+    X, y = make_data(100)
+    sizes = []
+
+    def batch_sizes():
+        while True:
+            sizes.append(len((yield "batch").batch[1]))
+
+    model = make_mlp()
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+              epochs=2, batch_size=32, shuffle=True, drop_last=True, seed=0,
+              hooks=[batch_sizes()], progress=False)
+    oracle = make_mlp()
+    torch.manual_seed(0)
+    hand_loop(oracle, torch.optim.SGD(oracle.parameters(), lr=0.1), DataLoader(
+        TensorDataset(X, y), batch_size=32, shuffle=True, drop_last=True), 2)
+    assert same_weights(model, oracle) and sizes == [32] * 6
+    message = fit_error(ValueError, loader=make_data(20), drop_last=True)
+    assert "loader is empty" in message and "drop_last=True" in message
+    message = fit_error(ValueError, loader=tensor_loader(X, y), drop_last=True)
+    assert "drop_last=True applies to in-memory tensors" in message
+    assert "DataLoader(..., drop_last=True)" in message
+    message = fit_error(ValueError, drop_last="yes")
+    assert "drop_last='yes'" in message
+
+
+def test_val_batch_size_batches_in_memory_validation_data():
+    X, y = make_data(100)
+    sizes = []
+
+    def size_of_each_batch(output, target):
+        sizes.append(len(target))
+        return loopy.accuracy(output, target)
+
+    model = make_mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                     (X[:64], y[:64]), val_loader=(X, y), val_batch_size=40,
+                     metrics={"acc": size_of_each_batch}, progress=False)
+    assert sizes == [32, 32, 40, 40, 20]
+    oracle = make_mlp()
+    history = hand_loop(oracle, torch.optim.SGD(oracle.parameters(), lr=0.1),
+                        tensor_loader(X[:64], y[:64]), 1, val_loader=tensor_loader(X, y, 40))
+    assert loop.history["val_loss"] == pytest.approx(history["val_loss"], abs=1e-6)
+    sizes.clear()  # None: batch_size, as before
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+              (X[:64], y[:64]), val_loader=(X, y), metrics={"acc": size_of_each_batch},
+              progress=False)
+    assert sizes == [32, 32, 32, 32, 32, 4]
+    message = fit_error(ValueError, val_batch_size=0, val_loader=(X, y))
+    assert "val_batch_size must be an int >= 1" in message
+    message = fit_error(ValueError, val_batch_size=64, val_loader=tensor_loader(X, y))
+    assert "val_batch_size=64 applies to in-memory tensors" in message
+    assert "DataLoader(..., batch_size=64)" in message
+
+
+TORCHRUN_16_SCRIPT = """import os, sys, torch, loopy
+import torch.nn.functional as F
+torch.set_num_threads(1)
+out, batch_size = sys.argv[1], int(sys.argv[2])
+X = torch.randn(100, 8, generator=torch.Generator().manual_seed(0))
+y = (X[:, 0] > 0).long()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+sizes = []
+
+def accuracy_as_a_number(output, target):
+    sizes.append(len(target))
+    return loopy.accuracy(output, target).item()
+
+loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                 (X.numpy(), y.numpy()), batch_size=batch_size, drop_last=True, epochs=2,
+                 val_loader=(X[:30], y[:30]), val_batch_size=7,
+                 metrics={"acc": accuracy_as_a_number}, progress=False)
+torch.save({"model": model.state_dict(), "history": loop.history, "sizes": sizes},
+           os.path.join(out, f"rank{os.environ.get('RANK', 0)}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_numpy_data_with_drop_last_and_a_number_metric_equal_one_process(tmp_path):
+    script = tmp_path / "run16.py"
+    script.write_text(TORCHRUN_16_SCRIPT)
+    results = {}
+    for processes, batch_size in ((2, 16), (1, 32)):  # 100 samples: the last 4 are dropped
+        out = tmp_path / str(processes)
+        out.mkdir()
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+        result = subprocess.run(launcher + [str(script), str(out), str(batch_size)],
+                                env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[processes] = [torch.load(out / f"rank{rank}.pt", weights_only=True)
+                              for rank in range(processes)]
+    (rank0, rank1), (single,) = results[2], results[1]
+    assert single["sizes"] == [32, 32, 32, 7, 7, 7, 7, 2] * 2
+    assert rank0["sizes"][:3] == rank1["sizes"][:3] == [16, 16, 16]
+    for name, weights in single["model"].items():  # tolerance: float sums in another order
+        torch.testing.assert_close(rank0["model"][name], weights, rtol=1e-5, atol=1e-6)
+    assert rank0["history"] == rank1["history"]
+    for name in ("loss", "acc", "val_loss", "val_acc"):
+        assert rank0["history"][name] == pytest.approx(single["history"][name], rel=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_a_loss_module_a_number_metric_and_a_packed_sequence_on_the_gpu():
+    X, y = make_data(64)
+
+    def run(device):
+        model = make_mlp()
+        loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]))
+        loop = loopy.fit(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                         val_loader=(X, y), device=device, progress=False,
+                         metrics={"acc": lambda o, t: loopy.accuracy(o, t).item()})
+        assert loss_fn.weight.device.type == device
+        return loop.history
+
+    on_gpu, on_cpu = run("cuda"), run("cpu")
+    for name in ("loss", "acc", "val_loss", "val_acc"):
+        assert on_gpu[name] == pytest.approx(on_cpu[name], rel=1e-4, abs=1e-6)
+    packed = torch.nn.utils.rnn.pack_sequence([torch.ones(3, 2), torch.ones(2, 2)])
+    moved = loopy._to_device([packed], torch.device("cuda"), False)[0]
+    assert moved.data.is_cuda and moved.batch_sizes.device.type == "cpu"
+
+
+# --- issue 14: state that survives a resume: hook state, metric objects, EMA weights ---
+
+def resumed_pair(tmp_path, train, stop_at_step):
+    """(straight, resumed): ``train(path, resume, hooks)`` run straight through, and run with a
+    checkpoint, stopped at ``stop_at_step``, then resumed from that checkpoint."""
+    straight = train(None, None, [])
+    path = tmp_path / "run.pt"
+    train(path, None, [stop_when(stop_at_step)])
+    torch.manual_seed(999)  # the resumed run must not depend on the global RNG
+    return straight, train(path, path, [])
+
+
+def shuffled_run(make_model=make_mlp, metrics=None, epochs=3, **options):
+    """A function (path, resume, hooks) -> (model, loop): shuffled, with validation, checkpoints
+    when given a path (``options["every"]``), and ``options["hooks"]()`` (new for each run)."""
+    def train(path, resume, hooks):
+        X, y = make_data(96, features=64) if make_model is make_cnn else make_data(150)
+        X = X.reshape(-1, 1, 8, 8) if make_model is make_cnn else X
+        model = make_model()
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        own = options["hooks"]() if "hooks" in options else []
+        checkpoint = [loopy.checkpoint(path, options.get("every", "epoch"))] if path else []
+        hooks = hooks + (checkpoint + own if options.get("checkpoint_first") else own + checkpoint)
+        loop = loopy.fit(model, F.cross_entropy, optimizer, (X, y), batch_size=16, shuffle=True,
+                         val_loader=(X[:48], y[:48]), metrics=metrics() if metrics else None,
+                         epochs=epochs, seed=None if resume else 123, hooks=hooks, resume=resume,
+                         progress=False)
+        return model, loop
+    return train
+
+
+def test_a_hooks_state_goes_through_a_mid_epoch_checkpoint_and_back(tmp_path):
+    seen = []
+
+    def loss_sum():  # the README's pattern: read your state at your first event
+        loop = yield "start"
+        state = loop.hook_state.setdefault("loss_sum", {"total": torch.zeros(()), "steps": []})
+        seen.append(len(state["steps"]))
+        while True:
+            loop = yield "step"
+            state["total"] += loop.loss
+            state["steps"].append(loop.step)
+
+    train = shuffled_run(hooks=lambda: [loss_sum()])
+    (_, straight), (_, resumed) = resumed_pair(tmp_path, train, stop_at_step=14)  # mid-epoch 2
+    assert seen == [0, 0, 14]  # the resumed hook found the 14 steps at "start"
+    assert resumed.hook_state["loss_sum"]["steps"] == list(range(1, 31))
+    assert torch.equal(resumed.hook_state["loss_sum"]["total"],
+                       straight.hook_state["loss_sum"]["total"])
+    saved = torch.load(tmp_path / "run.pt", weights_only=True)  # plain data
+    assert saved["hook_state"]["loss_sum"]["steps"] == list(range(1, 31))
+
+
+@pytest.mark.parametrize("name", ["MulticlassAccuracy", "MulticlassAUROC"])  # tensor, list states
+def test_a_torchmetrics_metric_across_a_mid_epoch_resume_equals_the_straight_run(tmp_path, name):
+    torchmetrics = pytest.importorskip("torchmetrics")
+    options = {"thresholds": None} if name == "MulticlassAUROC" else {}
+    metric = lambda: {"m": getattr(torchmetrics.classification, name)(3, **options)}
+    train = shuffled_run(metrics=metric)
+    (_, straight), (_, resumed) = resumed_pair(tmp_path, train, stop_at_step=14)
+    assert resumed.history == straight.history  # the oracle: the run that never stopped
+    assert resumed.history["m"][1] != straight.history["m"][0]  # (a real epoch-2 value)
+
+
+class CountCorrect:
+    """An update/compute/reset metric of loopy's own shape, with or without a state_dict."""
+    def __init__(self):
+        self.reset()
+
+    def update(self, output, target):
+        self.correct += int((output.argmax(1) == target).sum())
+        self.count += len(target)
+
+    def compute(self):
+        return self.correct / self.count
+
+    def reset(self):
+        self.correct = self.count = 0
+
+
+class CountCorrectWithState(CountCorrect):
+    def state_dict(self):
+        return {"correct": self.correct, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.correct, self.count = state["correct"], state["count"]
+
+
+def test_a_metric_object_with_a_state_dict_resumes_and_one_without_warns_at_the_save(tmp_path):
+    metrics = lambda: {"with": CountCorrectWithState(), "without": CountCorrect()}
+    train = shuffled_run(metrics=metrics)
+    with pytest.warns(UserWarning) as warned:
+        (_, straight), (_, resumed) = resumed_pair(tmp_path, train, stop_at_step=14)
+    assert resumed.history["with"] == straight.history["with"]
+    assert resumed.history["without"][1] != straight.history["without"][1]  # the documented loss
+    messages = {str(w.message) for w in warned}
+    assert messages == {"metrics['without'] (CountCorrect) has no state_dict(), so a checkpoint "
+                        "in the middle of an epoch cannot hold its state: a run resumed from it "
+                        "counts only the rest of that epoch; give it state_dict() and "
+                        "load_state_dict()"}
+
+
+def hand_ema(make_model, data, decay, epochs, formula=False):
+    """The hand-written loop with an EMA kept by hand: torch.lerp, as torch.optim.swa_utils
+    does, or the formula ``decay * average + (1 - decay) * parameter`` in float64."""
+    X, y = data
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dtype = torch.float64 if formula else torch.float32
+    average = [p.detach().clone().to(dtype) for p in model.parameters()]
+    for _ in range(epochs):
+        model.train()
+        for x, target in tensor_loader(X, y, batch_size=16):
+            F.cross_entropy(model(x), target).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            with torch.no_grad():
+                for a, p in zip(average, model.parameters()):
+                    if formula:
+                        a.copy_(decay * a + (1 - decay) * p.double())
+                    else:
+                        a.lerp_(p, 1 - decay)
+    return model, average
+
+
+@pytest.mark.parametrize("make_model, data", [(make_mlp, make_data), (make_cnn, image_data)])
+def test_ema_equals_the_hand_computed_average(make_model, data):
+    X, y = data()
+    decay = 0.9
+    models = []
+    for apply_at_end in (True, False):
+        models.append(make_model())
+        loopy.fit(models[-1], F.cross_entropy, torch.optim.SGD(models[-1].parameters(), lr=0.1),
+                  (X, y), batch_size=16, epochs=2, progress=False,
+                  hooks=[loopy.ema(decay=decay, apply_at_end=apply_at_end)])
+    averaged, raw = models
+    hand_model, hand_average = hand_ema(make_model, (X, y), decay, epochs=2)
+    _, formula_average = hand_ema(make_model, (X, y), decay, epochs=2, formula=True)
+    assert same_weights(raw, hand_model)  # apply_at_end=False: the trained weights
+    for a, hand, formula in zip(averaged.parameters(), hand_average, formula_average):
+        assert torch.equal(a, hand)  # the same lerp, in the same order: bit for bit
+        # the formula in float64: lerp rounds differently in float32, by about 1e-7 per step
+        torch.testing.assert_close(a.double(), formula, rtol=0, atol=1e-6)
+    for name, buffer in averaged.named_buffers():  # buffers: the model's own, not averaged
+        assert torch.equal(buffer, dict(hand_model.named_buffers())[name])
+
+
+@pytest.mark.parametrize("checkpoint_first", [False, True])  # the hooks' order does not matter
+@pytest.mark.parametrize("make_model", [make_mlp, make_cnn])
+def test_ema_stopped_mid_epoch_and_resumed_equals_the_straight_run(tmp_path, checkpoint_first,
+                                                                    make_model):
+    train = shuffled_run(make_model, hooks=lambda: [loopy.ema(decay=0.9)], every=9,
+                         checkpoint_first=checkpoint_first)  # saved at "step", not at "end"
+    (straight, straight_loop), (resumed, resumed_loop) = resumed_pair(tmp_path, train, 9)
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+    assert same_weights(resumed_loop.val_model, straight_loop.val_model)
+
+
+def test_an_average_older_than_the_checkpoints_weights_starts_over(tmp_path):
+    path = tmp_path / "run.pt"
+    train = shuffled_run(epochs=1, hooks=lambda: [loopy.ema(decay=0.9)])
+    train(path, None, [])  # the average is saved at step 10 ...
+    shuffled_run(epochs=2)(path, path, [])  # ... kept, stale, by a resumed run without ema
+    model, loop = shuffled_run(epochs=2, hooks=lambda: [loopy.ema(apply_at_end=False)])(
+        path, path, [])  # nothing left to train: the average is the weights at step 20
+    assert loop.step == 20 and same_weights(loop.val_model, model)
+    assert not same_weights(loop.val_model, make_mlp())
+
+
+def test_validation_runs_with_the_averaged_weights():
+    X, y = make_data(150)
+    val = tensor_loader(X[:50], y[:50], batch_size=16)
+    for apply_at_end in (True, False):
+        model = make_mlp()
+        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5),
+                         (X, y), val_loader=val, epochs=2, progress=False,
+                         hooks=[loopy.ema(decay=0.8, apply_at_end=apply_at_end)])
+        averaged = loopy.evaluate(loop.val_model, val, F.cross_entropy)["loss"]
+        assert loop.history["val_loss"][-1] == averaged
+        assert (loopy.evaluate(model, val, F.cross_entropy)["loss"] == averaged) == apply_at_end
+
+
+def test_ema_with_a_bad_decay_says_what_to_use():
+    X, y = make_data()
+    model = make_mlp()
+    for decay in (1.5, -0.1, "0.9", None):
+        with pytest.raises(ValueError, match=r"ema\(decay=.*\): use a number between 0 and 1"):
+            loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                      (X, y), hooks=[loopy.ema(decay=decay)], progress=False)
+
+
+EMA_DISTRIBUTED_SCRIPT = """
+import os, sys, torch, loopy
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+torch.set_num_threads(1)
+X = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
+y = (X[:, 0] > 0).long()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                 DataLoader(TensorDataset(X, y), int(sys.argv[2])), epochs=3, progress=False,
+                 val_loader=DataLoader(TensorDataset(X[:30], y[:30]), 7), hooks=[loopy.ema(0.8)])
+result = {"model": model.state_dict(), "history": loop.history}
+if torch.distributed.is_initialized():  # FSDP2 cannot be copied: a clear error
+    from torch.distributed.fsdp import fully_shard
+    sharded = fully_shard(torch.nn.Linear(8, 2))
+    try:
+        loopy.fit(sharded, F.cross_entropy, torch.optim.SGD(sharded.parameters(), lr=0.1),
+                  (X, y), hooks=[loopy.ema()], progress=False)
+    except ValueError as error:
+        result["fsdp"] = str(error)
+torch.save(result, os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', 0)}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_ema_under_torchrun_is_the_same_on_both_ranks_and_matches_one_process(tmp_path):
+    script = tmp_path / "ema.py"
+    script.write_text(EMA_DISTRIBUTED_SCRIPT)
+    results = []
+    for processes, batch_size in ((2, 8), (1, 16)):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+        out = tmp_path / str(processes)
+        out.mkdir()
+        result = subprocess.run(launcher + [str(script), str(out), str(batch_size)],
+                                env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results += [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(processes)]
+    rank0, rank1, single = results
+    assert rank0["history"] == rank1["history"]
+    for name, weights in single["model"].items():  # tolerance: float sums in another order
+        assert torch.equal(rank0["model"][name], rank1["model"][name])
+        torch.testing.assert_close(rank0["model"][name], weights, rtol=1e-5, atol=1e-6)
+    assert rank0["history"]["val_loss"] == pytest.approx(single["history"]["val_loss"], rel=1e-5)
+    assert rank0["fsdp"].startswith("loopy.ema() cannot average a model sharded with FSDP2")

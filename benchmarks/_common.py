@@ -1,6 +1,6 @@
-"""Shared pieces of the loopy benchmarks: workloads, the hand-written loops, the timing
+"""Shared pieces of the loopy benchmarks: workloads, the hand-written loop, the timing
 harness (interleaved rounds, medians, paired ratios), fresh-process import timing, memory
-readings and Markdown output. Not a public module; used by overhead.py and peers.py."""
+readings and Markdown output. Not a public module; used by overhead.py, peers.py and gpu.py."""
 
 import contextlib
 import io
@@ -33,52 +33,46 @@ def mlp():
     return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
 
 
-def cnn():
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 10))
-
-
 class Workload:
-    """Model, data and loaders of one benchmark workload (identical for every runner)."""
+    """Model, data and loaders of one benchmark workload, identical for every runner: the
+    tensors on ``device``, and a DataLoader over them (pinned when the device is a GPU)."""
 
     def __init__(self, key, title, make_model, input_shape, steps, val_steps=0, metric=False,
-                 epochs=1):
+                 epochs=1, batch=BATCH, device="cpu", precision=None):
+        from torch.utils.data import DataLoader, TensorDataset
         self.key, self.title, self.make_model = key, title, make_model
         self.input_shape, self.metric, self.epochs = input_shape, metric, epochs
-        self.steps, self.val_steps = steps, val_steps
+        self.steps, self.val_steps, self.batch = steps, val_steps, batch
+        self.device, self.precision = torch.device(device), precision
         g = torch.Generator().manual_seed(SEED)
-        n, nv = steps * BATCH, val_steps * BATCH
-        self.X = torch.randn(n + nv, *input_shape, generator=g)
-        w = torch.randn(self.X[0].numel(), 10, generator=g)
-        self.y = (self.X.flatten(1) @ w).argmax(1)  # learnable labels, so accuracy moves
-        self.X, self.Xv = self.X[:n].contiguous(), self.X[n:].contiguous()
-        self.y, self.yv = self.y[:n].contiguous(), self.y[n:].contiguous()
-        from torch.utils.data import DataLoader, TensorDataset
-        self.loader = DataLoader(TensorDataset(self.X, self.y), batch_size=BATCH, shuffle=True)
-        self.val_loader = (DataLoader(TensorDataset(self.Xv, self.yv), batch_size=BATCH)
-                           if val_steps else None)
+        n, nv = steps * batch, val_steps * batch
+        X = torch.randn(n + nv, *input_shape, generator=g)
+        y = (X.flatten(1) @ torch.randn(X[0].numel(), 10, generator=g)).argmax(1)  # learnable
+        self.X, self.y = X[:n].to(self.device), y[:n].to(self.device)
+        self.Xv, self.yv = X[n:].to(self.device), y[n:].to(self.device)
+        pin = self.device.type == "cuda"
+        self.loader = DataLoader(TensorDataset(X[:n], y[:n]), batch_size=batch, shuffle=True,
+                                 pin_memory=pin)
+        self.val_loader = (DataLoader(TensorDataset(X[n:], y[n:]), batch_size=batch,
+                                      pin_memory=pin) if val_steps else None)
+        # one context for every step, as nanoGPT does: no branch in the loop
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                         if precision == "bf16" else contextlib.nullcontext())
 
     @property
     def total_steps(self):
         return self.steps * self.epochs
 
     def build(self):
-        """A fresh model and optimizer, identically initialised for every runner."""
+        """A fresh model (on the device) and optimizer, identically initialised every time."""
         torch.manual_seed(SEED)
-        model = self.make_model()
+        model = self.make_model().to(self.device)
         return model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
 
 def workload_mlp(steps=256, epochs=1):
     return Workload("mlp", f"overhead-bound MLP 32-64-10, {steps} steps", mlp, (32,), steps,
                     epochs=epochs)
-
-
-def workload_cnn(steps=32, epochs=1):
-    return Workload("cnn", f"compute-bound CNN on 1x28x28, {steps} steps", cnn, (1, 28, 28),
-                    steps, epochs=epochs)
 
 
 def workload_mlp_val(steps=256, val_steps=64, epochs=1):
@@ -91,22 +85,31 @@ def accuracy(output, target):
     return (output.argmax(dim=1) == target).float().mean()
 
 
-# --- the hand-written loops (the floor) ----------------------------------------------------
+# --- the hand-written loop (the floor) -----------------------------------------------------
 
-def hand_loop(model, optimizer, loader, epochs, val_loader=None, metric=False):
-    """The hand-written loop. With ``metric`` or ``val_loader`` it does the same work as
-    loopy: per-epoch mean loss and accuracy kept on the device (no per-step sync), then
-    validation under no_grad/eval, and the numbers pulled once per epoch."""
-    track = metric or val_loader is not None
+def hand_loop(model, optimizer, batches, epochs=1, val_batches=None, metric=False, *,
+              device=None, autocast=contextlib.nullcontext(), backward=torch.Tensor.backward):
+    """The hand-written loop that every runner is measured against: forward, loss, backward,
+    step, zero_grad over ``batches`` (a DataLoader or :class:`Slices`, iterated once per epoch).
+
+    With ``metric`` or ``val_batches`` it does the same work as loopy: the epoch's mean loss
+    (and accuracy) kept on the device, no sync per step, then validation under no_grad/eval,
+    and the numbers pulled once per epoch. ``device`` moves each batch there (non-blocking,
+    for pinned memory); ``autocast`` wraps the forward pass and the loss; ``backward`` replaces
+    ``loss.backward()`` for a framework that wraps it (Accelerate). Returns a row per epoch."""
+    track = metric or val_batches is not None
     history = []
     for _ in range(epochs):
         model.train()
         if track:
-            loss_sum, acc_sum, count = torch.zeros(()), torch.zeros(()), 0
-        for x, y in loader:
-            output = model(x)
-            loss = F.cross_entropy(output, y)
-            loss.backward()
+            loss_sum, acc_sum, count = _zeros(model), _zeros(model), 0
+        for x, y in batches:
+            if device is not None:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast:
+                output = model(x)
+                loss = F.cross_entropy(output, y)
+            backward(loss)
             optimizer.step()
             optimizer.zero_grad()
             if track:
@@ -119,17 +122,19 @@ def hand_loop(model, optimizer, loader, epochs, val_loader=None, metric=False):
             row = {"loss": float(loss_sum) / count}
             if metric:
                 row["acc"] = float(acc_sum) / count
-            if val_loader is not None:
-                row.update(_hand_validate(model, val_loader, metric))
+            if val_batches is not None:
+                row.update(_validate(model, val_batches, metric, device))
             history.append(row)
     return history
 
 
-def _hand_validate(model, batches, metric):
+def _validate(model, batches, metric, device):
     model.eval()
-    loss_sum, acc_sum, count = torch.zeros(()), torch.zeros(()), 0
+    loss_sum, acc_sum, count = _zeros(model), _zeros(model), 0
     with torch.no_grad():
         for x, y in batches:
+            if device is not None:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             output = model(x)
             n = y.shape[0]
             loss_sum += F.cross_entropy(output, y) * n
@@ -143,42 +148,27 @@ def _hand_validate(model, batches, metric):
     return row
 
 
-def hand_sliced(model, optimizer, X, y, epochs, batch_size=BATCH, val=None, metric=False):
-    """The hand-written loop over in-memory tensors, sliced by a random permutation (as users
-    write it: torch.randperm, fancy indexing; no DataLoader)."""
-    track = metric or val is not None
-    n_total = X.shape[0]
-    history = []
-    for _ in range(epochs):
-        model.train()
-        if track:
-            loss_sum, acc_sum, count = torch.zeros(()), torch.zeros(()), 0
-        order = torch.randperm(n_total)
-        for start in range(0, n_total, batch_size):
-            index = order[start:start + batch_size]
-            xb, yb = X[index], y[index]
-            output = model(xb)
-            loss = F.cross_entropy(output, yb)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            if track:
-                n = yb.shape[0]
-                loss_sum += loss.detach() * n
-                if metric:
-                    acc_sum += accuracy(output.detach(), yb) * n
-                count += n
-        if track:
-            row = {"loss": float(loss_sum) / count}
-            if metric:
-                row["acc"] = float(acc_sum) / count
-            if val is not None:
-                Xv, yv = val
-                row.update(_hand_validate(
-                    model, ((Xv[i:i + batch_size], yv[i:i + batch_size])
-                            for i in range(0, Xv.shape[0], batch_size)), metric))
-            history.append(row)
-    return history
+def _zeros(model):
+    return torch.zeros((), device=next(model.parameters()).device)
+
+
+class Slices:
+    """In-memory tensors cut into batches as a hand-written loop cuts them, without a
+    DataLoader: each epoch a new ``torch.randperm`` order (``shuffle=False``: in order), then
+    fancy indexing."""
+
+    def __init__(self, X, y, batch_size=BATCH, shuffle=True):
+        self.X, self.y, self.batch_size, self.shuffle = X, y, batch_size, shuffle
+
+    def __iter__(self):
+        n, size = self.X.shape[0], self.batch_size
+        order = torch.randperm(n).to(self.X.device) if self.shuffle else None
+        for start in range(0, n, size):
+            if order is None:
+                yield self.X[start:start + size], self.y[start:start + size]
+            else:
+                index = order[start:start + size]
+                yield self.X[index], self.y[index]
 
 
 # --- output suppression --------------------------------------------------------------------

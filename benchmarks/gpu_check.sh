@@ -6,13 +6,11 @@
 # It prints the machine, then runs, each into its own log under $OUT, in order of value:
 #   1. the CUDA tests (pytest -m cuda)                  -> cuda_tests.log
 #   2. the GPU benchmark (benchmarks/gpu.py)            -> gpu_bench.md, gpu.json
-#   3. a probe: torchrun with one process more than there are GPUs (expected to fail; the log
-#      shows the error a user gets)                     -> torchrun_probe.log
-#   4. the rest of the suite, which sees no GPU, as CI  -> full_tests.log
+#   3. the rest of the suite, which sees no GPU, as CI  -> full_tests.log
 # A failing step does not stop the next; each is capped in time, and all of them together end
 # DEADLINE seconds (default 400) after the start, so the summary of exit codes that ends the
 # output (and $OUT/summary.txt) is written even when a step hangs. Typically about 5 minutes.
-# The exit code is the worst of the steps' (the probe's aside).
+# The exit code is the worst of the steps'.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder for the logs}"
@@ -23,13 +21,13 @@ DEADLINE=${DEADLINE:-400}
 summary=()
 worst=0
 
-run_step() {  # run_step NAME LOG LIMIT_S COUNTS(1, or 0: a probe) COMMAND...: tee to $OUT/LOG
-    local name=$1 log=$2 limit=$3 counts=$4 start=$SECONDS code left
-    shift 4
+run_step() {  # run_step NAME LOG LIMIT_S COMMAND...: tee to $OUT/LOG
+    local name=$1 log=$2 limit=$3 start=$SECONDS code left
+    shift 3
     left=$((DEADLINE - SECONDS - 5))
     if ((left < 20)); then
         summary+=("$(printf '%-16s skipped: out of time (DEADLINE=%s s)' "$name" "$DEADLINE")")
-        if ((counts == 1 && worst == 0)); then worst=1; fi
+        if ((worst == 0)); then worst=1; fi
         return
     fi
     ((limit > left)) && limit=$left
@@ -41,9 +39,8 @@ run_step() {  # run_step NAME LOG LIMIT_S COUNTS(1, or 0: a probe) COMMAND...: t
     local line
     line=$(printf '%-16s exit %3s  %4s s  %s' "$name" "$code" "$((SECONDS - start))" "$OUT/$log")
     ((code == 124 || code == 137)) && line+="  (stopped: over ${limit} s)"
-    ((counts == 0)) && line+="  (a probe: not counted)"
     summary+=("$line")
-    if ((counts == 1 && code > worst)); then worst=$code; fi
+    if ((code > worst)); then worst=$code; fi
 }
 
 machine() {
@@ -76,30 +73,16 @@ parallel=""  # pytest-xdist's, where it is installed: the suite's subprocesses i
 if "$PYTHON" -c "import xdist" 2>/dev/null; then
     parallel="-n 6"
 fi
-gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 
-run_step machine machine.log 60 1 bash -c machine
+run_step machine machine.log 60 bash -c machine
 
-run_step cuda-tests cuda_tests.log 150 1 \
+run_step cuda-tests cuda_tests.log 150 \
     "$PYTHON" -m pytest -q -ra -m cuda -p no:cacheprovider $timeout_option \
     test_loopy.py
 
-run_step gpu-benchmark gpu_bench.md 150 1 "$PYTHON" benchmarks/gpu.py --save "$OUT/gpu.json"
+run_step gpu-benchmark gpu_bench.md 150 "$PYTHON" benchmarks/gpu.py --save "$OUT/gpu.json"
 
-probe=$(mktemp --suffix=.py)  # (not in $OUT: at most 8 files come back from a device run)
-cat > "$probe" <<'EOF'
-import torch, loopy
-X, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
-model = torch.nn.Linear(8, 2)
-loop = loopy.fit(model, torch.nn.functional.cross_entropy,
-                 torch.optim.SGD(model.parameters(), lr=0.1), (X, y), progress=False)
-print(f"rank {loop.rank} of {loop.world_size} trained on {loop.device}", flush=True)
-EOF
-run_step torchrun-probe torchrun_probe.log 45 0 env PYTHONPATH="$PWD" \
-    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=$((gpus + 1)) \
-    "$probe"
-
-run_step full-suite full_tests.log 300 1 \
+run_step full-suite full_tests.log 300 \
     "$PYTHON" -m pytest -q -ra -m "not cuda" -p no:cacheprovider $timeout_option $parallel \
     --durations=10 test_loopy.py
 

@@ -4,8 +4,8 @@ Tiny MLP 32-64-10, batch 64, CPU, torch.set_num_threads(1): the loop's own Pytho
 dominates. Every runner trains one epoch of the same data from the same initial weights;
 runners are interleaved round by round (in a new random order each round) so that machine
 drift hits all of them alike; the figure is the median time per optimizer step, and the ratio
-is the median over rounds of the paired ratio to the row's baseline. Also: ``import loopy`` beyond ``import torch``
-(fresh processes, median).
+is the median over rounds of the paired ratio to the row's baseline. Also: ``import loopy``
+beyond ``import torch`` (fresh processes, median).
 
     python benchmarks/overhead.py            # Markdown table
     python benchmarks/overhead.py --json     # JSON
@@ -90,9 +90,6 @@ def main(argv=None):
     return C.report(result, args, render)
 
 
-CLOCK_WORDS = C.CLOCK_WORDS
-
-
 def render(result):
     table = []
     for row in result["rows"]:
@@ -107,7 +104,7 @@ def render(result):
         f"### loopy overhead: {result['workload']}, batch {result['batch_size']}, CPU, 1 thread",
         "",
         f"{m['cpu']} ({m['logical_cpus']} logical CPUs), Python {m['python']}, torch "
-        f"{m['torch']}; {CLOCK_WORDS[result['clock']]}, median of {result['rounds']} interleaved "
+        f"{m['torch']}; {C.CLOCK_WORDS[result['clock']]}, median of {result['rounds']} interleaved "
         f"rounds; ratio = median of the "
         f"per-round ratios to the row's baseline (the hand-written row above it). Command: "
         f"`{m['command']}`",

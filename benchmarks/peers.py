@@ -65,8 +65,8 @@ def _hand():
 
 def _sliced():
     def run(model, optimizer, w):
-        C.hand_sliced(model, optimizer, w.X, w.y, w.epochs, C.BATCH,
-                      (w.Xv, w.yv) if w.val_steps else None, w.metric)
+        val = C.Slices(w.Xv, w.yv, shuffle=False) if w.val_steps else None
+        C.hand_loop(model, optimizer, C.Slices(w.X, w.y), w.epochs, val, w.metric)
     return run
 
 
@@ -180,24 +180,8 @@ def _accelerate():
         accelerator = Accelerator()
         model, optimizer, loader = accelerator.prepare(model, optimizer, w.loader)
         val_loader = accelerator.prepare(w.val_loader) if w.val_loader is not None else None
-        for _ in range(w.epochs):  # the hand-written loop, with accelerator.backward
-            model.train()
-            if w.metric:
-                loss_sum, acc_sum, count = torch.zeros(()), torch.zeros(()), 0
-            for x, y in loader:
-                output = model(x)
-                loss = F.cross_entropy(output, y)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-                if w.metric:
-                    loss_sum += loss.detach() * y.shape[0]
-                    acc_sum += C.accuracy(output.detach(), y) * y.shape[0]
-                    count += y.shape[0]
-            if w.metric:
-                float(loss_sum), float(acc_sum)
-            if val_loader is not None:
-                C._hand_validate(model, val_loader, w.metric)
+        C.hand_loop(model, optimizer, loader, w.epochs, val_loader, w.metric,
+                    backward=accelerator.backward)
     return run
 
 
@@ -267,12 +251,24 @@ def _silenced(fn):
     return run
 
 
+def cnn():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 10))
+
+
+def workload_cnn(steps):
+    return C.Workload("cnn", f"compute-bound CNN on 1x28x28, {steps} steps", cnn, (1, 28, 28),
+                      steps)
+
+
 def workloads(quick, steps=None):
     if quick:
         s = steps or 16
-        return {"mlp": C.workload_mlp(s), "cnn": C.workload_cnn(max(s // 4, 2)),
+        return {"mlp": C.workload_mlp(s), "cnn": workload_cnn(max(s // 4, 2)),
                 "mlp_val": C.workload_mlp_val(s, max(s // 4, 1))}
-    return {"mlp": C.workload_mlp(steps or 256), "cnn": C.workload_cnn(32),
+    return {"mlp": C.workload_mlp(steps or 256), "cnn": workload_cnn(32),
             "mlp_val": C.workload_mlp_val(steps or 256, 64)}
 
 

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+import loopy
+
 
 def load(shape=(64,)):
     """Return ``(X_train, y_train), (X_val, y_val)``: pixels scaled to [0, 1] and reshaped to
@@ -37,31 +39,20 @@ def arguments(script, description, epochs):
 
 
 def plot(history, path, title):
-    """Save loss and accuracy per epoch, training vs validation, to ``path`` (a PNG); do
-    nothing when ``path`` is empty or matplotlib is not installed."""
+    """Save loss and accuracy per epoch, training vs validation, to ``path`` (a PNG) with
+    ``loopy.plot_history``; do nothing when ``path`` is empty or matplotlib is not installed."""
     if not path:
         return
     try:
         import matplotlib
         matplotlib.use("Agg")  # no window: write the file and return
-        import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    epochs = range(1, len(history["loss"]) + 1)
-    figure, axes = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
-    for axis, metric in zip(axes, ("loss", "acc")):
-        for prefix, label in (("", "train"), ("val_", "validation")):
-            if prefix + metric in history:
-                axis.plot(epochs, history[prefix + metric], label=label)
-        axis.set_xlabel("epoch")
-        axis.set_title(metric)
-        axis.grid(alpha=0.3)
-        axis.legend()
+    figure = loopy.plot_history(history)
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
     print(f"plot saved to {path}")
 
 
