@@ -1637,16 +1637,17 @@ def _length(data):
 def _to_device(batch, device, non_blocking):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=non_blocking)
-    if type(batch) not in (tuple, list) and callable(getattr(batch, "to", None)):
-        # its own move first: a graph batch, a BatchEncoding, a PackedSequence (whose
-        # batch_sizes must stay on the CPU)
-        return batch.to(device, non_blocking=True) if non_blocking else batch.to(device)
     if isinstance(batch, (tuple, list)):
         for item in batch:  # the common case first, cheaply: all there already
             if not (isinstance(item, torch.Tensor) and item.device == device):
                 break
         else:
             return batch
+    if callable(getattr(batch, "to", None)):
+        # its own move before any recursion: a graph batch, a BatchEncoding, a PackedSequence
+        # (whose batch_sizes must stay on the CPU)
+        return batch.to(device, non_blocking=True) if non_blocking else batch.to(device)
+    if isinstance(batch, (tuple, list)):
         moved = [_to_device(item, device, non_blocking) for item in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     if isinstance(batch, collections.abc.Mapping):  # dicts, UserDicts (BatchEncoding), ...
