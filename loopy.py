@@ -85,7 +85,9 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
         loss_fn: ``loss_fn(output, y) -> scalar tensor``; may be None when ``step`` is given.
             An ``nn.Module`` loss moves with the model. Output and target shapes that broadcast
             to more elements than either (``(N, 1)`` and ``(N,)``) are an error at the first step.
-        optimizer: a ``torch.optim.Optimizer`` over the model's parameters (and a loss module's).
+        optimizer: a ``torch.optim.Optimizer`` over the model's parameters (and a loss module's);
+            or several, as a list or a dict of names to optimizers (``loop.optimizers``), for a
+            manual ``step``.
         loader: an iterable of batches (a ``DataLoader``), or tensors ``(X, y)``, batched by
             ``batch_size``, ``shuffle`` and ``drop_last`` exactly as ``DataLoader(TensorDataset(X,
             y))`` does. NumPy arrays are taken as tensors: floating ones in torch's default dtype,
@@ -103,12 +105,18 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
             ``"epoch"`` (only the lines, like Keras's ``verbose=2``) or ``False`` (nothing).
         step: ``step(model, batch)`` for any other update, returning the loss or ``(loss, output,
             target)``; validation runs it too, with ``model.training`` False and no grad.
+            A manual step, ``step(model, batch, loop)`` (three parameters), makes the updates
+            itself with ``loop.backward(loss)`` and ``loop.step_optimizer(name)``, and returns
+            a dict of detached numbers to record, ``{"loss_d": ..., "loss_g": ...}`` (or
+            ``(numbers, output, target)`` for ``metrics``); it gets your own model, also under
+            torchrun, where ``loop.step_optimizer`` averages the gradients over processes.
         batch_size, shuffle, drop_last: for in-memory tensors only, as DataLoader's.
         val_batch_size: the batch size for in-memory ``val_loader`` tensors (None: ``batch_size``).
-        scheduler: a ``torch.optim.lr_scheduler``, stepped every ``scheduler_interval`` (``"epoch"``
-            or ``"step"``); ``ReduceLROnPlateau`` gets ``scheduler_monitor`` (``"val_loss"``, or
-            ``"loss"`` without validation). ``history["lr"]`` holds the rate at each epoch's end
-            (before an epoch scheduler steps: the rate the epoch used).
+        scheduler: a ``torch.optim.lr_scheduler`` (or a list or dict of them), stepped every
+            ``scheduler_interval`` (``"epoch"`` or ``"step"``); ``ReduceLROnPlateau`` gets
+            ``scheduler_monitor`` (``"val_loss"``, or ``"loss"`` without validation).
+            ``history["lr"]`` holds the (first) optimizer's rate at each epoch's end (before an
+            epoch scheduler steps: the rate the epoch used).
         precision: None (full), ``"bf16"`` or ``"fp16"`` (autocast; fp16 adds a GradScaler).
         accumulate: step every n batches, the loss scaled to give the gradient of one n times
             larger batch (an epoch's last partial group still steps, scaled by its own size when
@@ -116,7 +124,8 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
         clip_grad: clip the gradient norm to this value; ``loop.grad_norm`` is the norm before.
         seed: seed Python, NumPy (if imported) and torch first, for shuffling and dropout (seed
             the initial weights before building the model); None leaves them.
-        max_steps: stop after this many optimizer steps, as ``loop.stop()`` does.
+        max_steps: stop after this many steps (``loop.step``: optimizer steps; with a manual
+            step, batches, or accumulation groups), as ``loop.stop()`` does.
         dry_run: one epoch of 2 batches and 2 validation batches; checkpoints are not written.
         nonfinite: ``"raise"`` (a FloatingPointError naming the first bad epoch and step, checked
             when numbers are pulled: no per-step sync), ``"skip"`` (no update for that batch,
@@ -153,7 +162,8 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
         hooks.append(_default_progress(bar=run.progress == "bar"))
     with _HookRunner(hooks, loop) as runner, _ctrl_c_stops(loop):
         position = _restore(loop, run.resume) if run.resume is not None else None
-        optimizer.zero_grad()
+        for each in run.optimizers.values():
+            each.zero_grad()
         runner.emit("start")
         first = run.epochs if _should_stop(loop, run) else loop.epoch  # (a stop at "start")
         for loop.epoch in range(first, run.epochs):
@@ -189,7 +199,7 @@ def evaluate(model, loader, loss_fn=None, metrics=None, device="auto", *, step=N
     """
     run = _prepare(model, loss_fn, None, loader, metrics=metrics, device=device, step=step,
                    batch_size=batch_size, precision=precision)
-    return _evaluate(run, run.batches)
+    return _evaluate(run, run.batches, Loop(run, loader))
 
 
 def predict(model, loader, device="auto", *, batch_size=32):
@@ -332,22 +342,28 @@ class Loop:
     """The live state of one :func:`fit` run: what every hook receives from ``yield``.
 
     Attributes: ``model``, ``optimizer``, ``loss_fn``, ``loader`` (the user's own objects),
-    ``device``, ``epoch`` (0-based index of the current epoch), ``epochs``, ``step``
-    (optimizer steps so far), ``batch_index`` (within the epoch), ``num_batches`` (batches in
-    this epoch; None when the loader has no len()), ``batch`` (on the device;
-    a ``"batch"`` hook may replace it), ``output``, ``loss`` (detached tensor), ``grad_norm``
-    (with ``clip_grad``), ``metrics`` (the last epoch's floats), ``history`` (lists of floats
-    per epoch), ``event`` (the current event), ``stop_reason``, ``rank`` and ``world_size``
-    (under torchrun; 0 and 1 otherwise), ``scheduler``, ``scaler``, ``val_loader``, ``dry_run``,
-    ``val_model`` (the module that validation runs: ``model``, unless a hook sets another, as
-    :func:`ema` does), ``hook_state`` (a dict that checkpoints save and a resume restores before
-    the hooks' first event: tensors, numbers, strings, lists and dicts; tensors come back on the
-    CPU).
+    ``optimizers`` (a dict: the names given, or a list's indexes), ``device``, ``epoch``
+    (0-based index of the current epoch), ``epochs``, ``step`` (optimizer steps so far; with a
+    manual step, batches or accumulation groups), ``batch_index`` (within the epoch),
+    ``num_batches`` (batches in this epoch; None when the loader has no len()), ``batch`` (on
+    the device; a ``"batch"`` hook may replace it), ``output``, ``loss`` (detached tensor; a
+    manual step's dict), ``grad_norm`` (with ``clip_grad``), ``metrics`` (the last epoch's
+    floats), ``history`` (lists of floats per epoch), ``event`` (the current event),
+    ``stop_reason``, ``rank`` and ``world_size`` (under torchrun; 0 and 1 otherwise),
+    ``scheduler``, ``scaler``, ``val_loader``, ``dry_run``, ``val_model`` (the module that
+    validation runs: ``model``, unless a hook sets another, as :func:`ema` does),
+    ``hook_state`` (a dict that checkpoints save and a resume restores before the hooks' first
+    event: tensors, numbers, strings, lists and dicts; tensors come back on the CPU).
     Its ``repr`` is one line: epochs done, steps, the stop reason and the last metrics.
+
+    A manual step, ``step(model, batch, loop)``, updates through :meth:`backward` and
+    :meth:`step_optimizer`; there the ``"backward"`` event comes before each optimizer's step
+    (its gradients unscaled and clipped), and ``"step"`` after each batch (or group).
     """
 
     def __init__(self, run, loader, val_loader=None):
         self.model, self.loss_fn, self.optimizer = run.model, run.loss_fn, run.optimizer
+        self.optimizers = run.optimizers
         self.loader, self.val_loader, self.device = loader, val_loader, run.device
         self.scheduler, self.scaler, self.dry_run = run.scheduler, run.scaler, run.dry_run
         self.rank, self.world_size, self.epochs = run.rank, run.world_size, run.epochs
@@ -385,6 +401,35 @@ class Loop:
         return (f"<Loop epoch {self.epoch + _epoch_complete(self)}/{self.epochs}, step "
                 f"{self.step}{stop}; {_format_metrics(self.metrics) or 'no metrics yet'}>")
 
+    def backward(self, loss, name=None):
+        """``loss.backward()`` in a manual step, scaled by fp16's GradScaler and by 1/n for
+        ``accumulate=n``; nothing under no grad (validation runs the same step). With ``name``,
+        only the parameters of ``loop.optimizers[name]`` get gradients (a generator's loss
+        leaves the discriminator's alone)."""
+        run = self._run
+        if torch.is_grad_enabled():
+            group = _group_size(self, run, self._epoch) if run.accumulate > 1 else 1
+            inputs = None if name is None else _parameters(_optimizer_named(run, name))
+            with _outside_autocast(run):
+                _scaled(run, loss, group).backward(inputs=inputs)
+
+    def step_optimizer(self, name):
+        """Unscale, clip, step and zero the gradients of ``loop.optimizers[name]`` in a manual
+        step (under torchrun, average them over processes first); only at an accumulation
+        group's end, and not under no grad. Returns whether it stepped. fp16's GradScaler
+        updates once per batch (or group), after all optimizers stepped."""
+        run, epoch = self._run, self._epoch
+        if not torch.is_grad_enabled() or \
+                self.batch_index % run.accumulate != _group_size(self, run, epoch) - 1:
+            return False
+        optimizer = _optimizer_named(run, name)
+        with _outside_autocast(run):
+            _apply_update(self, run, epoch.runner, optimizer)
+        if isinstance(run.autocast, torch.autocast):  # (the step runs inside it)
+            torch.clear_autocast_cache()  # its low-precision copies of the old weights
+        epoch.scaled = run.scaler is not None
+        return True
+
     def averages(self):
         """The running means of this epoch so far, as floats (this pulls numbers off the device)."""
         meters = self._epoch.meters if self._epoch is not None else {}
@@ -394,9 +439,9 @@ class Loop:
 
     def state_dict(self):
         """The full training state that :func:`checkpoint` saves and ``fit(resume=...)`` loads."""
-        model, optimizer = _model_and_optimizer_state(self.model, self.optimizer)
-        return {"format": "loopy-checkpoint/1", "model": model, "optimizer": optimizer,
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+        model, optimizers = _model_and_optimizer_state(self.model, self._run.optimizers)
+        return {"format": "loopy-checkpoint/1", "model": model, "optimizers": optimizers,
+                "schedulers": [each.state_dict() for each in self._run.schedulers],
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "epoch": self.epoch + _epoch_complete(self), "step": self.step,
                 "history": self.history, "rng": _rng_state(), "position": _epoch_position(self),
@@ -572,7 +617,9 @@ def tensorboard(log_dir=None, every=50):
     try:
         while True:
             if loop.event == "step" and loop.step % every == 0:
-                writer.add_scalar("step/loss", float(loop.loss), loop.step)
+                losses = loop.loss if isinstance(loop.loss, dict) else {"loss": loop.loss}
+                for name, value in losses.items():
+                    writer.add_scalar(f"step/{name}", float(value), loop.step)
                 writer.add_scalar("step/lr", loop.optimizer.param_groups[0]["lr"], loop.step)
             for name, value in loop.metrics.items() if loop.event == "epoch" else ():
                 writer.add_scalar(f"epoch/{name}", value, loop.epoch + 1)
@@ -683,6 +730,8 @@ class _Epoch:
     skipped: int = 0  # batches that nonfinite="skip" left out
     pending: bool = False  # gradients that no optimizer step has applied yet
     complete: bool = False  # recorded in the history
+    runner: object = None  # the hooks, for the "backward" event of loop.step_optimizer
+    scaled: bool = False  # a manual step stepped through fp16's scaler, which must update
 
 
 _NO_CONTEXT = contextlib.nullcontext()  # a reusable "with" that does nothing
@@ -694,15 +743,16 @@ def _train_epoch(loop, run, runner, position=None):
     run.train_model.train()
     for module in run.frozen:  # submodules the user put in eval mode stay in it (a frozen BN)
         module.training = False
-    epoch = loop._epoch = _Epoch(loop.epoch, _new_meters(run.metrics, with_loss=True), loop.step,
-                                 torch.get_rng_state(), _limited_length(run))
+    epoch = loop._epoch = _Epoch(loop.epoch, _new_meters(run.metrics, not run.manual), loop.step,
+                                 torch.get_rng_state(), _limited_length(run), runner=runner)
     loop.batch_index, loop.num_batches = -1, epoch.length
     batches = _epoch_batches(loop, run, epoch, position)
     model, autocast = run.train_model, run.autocast
     device, non_blocking, accumulate = run.device, run.non_blocking, run.accumulate
     stop_at = run.max_steps or math.inf
     checks_stops = run.world_size > 1  # processes agree on a stop after every step
-    late_sync = run.world_size > 1 and accumulate > 1 and epoch.length is not None
+    late_sync = run.world_size > 1 and not run.sync_gradients and accumulate > 1 and \
+        epoch.length is not None
     for loop.batch_index, batch in batches:
         loop.batch = _to_device(batch, device, non_blocking)
         if runner.listening("batch"):
@@ -713,7 +763,7 @@ def _train_epoch(loop, run, runner, position=None):
         with _no_gradient_sync(model) if late else _NO_CONTEXT:
             # forward
             with autocast:
-                loss, loop.output, target = _forward(run, model, loop.batch)
+                loss, loop.output, target = _forward(run, model, loop.batch, loop)
             # backward: the gradients of a group add up, each batch's scaled by 1/group
             if _backward(loop, run, epoch, loss, group):
                 _record(run, epoch.meters, loop.loss, loop.output, target, loop.batch)
@@ -756,8 +806,8 @@ def _epoch_batches(loop, run, epoch, position):
         pass
     _set_rng_state(position["rng"])
     epoch.first_step, epoch.skipped = position["first_step"], position["skipped"]
-    for name, meter in epoch.meters.items():
-        vars(meter).update(_to_device(position["meters"].get(name, {}), run.device, False))
+    for name, saved in position["meters"].items():  # (a manual step's are made as they come)
+        vars(epoch.meters.setdefault(name, _Meter())).update(_to_device(saved, run.device, False))
     for name, state in position.get("metrics", {}).items():
         if hasattr(run.metrics[name], "metric_state"):  # torchmetrics keeps the tensors given
             run.metrics[name].load_state_dict(_to_device(state, run.device, False), strict=False)
@@ -768,13 +818,15 @@ def _epoch_batches(loop, run, epoch, position):
 
 def _backward(loop, run, epoch, loss, group):
     """loss.backward() (scaled for accumulation and fp16); False when the batch is skipped."""
+    if run.manual:  # the step did its own backward passes: ``loss`` is its dict of numbers
+        loop.loss, epoch.pending = loss, True
+        return True
     try:
         loop.loss = loss.detach()
         if run.nonfinite == "skip" and not torch.isfinite(loss):  # a host sync, asked for
             epoch.skipped += 1
             return False
-        scaled = loss / group if group > 1 else loss
-        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        _scaled(run, loss, group).backward()
     except (AttributeError, RuntimeError):
         _check_loss(loss, run)  # checked only now: a clearer message when the loss is the cause
         raise
@@ -782,27 +834,73 @@ def _backward(loop, run, epoch, loss, group):
     return True
 
 
+def _scaled(run, loss, group):
+    """The loss to call backward() on: divided by the accumulation group's size, fp16-scaled."""
+    scaled = loss / group if group > 1 else loss
+    return run.scaler.scale(scaled) if run.scaler is not None else scaled
+
+
 def _optimizer_step(loop, run, runner, epoch):
-    optimizer, scaler = run.optimizer, run.scaler
-    if scaler is not None:
-        scaler.unscale_(optimizer)  # hooks and clipping see the true gradients
+    """The end of a step: the update (a manual step has made its own), the scaler's update,
+    a step scheduler, the "step" event."""
+    if not run.manual:
+        _apply_update(loop, run, runner, run.optimizer)
+    if run.scaler is not None and (epoch.scaled or not run.manual):
+        run.scaler.update()  # once for all optimizers, as torch.amp's documentation asks
+        epoch.scaled = False
+    epoch.pending, loop.step = False, loop.step + 1
+    if run.scheduler_interval == "step":
+        for scheduler in run.schedulers:
+            scheduler.step()
+    if runner.listening("step"):
+        runner.emit("step")
+
+
+def _apply_update(loop, run, runner, optimizer):
+    """One optimizer's update: unscale, clip, the "backward" event, step, zero_grad."""
+    if run.sync_gradients:
+        _average_gradients([p.grad for p in _parameters(optimizer) if p.grad is not None],
+                           run.world_size)
+    if run.scaler is not None:
+        run.scaler.unscale_(optimizer)  # hooks and clipping see the true gradients
     if run.clip_grad is not None:
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(parameters, run.clip_grad)
+        norm = torch.nn.utils.clip_grad_norm_(_parameters(optimizer), run.clip_grad)
         loop.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # (FSDP2)
     if runner.listening("backward"):
         runner.emit("backward")
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
+    if run.scaler is not None:
+        run.scaler.step(optimizer)
     else:
         optimizer.step()
     optimizer.zero_grad()
-    epoch.pending, loop.step = False, loop.step + 1
-    if run.scheduler is not None and run.scheduler_interval == "step":
-        run.scheduler.step()
-    if runner.listening("step"):
-        runner.emit("step")
+
+
+def _average_gradients(grads, world_size):
+    """What DistributedDataParallel does for a manual step: average the gradients over the
+    processes, in one all-reduce."""
+    flat = torch.cat([grad.reshape(-1) for grad in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    for grad, part in zip(grads, flat.split([grad.numel() for grad in grads])):
+        grad.copy_(part.view_as(grad))
+
+
+def _optimizer_named(run, name):
+    if name not in run.optimizers:
+        raise ValueError(f"no optimizer is named {name!r}: this run's are "
+                         f"{', '.join(map(repr, run.optimizers))} (loop.optimizers)")
+    return run.optimizers[name]
+
+
+def _parameters(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _outside_autocast(run):
+    """Backward passes and optimizer steps run outside autocast, as torch.amp advises."""
+    if isinstance(run.autocast, torch.autocast):
+        return torch.autocast(run.device.type, enabled=False)
+    return _NO_CONTEXT
 
 
 @contextlib.contextmanager
@@ -828,8 +926,18 @@ def _group_size(loop, run, epoch):
     return min(n, total - (loop.batch_index - loop.batch_index % n))
 
 
-def _forward(run, model, batch):
-    """(loss, output, target) of one batch: ``step(model, batch)``, or ``loss_fn(model(x), y)``."""
+def _forward(run, model, batch, loop):
+    """(loss, output, target) of one batch: ``step(model, batch)``, or ``loss_fn(model(x), y)``;
+    a manual step's dict of numbers takes the place of the loss."""
+    if run.manual:
+        result = run.step_fn(model, batch, loop)
+        if isinstance(result, dict):
+            return result, None, None
+        if isinstance(result, (tuple, list)) and len(result) == 3 and isinstance(result[0], dict):
+            return tuple(result)
+        raise TypeError(f"step(model, batch, loop) must return a dict of the numbers to record, "
+                        f"like {{'loss_d': loss_d.detach()}}, or (numbers, output, target); it "
+                        f"returned {_describe(result)}")
     if run.step_fn is not None:
         result = run.step_fn(model, batch)
         if isinstance(result, torch.Tensor):
@@ -851,7 +959,10 @@ def _forward(run, model, batch):
 
 def _record(run, meters, loss, output, target, batch):
     size = _batch_size(target if target is not None else batch)
-    if loss is not None and "loss" in meters:
+    if isinstance(loss, dict):  # a manual step's numbers
+        for name, value in loss.items():
+            meters.setdefault(name, _Meter()).add(_number(name, value), size)
+    elif loss is not None and "loss" in meters:
         meters["loss"].add(loss.detach() if loss.requires_grad else loss, size)
     metrics = run.metrics
     if not metrics:
@@ -906,18 +1017,31 @@ def _metric_number(name, value):
                     f".float().mean(), or a Python number")
 
 
+def _number(name, value):
+    """A manual step's number to record: a float, or a one-element tensor without a graph."""
+    if not isinstance(value, torch.Tensor):
+        return torch.tensor(float(value))
+    if value.requires_grad or value.numel() != 1:
+        raise TypeError(f"step(model, batch, loop) returned {{{name!r}: {_describe(value)}}}"
+                        f"{' with a graph' if value.requires_grad else ''}: return one number "
+                        f"per name, detached ({name}.detach()); a step that returns its loss "
+                        f"for loopy to backpropagate takes two parameters, step(model, batch)")
+    return value
+
+
 def _end_epoch(loop, run, runner):
     epoch = loop._epoch
     values = _epoch_results(run, epoch.meters)
-    _check_finite(loop, values["loss"])
+    _check_finite(loop, values.get("loss"))
     if run.nonfinite == "skip":
         values["skipped"] = float(epoch.skipped)
     if run.val_batches is not None:
-        results = _evaluate(run, run.val_batches, loop.val_model)
+        results = _evaluate(run, run.val_batches, loop, loop.val_model)
         values.update({f"val_{name}": value for name, value in results.items()})
     values["lr"] = float(run.optimizer.param_groups[0]["lr"])  # before an epoch scheduler
-    if run.scheduler is not None and run.scheduler_interval == "epoch":
-        _step_scheduler(run.scheduler, run.scheduler_monitor, values)
+    if run.scheduler_interval == "epoch":
+        for scheduler in run.schedulers:
+            _step_scheduler(scheduler, run.scheduler_monitor, values)
     loop.metrics = values
     for name, value in values.items():
         loop.history.setdefault(name, []).append(value)
@@ -936,8 +1060,9 @@ def _step_scheduler(scheduler, monitor, values):
     scheduler.step(values[monitor])
 
 
-def _evaluate(run, batches, model=None):
-    meters = _new_meters(run.metrics, run.loss_fn is not None or run.step_fn is not None)
+def _evaluate(run, batches, loop, model=None):
+    with_loss = (run.loss_fn is not None or run.step_fn is not None) and not run.manual
+    meters = _new_meters(run.metrics, with_loss)
     model = run.model if model is None else model  # (fit's: loop.val_model)
     # (the module inside a DDP wrapper: its forward would broadcast buffers)
     model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -945,11 +1070,11 @@ def _evaluate(run, batches, model=None):
     with _eval_mode(model):
         for index, batch in enumerate(_in_step(run, itertools.islice(batches, run.limit))):
             if batch is None:  # a pass that keeps this process in step with the others
-                _extra_pass(run, model, last)
+                _extra_pass(run, model, last, loop)
                 continue
             last = batch = _to_device(batch, run.device, run.non_blocking)
             with run.autocast:
-                loss, output, target = _forward(run, model, batch)
+                loss, output, target = _forward(run, model, batch, loop)
             if index == 0 and run.loss_fn is not None and run.step_fn is None:
                 _check_loss_shapes(output, target)
             _record(run, meters, loss, output, target, batch)
@@ -970,14 +1095,14 @@ def _in_step(run, batches):
         yield batch
 
 
-def _extra_pass(run, model, last):
+def _extra_pass(run, model, last, loop):
     """What a process with no batch left does while others evaluate: the same collectives
     (an FSDP2 forward, gathers of nothing), recorded nowhere."""
     if last is None:
         raise ValueError(f"under torchrun, process {run.rank} got no evaluation batch, while "
                          f"another did: give the validation data at least one batch per process")
     with run.autocast:
-        _, output, target = _forward(run, model, last)
+        _, output, target = _forward(run, model, last, loop)
     for metric in run.metrics.values():
         if _is_metric_object(metric):
             _update(run, metric, output[:0], target[:0])
@@ -1091,6 +1216,10 @@ class _Run:
     resume: dict = None  # the checkpoint to resume from, loaded and checked
     progress: str = None  # what fit's own progress hook shows: "bar", "epoch" or None (nothing)
     frozen: tuple = ()  # submodules in eval mode when fit began: they stay in eval mode
+    optimizers: dict = None  # name (or a list's index) -> optimizer; ``optimizer`` is the first
+    schedulers: tuple = ()  # every scheduler given (``scheduler`` is the argument as given)
+    manual: bool = False  # step(model, batch, loop) makes its own updates
+    sync_gradients: bool = False  # a manual step under torchrun: step_optimizer averages them
 
 
 def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, metrics=None,
@@ -1105,9 +1234,12 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, me
     for name, value in (("model", model), ("loss_fn", loss_fn), ("optimizer", optimizer),
                         ("scheduler", scheduler), ("step", step)):
         _check_not_a_class(name, value)
+    manual = _takes_loop(step)
+    optimizers, schedulers = _named(optimizer), list(_named(scheduler).values())
     if optimizer is not None:
-        _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, max_steps,
-                             nonfinite, scheduler, scheduler_interval, drop_last, val_batch_size)
+        _check_training_args(model, loss_fn, optimizers, step, epochs, accumulate, max_steps,
+                             nonfinite, schedulers, scheduler_interval, drop_last, val_batch_size,
+                             manual)
     elif not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
     metrics = _check_metrics(metrics)
@@ -1129,7 +1261,7 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, me
                              f"{name.replace('val_', '')}={value!r})")
     autocast, scaler = _mixed_precision(precision, device)
     if optimizer is not None and isinstance(loss_fn, torch.nn.Module):
-        _check_loss_parameters(loss_fn, optimizer)
+        _check_loss_parameters(loss_fn, optimizers)
     if any(t.device != device for t in itertools.chain(model.parameters(), model.buffers())):
         model.to(device)  # (a model already there is left alone: .to() costs ~60 µs per call)
     for module in [loss_fn, *metrics.values()]:  # a loss's class weights, a metric's state
@@ -1146,21 +1278,33 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, me
     if wrapped and ddp_options:
         raise ValueError(f"ddp_options={ddp_options!r}, but the model is already wrapped "
                          f"({type(model).__name__}): pass the options where you wrap it")
-    if world_size > 1 and optimizer is not None and not wrapped:
+    sync_gradients = world_size > 1 and optimizer is not None and not wrapped and manual
+    if sync_gradients:
+        # DDP's reducer expects one backward per forward, through its wrapper, with every
+        # parameter used; a manual step gets the model itself, loop.step_optimizer averages
+        # the gradients, and the processes start from rank 0's weights as under DDP
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            dist.broadcast(tensor.detach(), 0)
+    elif world_size > 1 and optimizer is not None and not wrapped:
         cuda = [device.index] if device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=cuda,
                                                                 **(ddp_options or {}))
         # stop flags travel on the CPU, so agreeing to stop never waits for the GPU
         stop_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    if optimizer is not None and manual and accumulate > 1 and _length(batches) is None:
+        raise ValueError(f"accumulate={accumulate} with a manual step needs a loader with a "
+                         f"len(), so that loop.step_optimizer knows where the epoch's last group "
+                         f"ends; got {_describe(loader)}")
     return _Run(
-        model, train_model, loss_fn, optimizer, step, metrics, device,
+        model, train_model, loss_fn, next(iter(optimizers.values()), None), step, metrics, device,
         device.type == "cuda" and getattr(loader, "pin_memory", False), autocast, scaler,
         batches, val_loader, 1 if dry_run else epochs, 2 if dry_run else None, accumulate,
         clip_grad, max_steps, nonfinite, scheduler, scheduler_interval, scheduler_monitor,
         dry_run, rank, world_size, stop_group,
-        _load_checkpoint(resume, model) if resume is not None else None,
+        _load_checkpoint(resume, model, len(optimizers)) if resume is not None else None,
         "bar" if progress in (True, "bar") else progress or None,
-        _frozen_submodules(model) if optimizer is not None and model.training else ())
+        _frozen_submodules(model) if optimizer is not None and model.training else (),
+        optimizers, tuple(schedulers), manual, sync_gradients)
 
 
 def _frozen_submodules(model):
@@ -1408,19 +1552,33 @@ def _check_hooks(hooks):
 
 # --- argument checks ---
 
-def _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, max_steps,
-                         nonfinite, scheduler, scheduler_interval, drop_last, val_batch_size):
+def _check_training_args(model, loss_fn, optimizers, step, epochs, accumulate, max_steps,
+                         nonfinite, schedulers, scheduler_interval, drop_last, val_batch_size,
+                         manual):
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, like torch.optim.Adam("
-                        f"model.parameters()); got {_describe(optimizer)}")
+        hint = ("; hold several models in one: torch.nn.ModuleDict({'generator': ..., "
+                "'discriminator': ...})" if isinstance(model, (dict, list, tuple)) else "")
+        raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}{hint}")
     own = {id(p) for p in model.parameters()}
-    if own and not any(id(p) in own for g in optimizer.param_groups for p in g["params"]):
-        raise ValueError("optimizer holds none of the model's parameters: it was built for "
-                         "another model (or before the model was re-created, or before "
-                         "fully_shard replaced its parameters); build it from this one, last: "
-                         "torch.optim.SGD(model.parameters(), lr=...)")
+    for name, optimizer in optimizers.items() or [(0, None)]:
+        where = f"optimizer[{name!r}]" if len(optimizers) > 1 else "optimizer"
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{where} must be a torch.optim.Optimizer, like torch.optim.Adam("
+                            f"model.parameters()); got {_describe(optimizer)}")
+        if own and not any(id(p) in own for p in _parameters(optimizer)):
+            raise ValueError(f"{where} holds none of the model's parameters: it was built for "
+                             f"another model (or before the model was re-created, or before "
+                             f"fully_shard replaced its parameters), or that model is not part "
+                             f"of this one; build it from this one, last: torch.optim.SGD("
+                             f"model.parameters(), lr=...), or hold all the models in one "
+                             f"torch.nn.ModuleDict and pass that as the model")
+    if len(optimizers) > 1 and not manual:
+        raise ValueError(f"optimizer is {len(optimizers)} optimizers, and loopy steps only one "
+                         f"itself: pass a manual step, step=fn(model, batch, loop), which "
+                         f"updates each with loop.backward(loss) and loop.step_optimizer(name)")
+    if manual and nonfinite == "skip":
+        raise ValueError("nonfinite='skip' cannot undo a manual step's updates: use 'raise' or "
+                         "'ignore', or skip inside the step")
     if not callable(step if step is not None else loss_fn):
         raise TypeError(f"loss_fn must be callable, like torch.nn.functional.cross_entropy (or "
                         f"pass step=fn(model, batch) -> loss); got {_describe(loss_fn)}")
@@ -1434,7 +1592,7 @@ def _check_training_args(model, loss_fn, optimizer, step, epochs, accumulate, ma
                                  ("drop_last", drop_last, (False, True))):
         if value not in allowed:
             raise ValueError(f"{name}={value!r}: use one of {', '.join(map(repr, allowed))}")
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and \
+    if any(isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau) for s in schedulers) and \
             scheduler_interval == "step":
         raise ValueError("scheduler_interval='step' cannot drive ReduceLROnPlateau, which needs "
                          "an epoch's metric: use scheduler_interval='epoch'")
@@ -1446,9 +1604,9 @@ def _check_not_a_class(name, value):
                         f"instance of it: create one, {name}={value.__qualname__}(...)")
 
 
-def _check_loss_parameters(loss_fn, optimizer):
+def _check_loss_parameters(loss_fn, optimizers):
     """A loss module's learnable parameters (a multi-task loss's weights) must be optimized."""
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    held = {id(p) for optimizer in optimizers.values() for p in _parameters(optimizer)}
     missing = [name for name, p in loss_fn.named_parameters() if p.requires_grad and
                id(p) not in held]
     if missing:
@@ -1456,6 +1614,25 @@ def _check_loss_parameters(loss_fn, optimizer):
                          f"({', '.join(missing)}), so they would never change: build the "
                          f"optimizer over both, torch.optim.Adam([*model.parameters(), "
                          f"*loss_fn.parameters()]), or freeze them (requires_grad_(False))")
+
+
+def _named(value):
+    """name -> object for one object ({0: it}), a list (its indexes) or a dict; {} for None."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    return dict(enumerate(value)) if isinstance(value, (list, tuple)) else {0: value}
+
+
+def _takes_loop(step):
+    """Whether ``step`` is a manual step: three positional parameters, (model, batch, loop)."""
+    try:
+        parameters = inspect.signature(step).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds and p.default is p.empty for p in parameters) == 3
 
 
 def _check_metrics(metrics):
@@ -1769,7 +1946,7 @@ def _metric_states(metrics):
     return states
 
 
-def _load_checkpoint(path, model):
+def _load_checkpoint(path, model, optimizers):
     """The state saved in ``path``, checked to be a loopy checkpoint of this ``model``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -1783,6 +1960,11 @@ def _load_checkpoint(path, model):
     if not isinstance(state, dict) or state.get("format") != "loopy-checkpoint/1":
         raise ValueError(f"resume={path!r} is not a loopy checkpoint (no 'format' entry): "
                          f"pass a file written by loopy.checkpoint or Loop.save")
+    saved = len(state.get("optimizers", ()))
+    if saved != optimizers:
+        raise ValueError(f"resume={path!r} holds the state of {saved} optimizer(s), and this "
+                         f"run has {optimizers}: resume with the "
+                         f"optimizers that the checkpoint was saved with")
     own, saved = _unwrap(model).state_dict(), state["model"]
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     mismatched = [f"{k}: {tuple(saved[k].shape)} in the file, {tuple(v.shape)} in the model"
@@ -1797,16 +1979,21 @@ def _load_checkpoint(path, model):
 def _restore(loop, state):
     """Load a checkpoint's state into the run; returns the position inside its unfinished
     epoch (None at an epoch boundary)."""
-    if _is_fsdp(loop.model):  # every process loaded the whole file, and takes its shards
+    fsdp = _is_fsdp(loop.model)
+    if fsdp:  # every process loaded the whole file, and takes its shards
         sdp, options = _fsdp_state_api()
         sdp.set_model_state_dict(loop.model, copy.copy(state["model"]), options=options)
-        sdp.set_optimizer_state_dict(loop.model, loop.optimizer, state["optimizer"], options=options)
     else:
         _unwrap(loop.model).load_state_dict(state["model"])
-        loop.optimizer.load_state_dict(state["optimizer"])
-    for name in ("scheduler", "scaler"):
-        if getattr(loop, name) is not None and state[name] is not None:
-            getattr(loop, name).load_state_dict(state[name])
+    for optimizer, saved in zip(loop.optimizers.values(), state["optimizers"]):
+        if fsdp:
+            sdp.set_optimizer_state_dict(loop.model, optimizer, saved, options=options)
+        else:
+            optimizer.load_state_dict(saved)
+    for scheduler, saved in zip(loop._run.schedulers, state["schedulers"]):
+        scheduler.load_state_dict(saved)
+    if loop.scaler is not None and state["scaler"] is not None:
+        loop.scaler.load_state_dict(state["scaler"])
     loop.epoch, loop.step, loop.history = state["epoch"], state["step"], state["history"]
     loop.hook_state = state.get("hook_state", {})
     loop.metrics = {name: values[-1] for name, values in loop.history.items() if values}
@@ -1843,14 +2030,15 @@ def _set_rng_state(state):
         numpy.random.set_state((kind, numpy.array(keys, dtype=numpy.uint32), *rest))
 
 
-def _model_and_optimizer_state(model, optimizer):
-    """Plain state dicts; an FSDP2 model's are gathered in full (every process must call this),
-    so the file loads into a plain module with weights_only=True."""
+def _model_and_optimizer_state(model, optimizers):
+    """Plain state dicts (a list for the optimizers); an FSDP2 model's are gathered in full
+    (every process must call this), so the file loads into a plain module with weights_only."""
     if not _is_fsdp(model):
-        return _unwrap(model).state_dict(), optimizer.state_dict()
+        return _unwrap(model).state_dict(), [each.state_dict() for each in optimizers.values()]
     sdp, options = _fsdp_state_api()
     return (sdp.get_model_state_dict(model, options=options),
-            sdp.get_optimizer_state_dict(model, optimizer, options=options))
+            [sdp.get_optimizer_state_dict(model, each, options=options)
+             for each in optimizers.values()])
 
 
 def _fsdp_state_api():

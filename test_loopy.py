@@ -3485,3 +3485,246 @@ def test_ema_under_torchrun_is_the_same_on_both_ranks_and_matches_one_process(tm
         torch.testing.assert_close(rank0["model"][name], weights, rtol=1e-5, atol=1e-6)
     assert rank0["history"]["val_loss"] == pytest.approx(single["history"]["val_loss"], rel=1e-5)
     assert rank0["fsdp"].startswith("loopy.ema() cannot average a model sharded with FSDP2")
+
+
+# --- issue 18: custom update rules: several optimizers, a manual step, a GAN ---
+
+def make_gan(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.ModuleDict({
+        "generator": torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(),
+                                         torch.nn.Linear(16, 8)),
+        "discriminator": torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LeakyReLU(0.2),
+                                             torch.nn.Linear(16, 1))})
+
+
+def gan_optimizers(gan):
+    return {name: torch.optim.Adam(gan[name].parameters(), lr=0.01, betas=(0.5, 0.999))
+            for name in ("discriminator", "generator")}
+
+
+def gan_losses(gan, real, noise):
+    """The discriminator's loss (real against generated points), then the generator's."""
+    fake = gan["generator"](noise)
+    labels = torch.cat([torch.ones(len(real), 1), torch.zeros(len(real), 1)])
+    loss_d = F.binary_cross_entropy_with_logits(
+        gan["discriminator"](torch.cat([real, fake.detach()])), labels)
+    yield loss_d
+    yield F.binary_cross_entropy_with_logits(gan["discriminator"](fake), torch.ones(len(real), 1))
+
+
+def gan_step(model, batch, loop):
+    real, _ = batch
+    losses = gan_losses(model, real, torch.randn(len(real), 4))
+    loss_d = next(losses)
+    loop.backward(loss_d)
+    loop.step_optimizer("discriminator")
+    loss_g = next(losses)  # after the discriminator's step, as in the hand-written loop
+    loop.backward(loss_g, "generator")  # the discriminator's gradients stay untouched
+    loop.step_optimizer("generator")
+    return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
+
+
+def hand_gan(gan, optimizers, loader, epochs, val_loader=None, precision=None, accumulate=1):
+    """The GAN loop that a manual step replaces, written out (precision and accumulation too)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+    history = collections.defaultdict(list)
+    for _ in range(epochs):
+        gan.train()
+        sums, count = collections.Counter(), 0
+        for i, (real, _) in enumerate(loader):
+            last = (i + 1) % accumulate == 0
+            with autocast:
+                losses = gan_losses(gan, real, torch.randn(len(real), 4))
+                loss_d = next(losses)
+            scaler.scale(loss_d / accumulate if accumulate > 1 else loss_d).backward()
+            if last:
+                scaler.step(optimizers["discriminator"])
+                optimizers["discriminator"].zero_grad()
+            with autocast:
+                loss_g = next(losses)
+            scaler.scale(loss_g / accumulate if accumulate > 1 else loss_g).backward(
+                inputs=list(gan["generator"].parameters()))
+            if last:
+                scaler.step(optimizers["generator"])
+                optimizers["generator"].zero_grad()
+                scaler.update()
+            sums.update(loss_d=loss_d.item() * len(real), loss_g=loss_g.item() * len(real))
+            count += len(real)
+        for name, total in sums.items():
+            history[name].append(total / count)
+        if val_loader is not None:
+            gan.eval()
+            sums, count = collections.Counter(), 0
+            with torch.no_grad():
+                for real, _ in val_loader:
+                    with autocast:
+                        loss_d, loss_g = gan_losses(gan, real, torch.randn(len(real), 4))
+                    sums.update(val_loss_d=loss_d.item() * len(real),
+                                val_loss_g=loss_g.item() * len(real))
+                    count += len(real)
+            for name, total in sums.items():
+                history[name].append(total / count)
+    return history
+
+
+def gan_data(n=128):
+    X, y = make_data(n)
+    return X * 0.5 + 1.0, y  # the "real" points: a shifted, squeezed Gaussian
+
+
+def same_states(a, b):
+    """Two state_dicts (of optimizers, schedulers) hold equal tensors and values."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_states(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_states(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_gan_step_with_two_optimizers_is_bit_identical_to_the_hand_written_loop(shuffle):
+    X, y = gan_data()
+    expected_gan = make_gan()
+    torch.manual_seed(7)
+    expected = hand_gan(expected_gan, gan_optimizers(expected_gan),
+                        tensor_loader(X, y, 16, shuffle), 3,
+                        val_loader=tensor_loader(X[:40], y[:40], 16))
+    gan = make_gan()
+    loop = loopy.fit(gan, None, gan_optimizers(gan), (X, y), batch_size=16, shuffle=shuffle,
+                     epochs=3, step=gan_step, val_loader=(X[:40], y[:40]), seed=7, progress=False)
+    assert same_weights(gan, expected_gan)
+    assert loop.step == 3 * 8  # a manual step's steps count batches
+    assert sorted(loop.history) == ["loss_d", "loss_g", "lr", "val_loss_d", "val_loss_g"]
+    for name, values in expected.items():
+        assert loop.history[name] == pytest.approx(values, rel=1e-6)
+    results = loopy.evaluate(gan, (X[:40], y[:40]), step=gan_step)  # validation's no-op helpers
+    assert sorted(results) == ["loss_d", "loss_g"]
+
+
+def gan_run(path=None, stop_at_step=None, resume=None, epochs=3, seed=0):
+    """A GAN with shuffling, per-step schedulers for both optimizers and a checkpoint."""
+    X, y = gan_data(120)  # 8 batches of 16 a epoch, the last one of 8
+    gan = make_gan(seed)
+    optimizers = gan_optimizers(gan)
+    schedulers = [torch.optim.lr_scheduler.StepLR(optimizers["discriminator"], 3, gamma=0.8),
+                  torch.optim.lr_scheduler.ExponentialLR(optimizers["generator"], gamma=0.97)]
+    hooks = [loopy.checkpoint(path, every=1)] if path else []
+    if stop_at_step:
+        hooks.insert(0, stop_when(stop_at_step))
+    loop = loopy.fit(gan, None, optimizers, (X, y), hooks, batch_size=16, shuffle=True,
+                     epochs=epochs, step=gan_step, scheduler=schedulers,
+                     scheduler_interval="step", val_loader=(X[:30], y[:30]),
+                     seed=None if resume else 123, resume=resume, progress=False)
+    return gan, optimizers, schedulers, loop
+
+
+def test_a_gan_resumed_mid_epoch_equals_the_straight_run_with_both_optimizers(tmp_path):
+    straight, optimizers, schedulers, straight_loop = gan_run()
+    path = tmp_path / "gan.pt"
+    _, _, _, stopped = gan_run(path, stop_at_step=11)  # the 3rd batch of the 2nd epoch
+    assert stopped.step == 11 and len(stopped.history["loss_d"]) == 1
+    saved = torch.load(path, weights_only=True)
+    assert len(saved["optimizers"]) == len(saved["schedulers"]) == 2
+    torch.manual_seed(999)  # the resumed run must not depend on the global RNG
+    resumed, resumed_optimizers, resumed_schedulers, resumed_loop = gan_run(path, resume=path,
+                                                                            seed=5)
+    assert same_weights(resumed, straight) and resumed_loop.step == 3 * 8
+    assert resumed_loop.history == straight_loop.history
+    for name in optimizers:
+        assert same_states(resumed_optimizers[name].state_dict(), optimizers[name].state_dict())
+    for resumed_scheduler, scheduler in zip(resumed_schedulers, schedulers):
+        assert resumed_scheduler.state_dict() == scheduler.state_dict()
+
+
+@pytest.mark.parametrize("precision, accumulate", [("bf16", 1), ("fp16", 1), (None, 2),
+                                                    ("fp16", 2)])
+def test_gan_precision_and_accumulation_through_the_helpers_equal_the_hand_loop(precision,
+                                                                                 accumulate):
+    X, y = gan_data()  # 8 batches: whole groups of 2
+    expected_gan = make_gan()
+    torch.manual_seed(7)
+    expected = hand_gan(expected_gan, gan_optimizers(expected_gan), tensor_loader(X, y, 16), 2,
+                        precision=precision, accumulate=accumulate)
+    gan = make_gan()
+    loop = loopy.fit(gan, None, gan_optimizers(gan), (X, y), batch_size=16, epochs=2,
+                     step=gan_step, precision=precision, accumulate=accumulate, seed=7,
+                     device="cpu", progress=False)
+    # the same operations in the same order: equal bit for bit, fp16's scaler included
+    assert same_weights(gan, expected_gan)
+    assert loop.step == 2 * 8 // accumulate
+    if precision == "fp16":
+        assert loop.scaler.get_scale() == 2.0 ** 16  # it stepped (no inf), updated once a step
+    for name, values in expected.items():
+        assert loop.history[name] == pytest.approx(values, rel=1e-6)
+
+
+def test_a_manual_step_sends_backward_per_optimizer_step_and_step_per_batch():
+    X, y = gan_data(64)
+    events = []
+
+    def watch():
+        while True:
+            loop = yield ("backward", "step")
+            events.append((loop.event, loop.step, loop.grad_norm is not None))
+
+    gan = make_gan()
+    loop = loopy.fit(gan, None, gan_optimizers(gan), (X, y), [watch()], batch_size=16, epochs=2,
+                     step=gan_step, clip_grad=1.0, max_steps=3, progress=False)
+    # "backward": before each optimizer's step, gradients clipped; "step": after each batch
+    assert events == [("backward", 0, True), ("backward", 0, True), ("step", 1, True),
+                      ("backward", 1, True), ("backward", 1, True), ("step", 2, True),
+                      ("backward", 2, True), ("backward", 2, True), ("step", 3, True)]
+    assert loop.stop_reason == "reached max_steps=3"
+
+
+def test_manual_step_errors_name_the_cause_and_the_fix():
+    X, y = gan_data(64)
+    gan = make_gan()
+
+    def fit(**options):
+        arguments = dict(model=gan, loss_fn=None, optimizer=gan_optimizers(gan),
+                         loader=(X, y), step=gan_step, progress=False)
+        arguments.update(options)
+        return loopy.fit(**arguments)
+
+    def with_graph(model, batch, loop):
+        return {"loss": model["discriminator"](batch[0]).mean()}
+    with pytest.raises(TypeError, match=r"'loss'.* with a graph: .*loss.detach\(\).*"
+                                        r"step\(model, batch\)"):
+        fit(step=with_graph)
+    with pytest.raises(TypeError, match=r"must return a dict of the numbers to record"):
+        fit(step=lambda model, batch, loop: model["discriminator"](batch[0]).mean().detach())
+    with pytest.raises(ValueError, match=r"optimizer is 2 optimizers.*step=fn\(model, batch, "
+                                         r"loop\).*loop.step_optimizer\(name\)"):
+        fit(step=lambda model, batch: model["discriminator"](batch[0]).mean())
+    other = torch.nn.Linear(8, 1)
+    with pytest.raises(ValueError, match=r"optimizer\['critic'\] holds none of the model's "
+                                         r"parameters.*ModuleDict"):
+        fit(optimizer={**gan_optimizers(gan), "critic": torch.optim.SGD(other.parameters())})
+    with pytest.raises(TypeError, match=r"(?s)model must be a torch.nn.Module; got \{.*"
+                                        r"ModuleDict"):
+        fit(model={"generator": gan["generator"]})
+    with pytest.raises(ValueError, match=r"nonfinite='skip' cannot undo a manual step"):
+        fit(nonfinite="skip")
+    with pytest.raises(ValueError, match=r"accumulate=2 with a manual step needs a loader with "
+                                         r"a len\(\)"):
+        fit(loader=iter([(X, y)]), accumulate=2)
+
+    def misnamed(model, batch, loop):
+        loop.step_optimizer("gen")
+    with pytest.raises(ValueError, match=r"no optimizer is named 'gen': this run's are "
+                                         r"'discriminator', 'generator'"):
+        fit(step=misnamed)
+
+
+def test_resuming_with_another_number_of_optimizers_is_refused(tmp_path):
+    path = tmp_path / "gan.pt"
+    gan_run(path, epochs=1)
+    gan = make_gan()
+    with pytest.raises(ValueError, match=r"holds the state of 2 optimizer\(s\), and this run has "
+                                         r"1: resume with the optimizers"):
+        loopy.fit(gan, None, torch.optim.SGD(gan.parameters()), gan_data(), step=gan_step,
+                  resume=path)
