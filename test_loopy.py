@@ -3728,3 +3728,57 @@ def test_resuming_with_another_number_of_optimizers_is_refused(tmp_path):
                                          r"1: resume with the optimizers"):
         loopy.fit(gan, None, torch.optim.SGD(gan.parameters()), gan_data(), step=gan_step,
                   resume=path)
+
+
+GAN_DISTRIBUTED_SCRIPT = """
+import os, sys, torch, loopy
+import torch.nn.functional as F
+torch.set_num_threads(1)
+out, batch_size = sys.argv[2], int(sys.argv[3])
+generator = torch.Generator().manual_seed(0)
+X = torch.randn(96, 8, generator=generator) * 0.5 + 1.0
+Z = torch.randn(96, 4, generator=generator)  # the noise comes with the data, so that two
+                                             # processes of batch B see one's batch of 2B
+rank = int(os.environ.get("RANK", 0))
+torch.manual_seed(rank)  # rank 1's weights differ: the run starts from rank 0's
+gan = torch.nn.ModuleDict({
+    "generator": torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(),
+                                     torch.nn.Linear(16, 8)),
+    "discriminator": torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LeakyReLU(0.2),
+                                         torch.nn.Linear(16, 1))})
+optimizers = {name: torch.optim.Adam(gan[name].parameters(), lr=0.01, betas=(0.5, 0.999))
+              for name in ("discriminator", "generator")}
+
+def step(model, batch, loop):
+    real, noise = batch
+    fake = model["generator"](noise)
+    labels = torch.cat([torch.ones(len(real), 1), torch.zeros(len(real), 1)])
+    loss_d = F.binary_cross_entropy_with_logits(
+        model["discriminator"](torch.cat([real, fake.detach()])), labels)
+    loop.backward(loss_d)
+    loop.step_optimizer("discriminator")
+    loss_g = F.binary_cross_entropy_with_logits(model["discriminator"](fake),
+                                                torch.ones(len(real), 1))
+    loop.backward(loss_g, "generator")
+    loop.step_optimizer("generator")
+    return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
+
+loop = loopy.fit(gan, None, optimizers, (X, Z), batch_size=batch_size, epochs=3, step=step,
+                 val_loader=(X[:30], Z[:30]), progress=False)
+torch.save({"model": gan.state_dict(), "history": loop.history, "step": loop.step,
+            "world_size": loop.world_size}, os.path.join(out, f"rank{rank}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_a_gan_on_two_processes_of_batch_b_equals_one_process_of_batch_2b(tmp_path, monkeypatch):
+    monkeypatch.setitem(globals(), "DISTRIBUTED_SCRIPT", GAN_DISTRIBUTED_SCRIPT)
+    _, (rank0, rank1) = run_distributed(tmp_path, "gan", 2, batch_size=8)
+    _, (single,) = run_distributed(tmp_path, "gan", 1, batch_size=16)
+    assert rank0["world_size"] == 2 and rank0["step"] == single["step"] == 3 * 6
+    assert rank0["history"] == rank1["history"]
+    for name, weights in single["model"].items():  # tolerance: float sums in another order
+        torch.testing.assert_close(rank0["model"][name], weights, rtol=1e-5, atol=1e-6)
+        assert torch.equal(rank0["model"][name], rank1["model"][name])
+    for name in ("loss_d", "loss_g", "val_loss_d", "val_loss_g"):
+        assert rank0["history"][name] == pytest.approx(single["history"][name], rel=1e-5)
