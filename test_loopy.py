@@ -3782,3 +3782,18 @@ def test_a_gan_on_two_processes_of_batch_b_equals_one_process_of_batch_2b(tmp_pa
         assert torch.equal(rank0["model"][name], rank1["model"][name])
     for name in ("loss_d", "loss_g", "val_loss_d", "val_loss_g"):
         assert rank0["history"][name] == pytest.approx(single["history"][name], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_example_gan_draws_digits_near_real_ones(tmp_path):
+    plot = tmp_path / "gan.png"
+    stdout = _run_example("gan_digits.py", "--epochs", "10", plot=plot)
+    generated, real, untrained = map(float, re.search(
+        r"generated ([\d.]+), real \(validation\) ([\d.]+), untrained generator ([\d.]+)",
+        stdout).groups())
+    assert generated < (real + untrained) / 2, stdout[-2000:]  # nearer real digits than at start
+    final = _final_metrics(stdout)
+    assert final["d_acc"] <= 0.85, stdout[-2000:]  # the discriminator does not win outright
+    assert final["classes"] == 10, stdout[-2000:]  # every digit drawn: no collapse to a few
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plot.stat().st_size > 1000  # the generated digits were saved
