@@ -878,6 +878,8 @@ def _apply_update(loop, run, runner, optimizer):
 def _average_gradients(grads, world_size):
     """What DistributedDataParallel does for a manual step: average the gradients over the
     processes, in one all-reduce."""
+    if not grads:
+        return
     flat = torch.cat([grad.reshape(-1) for grad in grads])
     torch.distributed.all_reduce(flat)
     flat /= world_size
@@ -969,7 +971,8 @@ def _record(run, meters, loss, output, target, batch):
         return
     if output is None or target is None:
         raise TypeError("metrics need the output and the target: make step= return "
-                        "(loss, output, target) instead of the loss alone")
+                        "(loss, output, target) instead of the loss alone (a manual step: "
+                        "(numbers, output, target))")
     with torch.no_grad():  # metrics never touch the gradients
         for name, metric in metrics.items():
             if name in meters:

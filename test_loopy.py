@@ -3797,3 +3797,29 @@ def test_example_gan_draws_digits_near_real_ones(tmp_path):
     assert final["classes"] == 10, stdout[-2000:]  # every digit drawn: no collapse to a few
     if importlib.util.find_spec("matplotlib") is not None:
         assert plot.stat().st_size > 1000  # the generated digits were saved
+
+
+def test_a_manual_step_with_one_optimizer_equals_the_automatic_step():
+    """The helpers do what loopy's own step does: clipping, accumulation with a last partial
+    group, metrics from (numbers, output, target), validation; bit for bit."""
+    X, y = make_data()  # 7 batches of 32: groups of 2, 2, 2 and 1
+
+    def manual(model, batch, loop):
+        x, target = batch
+        output = model(x)
+        loss = F.cross_entropy(output, target)
+        loop.backward(loss)
+        loop.step_optimizer(0)
+        return {"loss": loss.detach()}, output, target
+
+    runs = []
+    for step in (None, manual):
+        model = make_mlp()
+        loop = loopy.fit(model, F.cross_entropy, torch.optim.Adam(model.parameters(), lr=0.01),
+                         (X, y), epochs=2, step=step, accumulate=2, clip_grad=0.5,
+                         val_loader=(X[:50], y[:50]), metrics={"acc": loopy.accuracy},
+                         seed=3, progress=False)
+        runs.append((model, loop))
+    (automatic, auto_loop), (manual_model, manual_loop) = runs
+    assert same_weights(manual_model, automatic)
+    assert manual_loop.history == auto_loop.history and manual_loop.step == auto_loop.step == 8
