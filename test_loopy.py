@@ -3823,3 +3823,28 @@ def test_a_manual_step_with_one_optimizer_equals_the_automatic_step():
     (automatic, auto_loop), (manual_model, manual_loop) = runs
     assert same_weights(manual_model, automatic)
     assert manual_loop.history == auto_loop.history and manual_loop.step == auto_loop.step == 8
+
+
+def test_ctrl_c_in_a_manual_step_stops_after_its_updates_and_resumes_exactly(tmp_path):
+    X, y = gan_data(64)
+    straight = make_gan()
+    loopy.fit(straight, None, gan_optimizers(straight), (X, y), batch_size=16, shuffle=True,
+              epochs=2, step=gan_step, seed=1, progress=False)
+
+    def interrupted_step(model, batch, loop):
+        numbers = gan_step(model, batch, loop)
+        if loop.step == 2 and not (tmp_path / "run.pt").exists():
+            os.kill(os.getpid(), signal.SIGINT)  # during the 3rd batch: it finishes first
+        return numbers
+
+    gan = make_gan()
+    with pytest.warns(UserWarning, match=r"interrupted by Ctrl\+C in epoch 1, after step 3; "
+                                         r"resume with"):
+        loop = loopy.fit(gan, None, gan_optimizers(gan), (X, y),
+                         [loopy.checkpoint(tmp_path / "run.pt")], batch_size=16, shuffle=True,
+                         epochs=2, step=interrupted_step, seed=1, progress=False)
+    assert loop.step == 3 and loop.history == {}
+    gan = make_gan(seed=5)
+    loopy.fit(gan, None, gan_optimizers(gan), (X, y), batch_size=16, shuffle=True, epochs=2,
+              step=gan_step, resume=tmp_path / "run.pt", progress=False)
+    assert same_weights(gan, straight)
