@@ -1643,7 +1643,7 @@ def examples(tmp_path_factory):
             ("custom_step", "custom_step_digits.py", 10, False, []),
             ("checkpoint_resume", "checkpoint_resume.py", 10, False, []),
             ("early_stopping", "early_stopping.py", 60, False, []),
-            ("ddp", "ddp_digits.py", 8, False, []),
+            ("ddp", "ddp_digits.py", 8, False, []), ("gan", "gan_digits.py", 10, True, []),
             ("fc_without_matplotlib", "fc_digits.py", 2, True, ["matplotlib"])]:  # the last
         plot = str(tmp_path / f"{name}.png") if plot else ""
         runs[name] = (script, ["--epochs", str(epochs), "--plot", plot], hidden)
@@ -3765,6 +3765,7 @@ def step(model, batch, loop):
 
 loop = loopy.fit(gan, None, optimizers, (X, Z), batch_size=batch_size, epochs=3, step=step,
                  val_loader=(X[:30], Z[:30]), progress=False)
+os.makedirs(out, exist_ok=True)
 torch.save({"model": gan.state_dict(), "history": loop.history, "step": loop.step,
             "world_size": loop.world_size}, os.path.join(out, f"rank{rank}.pt"))
 """
@@ -3773,8 +3774,13 @@ torch.save({"model": gan.state_dict(), "history": loop.history, "step": loop.ste
 @pytest.mark.slow
 def test_a_gan_on_two_processes_of_batch_b_equals_one_process_of_batch_2b(tmp_path, monkeypatch):
     monkeypatch.setitem(globals(), "DISTRIBUTED_SCRIPT", GAN_DISTRIBUTED_SCRIPT)
-    _, (rank0, rank1) = run_distributed(tmp_path, "gan", 2, batch_size=8)
-    _, (single,) = run_distributed(tmp_path, "gan", 1, batch_size=16)
+    processes = {name: start_distributed(tmp_path, name, ["gan"], *run)  # both at once
+                 for name, run in {"world-2": (2, 8), "world-1": (1, 16)}.items()}
+    for name, process in processes.items():
+        code, _, stderr = finished(process)
+        assert code == 0, f"{name} failed:\n{stderr[-3000:]}"
+    rank0, rank1, single = (torch.load(tmp_path / name / f"rank{rank}.pt", weights_only=True)
+                            for name, rank in (("world-2", 0), ("world-2", 1), ("world-1", 0)))
     assert rank0["world_size"] == 2 and rank0["step"] == single["step"] == 3 * 6
     assert rank0["history"] == rank1["history"]
     for name, weights in single["model"].items():  # tolerance: float sums in another order
@@ -3785,9 +3791,8 @@ def test_a_gan_on_two_processes_of_batch_b_equals_one_process_of_batch_2b(tmp_pa
 
 
 @pytest.mark.slow
-def test_example_gan_draws_digits_near_real_ones(tmp_path):
-    plot = tmp_path / "gan.png"
-    stdout = _run_example("gan_digits.py", "--epochs", "10", plot=plot)
+def test_example_gan_draws_digits_near_real_ones(examples):
+    stdout, plot = example_output(examples, "gan")
     generated, real, untrained = map(float, re.search(
         r"generated ([\d.]+), real \(validation\) ([\d.]+), untrained generator ([\d.]+)",
         stdout).groups())
