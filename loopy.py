@@ -44,14 +44,18 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import errno
 import inspect
 import itertools
 import math
 import numbers
 import os
 import random
+import re
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import warnings
 
@@ -69,7 +73,7 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
         val_batch_size=None, scheduler=None, scheduler_interval="epoch",
         scheduler_monitor="val_loss", precision=None, accumulate=1, clip_grad=None, seed=None,
         max_steps=None, dry_run=False, nonfinite="raise", resume=None, ddp_options=None,
-        process_group_timeout=600):
+        process_group_timeout=600, resume_missing_ok=False, exit_on_signal=True):
     """Train ``model`` and return the :class:`Loop` that the hooks saw; with the same seed, the
     weights equal the hand-written loop's bit for bit::
 
@@ -131,6 +135,11 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
             when numbers are pulled: no per-step sync), ``"skip"`` (no update for that batch,
             counted in ``history["skipped"]``; syncs every step) or ``"ignore"``.
         resume: path of a :func:`checkpoint` file; the run continues exactly where it stopped.
+        resume_missing_ok: start afresh when the ``resume`` file does not exist yet, so that one
+            command line serves the first launch and every relaunch (a requeued job).
+        exit_on_signal: after SIGTERM or SIGUSR1 (preemption), which stop training as a first
+            Ctrl+C does (the step ends, ``"end"`` runs: a checkpoint saves), end the process with
+            status 128 + the signal (143 for SIGTERM); False returns the Loop instead.
 
         ddp_options: keyword arguments for the DistributedDataParallel that wraps the model
             under torchrun, e.g. ``{"find_unused_parameters": True}``.
@@ -154,13 +163,14 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
                    scheduler_monitor=scheduler_monitor, precision=precision,
                    accumulate=accumulate, clip_grad=clip_grad, seed=seed, max_steps=max_steps,
                    dry_run=dry_run, nonfinite=nonfinite, resume=resume, progress=progress,
-                   ddp_options=ddp_options, process_group_timeout=process_group_timeout)
+                   ddp_options=ddp_options, process_group_timeout=process_group_timeout,
+                   resume_missing_ok=resume_missing_ok, exit_on_signal=exit_on_signal)
     loop = Loop(run, loader, val_loader)
     if run.step_fn is None:
         hooks.insert(0, _first_step_checks())
     if run.progress and run.rank == 0:  # last, so that its epoch line sees what hooks changed
         hooks.append(_default_progress(bar=run.progress == "bar"))
-    with _HookRunner(hooks, loop) as runner, _ctrl_c_stops(loop):
+    with _HookRunner(hooks, loop) as runner, _signals_stop(loop), _counting_steps(loop):
         position = _restore(loop, run.resume) if run.resume is not None else None
         for each in run.optimizers.values():
             each.zero_grad()
@@ -181,8 +191,10 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
     if loop._interrupted:
         how = f"resume with fit(..., resume={loop._last_save!r})" if loop._last_save else \
             "add hooks=[loopy.checkpoint(path)] to be able to resume"
-        warnings.warn(f"training interrupted by Ctrl+C in epoch {loop.epoch + 1}, after step "
-                      f"{loop.step}; {how}", stacklevel=2)
+        warnings.warn(f"training interrupted by {_signal_name(loop._interrupted)} in epoch "
+                      f"{loop.epoch + 1}, after step {loop.step}; {how}", stacklevel=2)
+        if loop._interrupted != signal.SIGINT and run.exit_on_signal:
+            raise SystemExit(128 + loop._interrupted)  # what a scheduler expects of a preemption
     return loop
 
 
@@ -374,7 +386,7 @@ class Loop:
         self.val_model, self.hook_state = run.model, {}
         self._run = run  # the run's options (read only)
         self._epoch = None  # the current epoch's record: its meters, position and completion
-        self._interrupted = False  # set by the first Ctrl+C
+        self._interrupted = 0  # the first stopping signal received (SIGINT, SIGTERM, SIGUSR1)
         self._last_save = None  # the path of the last checkpoint, for the Ctrl+C message
 
     def stop(self, reason="stopped by a hook"):
@@ -438,40 +450,33 @@ class Loop:
         return values
 
     def state_dict(self):
-        """The full training state that :func:`checkpoint` saves and ``fit(resume=...)`` loads."""
+        """The full training state that :func:`checkpoint` saves and ``fit(resume=...)`` loads;
+        ``"finished"`` says why the run ended (None while it runs, or when a signal stopped it)."""
         model, optimizers = _model_and_optimizer_state(self.model, self._run.optimizers)
+        batches = self._run.batches
+        finished = self.event == "end" and not self._interrupted
         return {"format": "loopy-checkpoint/1", "model": model, "optimizers": optimizers,
+                "optimizer_types": [type(each).__name__ for each in self._run.optimizers.values()],
                 "schedulers": [each.state_dict() for each in self._run.schedulers],
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "epoch": self.epoch + _epoch_complete(self), "step": self.step,
-                "history": self.history, "rng": _rng_state(), "position": _epoch_position(self),
-                "hook_state": self.hook_state}
+                "history": self.history, "rng": _rng_state(),
+                "generators": [generator.get_state() for generator in _generators(batches)],
+                "loader": batches.state_dict() if _stateful(batches) else None,
+                "position": _epoch_position(self), "hook_state": self.hook_state,
+                "finished": (self.stop_reason or "all epochs done") if finished else None}
 
     def save(self, path):
         """Write :meth:`state_dict` to ``path`` atomically: a crash mid-write keeps the old file.
-        Under torchrun every process must call it (FSDP2 gathers the full state); only the first
-        process (rank 0) writes."""
+        From a ``"batch"`` or ``"backward"`` hook it is written after this optimizer step, so
+        that a resume neither loses nor repeats the batches in flight. Under torchrun every
+        process must call it (FSDP2 gathers the full state, and every process's running sums
+        are gathered); only the first process (rank 0) writes."""
         path = self._last_save = os.fspath(path)
-        state = self.state_dict()
-        if self.rank == 0:
-            _write_atomically(state, path)
-        if self.world_size > 1:  # once save returns, every process can read the file
-            torch.distributed.barrier(group=self._run.stop_group)
-
-
-def _write_atomically(state, path):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        if self.event in ("batch", "backward"):
+            self._epoch.save_after_step = path
+        else:
+            _save(self, path)
 
 
 # --- built-in hooks ---
@@ -523,10 +528,16 @@ def early_stopping(monitor="val_loss", patience=3, mode="min", min_delta=0.0, re
         >>> loopy.fit(..., val_loader=val, hooks=[loopy.early_stopping(patience=5)])
     """
     better = _improvement_test(mode, min_delta, "early_stopping")
-    loop = yield "epoch"
+    loop = yield "start"
     # after a resume the epochs before it count too, so that the stop comes where it would have
-    best, waited = _best_so_far(loop.history.get(monitor, [])[:-1], better)
+    # (a relaunch of a run that stopped early trains nothing)
+    best, waited = _best_so_far(loop.history.get(monitor, []), better)
+    if best is not None and waited >= patience:
+        loop.stop(f"early stopping: {monitor} did not improve for {patience} epochs "
+                  f"(best {best:.6g})")
+        return
     best_weights = None
+    loop = yield "epoch"
     while loop.event == "epoch":
         value = _monitored(loop, monitor, "early_stopping")
         if best is None or better(value, best):
@@ -561,7 +572,11 @@ def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
     if not (isinstance(keep, int) and keep > 0):
         raise ValueError(f"checkpoint(keep={keep!r}): use a number of files > 0")
     better = _improvement_test(mode, 0.0, "checkpoint")
-    kept, best, saved_at = [], None, None
+    template = os.fspath(path)
+    loop = yield "start"
+    # checked before training; files that an earlier run kept count towards keep
+    kept = _checkpoint_files(template) if loop.rank == 0 and not loop.dry_run else []
+    best, saved_at, started = None, None, (loop.step, loop.epoch, loop.batch_index)
     while True:
         loop = yield ("epoch", "end") if every == "epoch" else ("step", "epoch", "end")
         if loop.dry_run or (loop.event == "step" and loop.step % every):
@@ -576,9 +591,9 @@ def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
                 continue
             best = value
         position = (loop.step, loop.epoch, loop.batch_index)
-        if position == saved_at:
-            continue  # "end" right after an "epoch" that was saved
-        saved_at, target = position, os.fspath(path).format(epoch=loop.epoch + 1, step=loop.step)
+        if position == started or (position == saved_at and loop.event != "end"):
+            continue  # nothing trained since the resume or the last save ("end" marks it finished)
+        saved_at, target = position, _fill(template, loop.epoch + 1, loop.step)
         loop.save(target)
         kept = [p for p in kept if p != target] + [target]
         while len(kept) > keep:
@@ -726,12 +741,14 @@ class _Epoch:
     meters: dict  # the running means of the loss and the function metrics
     first_step: int  # loop.step when the epoch began
     rng: torch.Tensor  # torch's RNG state before its batches were drawn (a resume replays it)
+    generators: list  # the states of the loader's own generators then
     length: int = None  # how many batches it has (dry_run's limit included); None: unknown
     skipped: int = 0  # batches that nonfinite="skip" left out
     pending: bool = False  # gradients that no optimizer step has applied yet
     complete: bool = False  # recorded in the history
     runner: object = None  # the hooks, for the "backward" event of loop.step_optimizer
     scaled: bool = False  # a manual step stepped through fp16's scaler, which must update
+    save_after_step: str = None  # a path that loop.save() got during this step's batches
 
 
 _NO_CONTEXT = contextlib.nullcontext()  # a reusable "with" that does nothing
@@ -744,7 +761,9 @@ def _train_epoch(loop, run, runner, position=None):
     for module in run.frozen:  # submodules the user put in eval mode stay in it (a frozen BN)
         module.training = False
     epoch = loop._epoch = _Epoch(loop.epoch, _new_meters(run.metrics, not run.manual), loop.step,
-                                 torch.get_rng_state(), _limited_length(run), runner=runner)
+                                 torch.get_rng_state(),
+                                 [generator.get_state() for generator in _generators(run.batches)],
+                                 _limited_length(run), runner=runner)
     loop.batch_index, loop.num_batches = -1, epoch.length
     batches = _epoch_batches(loop, run, epoch, position)
     model, autocast = run.train_model, run.autocast
@@ -781,6 +800,8 @@ def _train_epoch(loop, run, runner, position=None):
                          f"iterator (a generator) cannot be re-iterated; pass a DataLoader or list")
     if epoch.pending:  # the last group of a loader without len(), or one cut short by a stop
         _optimizer_step(loop, run, runner, epoch)
+    if loop.stop_reason and loop.batch_index + 1 == epoch.length:
+        next(batches, None)  # a stop on the last batch ends the pass too (a sampler draws then)
     return loop.stop_reason is None or loop.batch_index + 1 == epoch.length
 
 
@@ -791,22 +812,33 @@ def _limited_length(run):
 
 
 def _epoch_batches(loop, run, epoch, position):
-    """The epoch's numbered batches. A resumed epoch replays its shuffle from the RNG state of
-    its start, skips the batches it had consumed, and gets back its running means."""
+    """The epoch's numbered batches. A resumed epoch replays its shuffle from the random states
+    of its start, skips the batches it had consumed (without loading them where it can), and
+    gets back its running means."""
+    generators = _generators(run.batches)
     if position is not None:
         torch.set_rng_state(position["epoch_rng"])
-        epoch.rng = position["epoch_rng"]
+        epoch.rng, epoch.generators = position["epoch_rng"], position.get("epoch_generators", [])
+        _set_generator_states(generators, epoch.generators)
     for sampler in (getattr(run.batches, "sampler", None), getattr(run.batches, "batch_sampler", None)):
         if hasattr(sampler, "set_epoch"):  # a DistributedSampler reshuffles per epoch
             sampler.set_epoch(epoch.index)
-    batches = itertools.islice(enumerate(run.batches), run.limit)
     if position is None:
-        return batches
-    for loop.batch_index, _ in itertools.islice(batches, position["batches"]):
-        pass
+        return itertools.islice(enumerate(run.batches), run.limit)
+    # a stateful loader continues the epoch from its own state, which _restore loaded
+    done = position["batches"]
+    rest = iter(run.batches) if _stateful(run.batches) else _skip_batches(run.batches, done)
+    if rest is None:  # any other iterable: the consumed batches are drawn and dropped
+        rest = iter(run.batches)
+        for _ in itertools.islice(rest, done):
+            pass
+    loop.batch_index = done - 1
+    batches = enumerate(rest, done)
+    if run.limit is not None:
+        batches = itertools.islice(batches, max(run.limit - done, 0))
     _set_rng_state(position["rng"])
     epoch.first_step, epoch.skipped = position["first_step"], position["skipped"]
-    for name, saved in position["meters"].items():  # (a manual step's are made as they come)
+    for name, saved in position["meters"][loop.rank].items():  # (a manual step's come later)
         vars(epoch.meters.setdefault(name, _Meter())).update(_to_device(saved, run.device, False))
     for name, state in position.get("metrics", {}).items():
         if hasattr(run.metrics[name], "metric_state"):  # torchmetrics keeps the tensors given
@@ -814,6 +846,27 @@ def _epoch_batches(loop, run, epoch, position):
         else:
             run.metrics[name].load_state_dict(state)
     return batches
+
+
+def _skip_batches(batches, count):
+    """The batches of ``batches`` after its first ``count``, skipped at the sampler: drawing the
+    random numbers that a full pass draws, but loading none of the skipped samples. For
+    in-memory tensors and DataLoaders over map-style datasets; None for any other loader."""
+    data = torch.utils.data
+    if isinstance(batches, _TensorBatches):
+        rest = batches.__iter__(skip=count)
+        first = next(rest, None)  # it draws its random numbers now, before the resume sets them
+        return itertools.chain([] if first is None else [first], rest)
+    if type(batches) is not data.DataLoader or batches.batch_sampler is None or \
+            isinstance(batches.dataset, data.IterableDataset):
+        return None
+    if getattr(batches, "_iterator", None) is None:  # (persistent workers' is made once)
+        torch.empty((), dtype=torch.int64).random_(generator=batches.generator)  # as iter() does
+    rest = list(batches.batch_sampler)[count:]  # all the sampler's draws, as a full pass makes
+    options = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
+               "multiprocessing_context", "prefetch_factor")  # (not its generator: drawn already)
+    return iter(data.DataLoader(batches.dataset, batch_sampler=rest,
+                                **{name: getattr(batches, name) for name in options}))
 
 
 def _backward(loop, run, epoch, loss, group):
@@ -842,13 +895,21 @@ def _scaled(run, loss, group):
 
 def _optimizer_step(loop, run, runner, epoch):
     """The end of a step: the update (a manual step has made its own), the scaler's update,
-    a step scheduler, the "step" event."""
+    a save asked for during its batches, a step scheduler, the "step" event."""
+    step = loop.step
     if not run.manual:
         _apply_update(loop, run, runner, run.optimizer)
     if run.scaler is not None and (epoch.scaled or not run.manual):
         run.scaler.update()  # once for all optimizers, as torch.amp's documentation asks
         epoch.scaled = False
-    epoch.pending, loop.step = False, loop.step + 1
+    if run.scaler is None or run.manual:  # (else _counting_steps counts the optimizer's own)
+        loop.step += 1
+    epoch.pending = False
+    if epoch.save_after_step is not None:
+        _save(loop, epoch.save_after_step)
+        epoch.save_after_step = None
+    if loop.step == step:
+        return  # fp16's scaler skipped it (inf/nan gradients): no step for schedulers, hooks
     if run.scheduler_interval == "step":
         for scheduler in run.schedulers:
             scheduler.step()
@@ -869,7 +930,7 @@ def _apply_update(loop, run, runner, optimizer):
     if runner.listening("backward"):
         runner.emit("backward")
     if run.scaler is not None:
-        run.scaler.step(optimizer)
+        run.scaler.step(optimizer)  # no optimizer.step() for inf/nan gradients: _counting_steps
     else:
         optimizer.step()
     optimizer.zero_grad()
@@ -1216,6 +1277,7 @@ class _Run:
     rank: int = 0
     world_size: int = 1
     stop_group: object = None  # the process group that stop flags travel on (None: the default)
+    exit_on_signal: bool = True  # SIGTERM and SIGUSR1 end the process after the run stops
     resume: dict = None  # the checkpoint to resume from, loaded and checked
     progress: str = None  # what fit's own progress hook shows: "bar", "epoch" or None (nothing)
     frozen: tuple = ()  # submodules in eval mode when fit began: they stay in eval mode
@@ -1230,7 +1292,8 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, me
              val_batch_size=None, scheduler=None, scheduler_interval="epoch",
              scheduler_monitor="val_loss", precision=None, accumulate=1, clip_grad=None, seed=None,
              max_steps=None, dry_run=False, nonfinite="raise", resume=None, progress=None,
-             ddp_options=None, process_group_timeout=600, distributed=True):
+             ddp_options=None, process_group_timeout=600, resume_missing_ok=False,
+             exit_on_signal=True, distributed=True):
     """Check every option and resolve it into a _Run, before any hook runs or anything trains:
     the arguments, device and process group, precision, data and its sharding, the resume file.
     ``optimizer=None`` prepares an evaluation; ``distributed=False`` ignores torchrun."""
@@ -1298,16 +1361,18 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, me
         raise ValueError(f"accumulate={accumulate} with a manual step needs a loader with a "
                          f"len(), so that loop.step_optimizer knows where the epoch's last group "
                          f"ends; got {_describe(loader)}")
-    return _Run(
+    run = _Run(
         model, train_model, loss_fn, next(iter(optimizers.values()), None), step, metrics, device,
         device.type == "cuda" and getattr(loader, "pin_memory", False), autocast, scaler,
         batches, val_loader, 1 if dry_run else epochs, 2 if dry_run else None, accumulate,
         clip_grad, max_steps, nonfinite, scheduler, scheduler_interval, scheduler_monitor,
-        dry_run, rank, world_size, stop_group,
-        _load_checkpoint(resume, model, len(optimizers)) if resume is not None else None,
+        dry_run, rank, world_size, stop_group, exit_on_signal, None,
         "bar" if progress in (True, "bar") else progress or None,
         _frozen_submodules(model) if optimizer is not None and model.training else (),
         optimizers, tuple(schedulers), manual, sync_gradients)
+    if resume is None or (resume_missing_ok and not os.path.exists(resume)):
+        return run  # (a set-and-forget resume's first launch starts afresh)
+    return dataclasses.replace(run, resume=_load_checkpoint(resume, run))
 
 
 def _frozen_submodules(model):
@@ -1425,7 +1490,7 @@ class _ShardedSampler:
 def _should_stop(loop, run):
     """Turn a Ctrl+C or max_steps into a stop; under torchrun, all processes stop together."""
     if loop._interrupted:
-        loop.stop("interrupted by Ctrl+C")
+        loop.stop(f"interrupted by {_signal_name(loop._interrupted)}")
     if run.max_steps is not None and loop.step >= run.max_steps:
         loop.stop(f"reached max_steps={run.max_steps}")
     if run.world_size > 1:
@@ -1437,21 +1502,42 @@ def _should_stop(loop, run):
 
 
 @contextlib.contextmanager
-def _ctrl_c_stops(loop):
-    """The first Ctrl+C finishes the current step and stops cleanly; a second one interrupts."""
+def _signals_stop(loop):
+    """The first Ctrl+C, SIGTERM or SIGUSR1 finishes the current step and stops cleanly; a
+    second Ctrl+C interrupts. Only signals left to Python's default handling are taken."""
     def handle(signum, frame):
-        if loop._interrupted:
+        if loop._interrupted and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        loop._interrupted = True
-    previous = None
+        loop._interrupted = loop._interrupted or signum
+    previous = {}
     with contextlib.suppress(ValueError):  # signals can only be handled in the main thread
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            previous = signal.signal(signal.SIGINT, handle)
+        for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+            number = getattr(signal, name, None)  # (Windows has no SIGUSR1)
+            if number and signal.getsignal(number) in (signal.default_int_handler, signal.SIG_DFL):
+                previous[number] = signal.signal(number, handle)
     try:
         yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _signal_name(number):
+    return "Ctrl+C" if number == signal.SIGINT else signal.Signals(number).name
+
+
+@contextlib.contextmanager
+def _counting_steps(loop):
+    """Under fp16, loop.step counts the optimizer's own steps: the GradScaler skips those whose
+    gradients hold inf/nan, and decides that on the host already, so counting adds no sync."""
+    if loop.scaler is None or loop._run.manual:  # (a manual step's steps count batches)
+        yield
+        return
+    handle = loop.optimizer.register_step_post_hook(lambda *_: setattr(loop, "step", loop.step + 1))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # --- hooks: the generator protocol ---
@@ -1792,14 +1878,14 @@ class _TensorBatches:
     def __len__(self):
         return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
 
-    def __iter__(self):
+    def __iter__(self, skip=0):
         torch.empty((), dtype=torch.int64).random_()  # DataLoader draws its workers' base seed
         order = None
         if self.shuffle:  # as RandomSampler does
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
             order = order.to(self.tensors[0].device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        for start in range(skip * self.batch_size, len(self) * self.batch_size, self.batch_size):
             rows = slice(start, start + self.batch_size)
             # copies, as a DataLoader's are: a hook changing a batch in place leaves X alone
             batch = [t[rows].clone() if order is None else t.index_select(0, order[rows])
@@ -1920,14 +2006,20 @@ def _epoch_complete(loop):
 
 
 def _epoch_position(loop):
-    """Where inside an unfinished epoch the loop stands (None between epochs)."""
-    epoch = loop._epoch
+    """Where inside an unfinished epoch the loop stands (None between epochs), with the running
+    sums of every process (under torchrun gathered from all: every process must call this)."""
+    epoch, run = loop._epoch, loop._run
     if epoch is None or epoch.complete or loop.batch_index < 0:
         return None
+    meters = [{name: dict(vars(meter)) for name, meter in epoch.meters.items()}]
+    if run.world_size > 1:
+        meters = meters * run.world_size
+        torch.distributed.all_gather_object(
+            meters, _to_device(meters[0], torch.device("cpu"), False), group=run.stop_group)
     return {"batches": loop.batch_index + 1, "first_step": epoch.first_step,
-            "skipped": epoch.skipped, "epoch_rng": epoch.rng,
-            "meters": {name: dict(vars(meter)) for name, meter in epoch.meters.items()},
-            "metrics": _metric_states(loop._run.metrics)}
+            "skipped": epoch.skipped, "epoch_rng": epoch.rng, "epoch_generators": epoch.generators,
+            "meters": meters, "metrics": _metric_states(run.metrics),
+            "data": _data_shape(run.batches, run.world_size)}
 
 
 def _metric_states(metrics):
@@ -1949,12 +2041,129 @@ def _metric_states(metrics):
     return states
 
 
-def _load_checkpoint(path, model, optimizers):
-    """The state saved in ``path``, checked to be a loopy checkpoint of this ``model``."""
+def _data_shape(batches, world_size):
+    """What a position inside an epoch depends on."""
+    sampler = getattr(batches, "sampler", batches)
+    shuffle = getattr(sampler, "shuffle", isinstance(sampler, torch.utils.data.RandomSampler))
+    return {"batches": _length(batches), "batch_size": getattr(batches, "batch_size", None),
+            "shuffle": bool(shuffle), "processes": world_size}
+
+
+def _generators(batches):
+    """The torch.Generators of a DataLoader and of its sampler (shuffle=True, generator=g)."""
+    found = []
+    for owner in (batches, getattr(batches, "sampler", None),
+                  getattr(getattr(batches, "batch_sampler", None), "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+def _set_generator_states(generators, states):
+    for generator, state in zip(generators, states):
+        generator.set_state(state)
+
+
+def _stateful(batches):
+    """A loader that saves its own position (torchdata's StatefulDataLoader)."""
+    return callable(getattr(batches, "state_dict", None)) and \
+        callable(getattr(batches, "load_state_dict", None))
+
+
+def _save(loop, path):
+    state = loop.state_dict()  # on every process: under torchrun it gathers the running sums
+    if loop.rank == 0:
+        _write(state, path)
+    if loop.world_size > 1:  # once save returns, every process can read the file
+        torch.distributed.barrier(group=loop._run.stop_group)
+
+
+def _write(state, path):
+    """torch.save to a unique temporary file beside ``path``, then an atomic rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=".loopy-", suffix=".tmp", dir=directory)
+    try:
+        with open(descriptor, "wb") as file:
+            _lock(file, wait=True)  # held while it is written: another run's cleanup skips it
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(directory).free
+        raise OSError(error.errno, f"no space left to write the checkpoint {path!r}: it needs "
+                      f"about {_nbytes(state):,} bytes, and {free:,} bytes are free there; the "
+                      f"previous file is intact. Free some space, or save elsewhere") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+
+
+def _lock(file, wait):
+    """An advisory lock on an open file (False when another process holds it, or no fcntl)."""
+    try:
+        import fcntl
+        fcntl.flock(file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except (ImportError, OSError):
+        return False
+
+
+def _nbytes(value):
+    if isinstance(value, torch.Tensor):
+        return value.nelement() * value.element_size()
+    if isinstance(value, dict):
+        value = list(value.values())
+    return sum(map(_nbytes, value)) if isinstance(value, (list, tuple)) else 0
+
+
+def _fill(template, epoch, step):
+    """A checkpoint path: only {epoch} and {step} are fields, other braces are literal."""
+    return template.replace("{epoch}", str(epoch)).replace("{step}", str(step))
+
+
+def _checkpoint_files(template):
+    """Before training: check that checkpoints can be written where ``template`` says, remove
+    the temporary files of killed saves, and list the files of earlier runs, oldest first."""
+    first, name = _fill(template, 1, 1), os.path.basename(template)
+    directory, longest = os.path.dirname(os.path.abspath(first)), _fill(name, 10**6, 10**9)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if os.path.isdir(first):
+            raise IsADirectoryError(errno.EISDIR, "a directory", first)
+        if len(os.fsencode(longest)) > getattr(os, "pathconf", lambda *_: 255)(directory,
+                                                                             "PC_NAME_MAX"):
+            raise OSError(errno.ENAMETOOLONG, "file name too long", longest)
+        descriptor, probe = tempfile.mkstemp(prefix=".loopy-", suffix=".tmp", dir=directory)
+        os.close(descriptor)
+        os.remove(probe)
+    except OSError as error:
+        raise ValueError(f"checkpoint(path={template!r}) cannot be written ({error}): pass a "
+                         f"file path in a writable directory") from None
+    for entry in os.listdir(directory):
+        if entry.startswith(".loopy-") and entry.endswith(".tmp"):
+            with contextlib.suppress(FileNotFoundError), \
+                    open(os.path.join(directory, entry), "rb") as file:
+                if _lock(file, wait=False):  # its writer is gone
+                    os.remove(file.name)
+    pattern = re.escape(name).replace(r"\{epoch\}", r"\d+").replace(r"\{step\}", r"\d+")
+    earlier = [os.path.join(directory, entry) for entry in os.listdir(directory)
+               if pattern != re.escape(name) and re.fullmatch(pattern, entry)]
+    return sorted(earlier, key=os.path.getmtime)
+
+
+def _load_checkpoint(path, run):
+    """The state saved in ``path``, checked to fit this run: the model, the optimizer, the
+    scheduler, and the data and processes of a position inside an epoch."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"resume={path!r}: no such file; pass the path that a "
-                                f"loopy.checkpoint hook wrote")
+                                f"loopy.checkpoint hook wrote (or resume_missing_ok=True to "
+                                f"start afresh when it does not exist yet)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -1963,12 +2172,17 @@ def _load_checkpoint(path, model, optimizers):
     if not isinstance(state, dict) or state.get("format") != "loopy-checkpoint/1":
         raise ValueError(f"resume={path!r} is not a loopy checkpoint (no 'format' entry): "
                          f"pass a file written by loopy.checkpoint or Loop.save")
-    saved = len(state.get("optimizers", ()))
-    if saved != optimizers:
+    missing = [key for key in ("model", "optimizers", "schedulers", "scaler", "epoch", "step",
+                               "history", "rng", "position") if key not in state]
+    if missing:
+        raise ValueError(f"resume={path!r} lacks the entries {missing}: it was not written whole "
+                         f"by loopy.checkpoint or Loop.save; resume from another checkpoint")
+    saved = len(state["optimizers"])
+    if saved != len(run.optimizers):
         raise ValueError(f"resume={path!r} holds the state of {saved} optimizer(s), and this "
-                         f"run has {optimizers}: resume with the "
+                         f"run has {len(run.optimizers)}: resume with the "
                          f"optimizers that the checkpoint was saved with")
-    own, saved = _unwrap(model).state_dict(), state["model"]
+    own, saved = _unwrap(run.model).state_dict(), state["model"]
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     mismatched = [f"{k}: {tuple(saved[k].shape)} in the file, {tuple(v.shape)} in the model"
                   for k, v in own.items() if k in saved and saved[k].shape != v.shape]
@@ -1976,12 +2190,42 @@ def _load_checkpoint(path, model, optimizers):
         raise ValueError(f"resume={path!r} holds the weights of a different model: missing keys "
                          f"{missing}, unexpected keys {unexpected}, shape mismatches {mismatched}; "
                          f"resume with the model that the checkpoint was saved from")
+    saved = state.get("optimizer_types")
+    given = [type(each).__name__ for each in run.optimizers.values()]
+    if saved not in (None, given):
+        raise ValueError(f"resume={path!r} holds the state of optimizer {', '.join(saved)}, but "
+                         f"fit got optimizer={', '.join(given)}: resume with the optimizer the "
+                         f"run was saved with")
+    if len(state["schedulers"]) != len(run.schedulers):
+        raise ValueError(f"resume={path!r} holds the state of {len(state['schedulers'])} "
+                         f"scheduler(s), but fit got scheduler={_describe(run.scheduler)}: resume "
+                         f"with the scheduler the run was saved with (or none, if it had none)")
+    position = state["position"]
+    now = _data_shape(run.batches, run.world_size)
+    changed = [f"{key} {value!r} then, {now[key]!r} now" for key, value in
+               (position or {}).get("data", {}).items() if now[key] != value]
+    if changed:
+        raise ValueError(f"resume={path!r} stopped in the middle of epoch {state['epoch'] + 1}, "
+                         f"after {position['batches']} batches, and the data differs ("
+                         f"{'; '.join(changed)}), so that position no longer fits: resume with "
+                         f"the same loader and number of processes, or from a checkpoint taken "
+                         f"between epochs, where any data and processes can go on")
     return state
 
 
 def _restore(loop, state):
     """Load a checkpoint's state into the run; returns the position inside its unfinished
     epoch (None at an epoch boundary)."""
+    batches = loop._run.batches
+    if getattr(batches, "persistent_workers", False):
+        if state["epoch"] > 0:  # it draws its workers' seed at its first pass only: done before
+            iter(batches)
+        warnings.warn("the loader has persistent_workers=True, whose worker processes keep "
+                      "their random state from one epoch to the next: random augmentation in "
+                      "them differs from the run before the resume (all else is the same)")
+    if _stateful(batches) and state.get("loader") is not None:
+        batches.load_state_dict(state["loader"])
+    _set_generator_states(_generators(batches), state.get("generators", []))
     fsdp = _is_fsdp(loop.model)
     if fsdp:  # every process loaded the whole file, and takes its shards
         sdp, options = _fsdp_state_api()
@@ -2001,7 +2245,8 @@ def _restore(loop, state):
     loop.hook_state = state.get("hook_state", {})
     loop.metrics = {name: values[-1] for name, values in loop.history.items() if values}
     _set_rng_state(state["rng"])
-    return None if state["position"] is None else dict(state["position"], rng=state["rng"])
+    position = state["position"]
+    return position and dict(position, rng=state["rng"])
 
 
 def _seed_everything(seed):

@@ -1559,7 +1559,7 @@ def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(distributed_runs
 
 
 @pytest.mark.slow
-def test_a_stop_on_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process(
+def test_a_stop_on_one_rank_stops_both_and_its_mid_epoch_checkpoint_needs_two_processes(
         distributed_runs):
     rank0, rank1 = rank_results(distributed_runs, "world-2", "stop", 2)
     out = distributed_runs[0] / "world-2" / "stop"
@@ -1572,9 +1572,9 @@ def test_a_stop_on_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process
     assert saved["position"]["batches"] == 5  # 5 of the 6 batches of each rank's first epoch
     X = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    loop = train(model=model, loader=(X, (X[:, 0] > 0).long()), batch_size=16, epochs=2,
-                 resume=out / "run.pt")
-    assert loop.step == 5 + 1 + 6 and len(loop.history["loss"]) == 2
+    with pytest.raises(ValueError, match="processes 2 then, 1 now"):  # (issue 12: refused)
+        train(model=model, loader=(X, (X[:, 0] > 0).long()), batch_size=16, epochs=2,
+              resume=out / "run.pt")
 
 
 @pytest.mark.slow
@@ -3853,3 +3853,437 @@ def test_ctrl_c_in_a_manual_step_stops_after_its_updates_and_resumes_exactly(tmp
     loopy.fit(gan, None, gan_optimizers(gan), (X, y), batch_size=16, shuffle=True, epochs=2,
               step=gan_step, resume=tmp_path / "run.pt", progress=False)
     assert same_weights(gan, straight)
+
+
+# --- issue 12: preemption-proof runs ---
+
+def preemptible(loader=None, hooks=(), epochs=3, **options):
+    """A run that draws random numbers everywhere (shuffling, dropout): 6 batches per epoch."""
+    X, y = make_data(96)
+    model = make_mlp(dropout=0.2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    loop = loopy.fit(model, F.cross_entropy, optimizer, (X, y) if loader is None else loader,
+                     list(hooks), batch_size=16, shuffle=True, epochs=epochs, seed=123,
+                     progress=False, **options)
+    return model, loop
+
+
+def same_saved(expected, got):
+    return all(torch.equal(expected["model"][k], v) for k, v in got["model"].items()) and \
+        expected["history"] == got["history"]
+
+
+@pytest.fixture(scope="module")
+def straight_training(tmp_path_factory):
+    """One unbroken run of TRAINING_SCRIPT, shared by the tests that interrupt it."""
+    directory = tmp_path_factory.mktemp("straight")
+    process = run_training(directory, "-", 2, False, directory / "straight.pt")
+    assert process.wait(timeout=300) == 0, process.stderr.read()
+    return torch.load(directory / "straight.pt", weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_preemption_signal_saves_at_that_step_exits_128_plus_it_and_resumes_exactly(
+        tmp_path, signum, straight_training):
+    path = tmp_path / "run.pt"
+    process = run_training(tmp_path, path, 2, False, tmp_path / "interrupted.pt")
+    wait_for_step(process, 5)
+    process.send_signal(signum)
+    output, errors = process.communicate(timeout=300)
+    assert process.returncode == 128 + signum, errors  # 143 for SIGTERM, 138 for SIGUSR1
+    assert f"training interrupted by {signal.Signals(signum).name}" in errors
+    assert "stop_reason" not in output  # the process ended inside fit
+    last_step = max([5] + [int(line.split()[1]) for line in output.splitlines()
+                           if line[:4] == "step"])  # (wait_for_step read up to step 5)
+    saved = torch.load(path, weights_only=True)  # taken at "end", not at an every=3 step
+    assert saved["step"] == last_step == saved["position"]["batches"] and last_step < 16
+    assert saved["finished"] is None
+    process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt")
+    assert process.wait(timeout=300) == 0, process.stderr.read()
+    assert same_saved(straight_training, torch.load(tmp_path / "resumed.pt", weights_only=True))
+
+
+def run_torchrun(tmp_path, path, resume, out):
+    """TRAINING_SCRIPT under torchrun with 2 processes (rank 0 writes the result)."""
+    script = tmp_path / "train_ddp.py"
+    script.write_text(TRAINING_SCRIPT.replace("torch.save({", "if loop.rank == 0: torch.save({"))
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(script), str(path), "2",
+                             "resume" if resume else "fresh", str(out)], cwd=HERE,
+                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_once_with_every_ranks_sums_and_resumes_exactly(tmp_path):
+    straight = run_torchrun(tmp_path, "-", False, tmp_path / "straight.pt")
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()[-3000:]
+    path = tmp_path / "run.pt"
+    process = run_torchrun(tmp_path, path, False, tmp_path / "interrupted.pt")
+    wait_for_step(process, 3)
+    process.send_signal(signal.SIGTERM)  # torchrun forwards it to both processes
+    process.communicate(timeout=120)  # no hang
+    assert process.returncode != 0 and not (tmp_path / "interrupted.pt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["run.pt", "straight.pt", "train_ddp.py"]
+    saved = torch.load(path, weights_only=True)
+    position = saved["position"]  # inside the first epoch of 8 batches per process
+    assert 3 <= saved["step"] == position["batches"] < 8 and position["data"]["processes"] == 2
+    sums = [meters["loss"]["values"] for meters in position["meters"]]  # each process's own
+    assert len(sums) == 2 and not all(torch.equal(a, b) for a, b in zip(*sums))
+    resumed = run_torchrun(tmp_path, path, True, tmp_path / "resumed.pt")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    expected = torch.load(tmp_path / "straight.pt", weights_only=True)
+    assert same_saved(expected, torch.load(tmp_path / "resumed.pt", weights_only=True))
+
+
+@pytest.mark.parametrize("exit_on_signal", [True, False])
+def test_sigterm_in_process_stops_after_the_step_then_exits_or_returns(exit_on_signal):
+    def terminate_at_step_3():
+        while True:
+            loop = yield "step"
+            if loop.step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.warns(UserWarning, match="interrupted by SIGTERM in epoch 1, after step 3"):
+        if exit_on_signal:
+            with pytest.raises(SystemExit) as raised:
+                preemptible(hooks=[terminate_at_step_3()], exit_on_signal=True)
+            assert raised.value.code == 143
+        else:
+            _, loop = preemptible(hooks=[terminate_at_step_3()], exit_on_signal=False)
+            assert loop.step == 3 and loop.stop_reason == "interrupted by SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+
+def test_resume_missing_ok_starts_afresh_and_resumes_once_the_file_exists(tmp_path):
+    straight, straight_loop = preemptible()
+    path = tmp_path / "run.pt"
+    launch = dict(resume=path, resume_missing_ok=True)  # one command line for every launch
+    _, first = preemptible(hooks=[stop_when(8), loopy.checkpoint(path)], **launch)
+    assert first.step == 8 and path.exists()
+    resumed, resumed_loop = preemptible(hooks=[loopy.checkpoint(path)], **launch)
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+    message = fit_error(FileNotFoundError, resume=tmp_path / "missing.pt")  # without it: an error
+    assert "missing.pt" in message and "resume_missing_ok=True" in message
+
+
+@pytest.mark.parametrize("how", ["epochs", "early_stopping", "max_steps"])
+def test_relaunching_a_finished_run_trains_nothing_and_rewrites_nothing(tmp_path, how):
+    path = tmp_path / "run.pt"
+
+    def launch():
+        hooks = [loopy.checkpoint(path)]
+        if how == "early_stopping":  # no epoch after the first improves by 10: stops after 3
+            hooks.insert(0, loopy.early_stopping("loss", patience=2, min_delta=10.0))
+        return preemptible(hooks=hooks, epochs=2 if how == "epochs" else 10, resume=path,
+                           resume_missing_ok=True, max_steps=5 if how == "max_steps" else None)
+
+    model, loop = launch()
+    reason = {"epochs": "all epochs done", "max_steps": "reached max_steps=5",
+              "early_stopping": "early stopping: loss did not improve for 2 epochs"}[how]
+    assert torch.load(path, weights_only=True)["finished"].startswith(reason)
+    content, modified = path.read_bytes(), os.stat(path).st_mtime_ns
+    for _ in range(3):
+        again, loop_again = launch()
+        assert path.read_bytes() == content and os.stat(path).st_mtime_ns == modified
+        assert same_weights(again, model) and loop_again.history == loop.history
+        assert loop_again.step == loop.step == {"epochs": 12, "max_steps": 5,
+                                                 "early_stopping": 18}[how]
+    position = torch.load(path, weights_only=True)["position"]  # kept: 5 of epoch 1's batches
+    assert (position and position["batches"]) == (5 if how == "max_steps" else None)
+
+
+@pytest.mark.parametrize("event", ["batch", "backward"])
+def test_save_from_a_batch_or_backward_hook_resumes_exactly(tmp_path, event):
+    straight, straight_loop = preemptible(accumulate=2)  # 3 steps of 2 batches per epoch
+    path = tmp_path / "run.pt"
+
+    def save_and_stop():
+        while True:
+            loop = yield event
+            if loop.step == 4:  # the batches of step 5 are in flight
+                loop.save(path)
+                loop.stop("saved")
+
+    preemptible(hooks=[save_and_stop()], accumulate=2)
+    saved = torch.load(path, weights_only=True)
+    assert saved["step"] == 5 and saved["position"]["batches"] == 4  # written after its step
+    resumed, resumed_loop = preemptible(accumulate=2, resume=path)
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+
+
+@pytest.mark.parametrize("stop_at", [6, 8])  # an epoch boundary, mid-epoch
+@pytest.mark.parametrize("owner", ["loader", "sampler"])
+def test_a_loaders_or_samplers_own_generator_is_saved_and_restored(tmp_path, stop_at, owner):
+    X, y = make_data(96)
+    dataset = TensorDataset(X, y)
+
+    def loader(seed):
+        generator = torch.Generator().manual_seed(seed)
+        if owner == "loader":
+            return DataLoader(dataset, 16, shuffle=True, generator=generator)
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+        return DataLoader(dataset, 16, sampler=sampler)
+
+    straight, straight_loop = preemptible(loader(7))
+    path = tmp_path / "run.pt"
+    preemptible(loader(7), hooks=[stop_when(stop_at), loopy.checkpoint(path)])
+    resumed, resumed_loop = preemptible(loader(999), resume=path)  # another seed: restored
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+
+
+class StatefulBatches:
+    """A loader that saves its own position, as torchdata's StatefulDataLoader does."""
+
+    def __init__(self, X, y, batch_size=16):
+        self.X, self.y, self.batch_size = X, y, batch_size
+        self.next = self.yielded = 0
+
+    def __len__(self):
+        return -(-len(self.X) // self.batch_size)
+
+    def __iter__(self):
+        start, self.next = self.next, 0  # a loaded state continues there, once
+        for index in range(start, len(self)):
+            self.next, self.yielded = index + 1, self.yielded + 1
+            rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
+            yield self.X[rows], self.y[rows]
+        self.next = 0
+
+    def state_dict(self):
+        return {"next": self.next}
+
+    def load_state_dict(self, state):
+        self.next = state["next"]
+
+
+def test_a_stateful_loader_is_saved_and_restored_through_its_own_state_dict(tmp_path):
+    X, y = make_data(96)
+    straight, straight_loop = preemptible(StatefulBatches(X, y))
+    path = tmp_path / "run.pt"
+    preemptible(StatefulBatches(X, y), hooks=[stop_when(8), loopy.checkpoint(path)])
+    assert torch.load(path, weights_only=True)["loader"] == {"next": 2}
+    loader = StatefulBatches(X, y)
+    resumed, resumed_loop = preemptible(loader, resume=path)
+    assert loader.yielded == 4 + 6  # the rest of epoch 2, then epoch 3: nothing replayed
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+
+
+@pytest.mark.parametrize("stop_at", [6, 8])  # an epoch boundary, mid-epoch
+def test_persistent_workers_resume_exactly_and_warn_about_their_random_state(tmp_path, stop_at):
+    X, y = make_data(96)
+
+    def loader():
+        return DataLoader(TensorDataset(X, y), 16, shuffle=True, num_workers=1,
+                          persistent_workers=True)
+
+    straight, straight_loop = preemptible(loader())
+    path = tmp_path / "run.pt"
+    preemptible(loader(), hooks=[stop_when(stop_at), loopy.checkpoint(path)])
+    with pytest.warns(UserWarning, match="persistent_workers=True.*random augmentation in them"):
+        resumed, resumed_loop = preemptible(loader(), resume=path)
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    def __init__(self, X, y):
+        self.X, self.y, self.loaded = X, y, 0
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, index):
+        self.loaded += 1
+        return self.X[index], self.y[index]
+
+
+def test_a_resume_at_90_percent_of_an_epoch_loads_only_the_last_10_percent(tmp_path):
+    X, y = make_data(100)
+    straight, straight_loop = preemptible(DataLoader(CountingDataset(X, y), 10, shuffle=True),
+                                          epochs=1)
+    path = tmp_path / "run.pt"
+    preemptible(DataLoader(CountingDataset(X, y), 10, shuffle=True), epochs=1,
+                hooks=[stop_when(9), loopy.checkpoint(path)])
+    dataset = CountingDataset(X, y)
+    resumed, resumed_loop = preemptible(DataLoader(dataset, 10, shuffle=True), epochs=1,
+                                        resume=path)
+    assert dataset.loaded == 10  # (a replay of the epoch loaded all 100)
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+
+
+def test_checkpoint_temporary_files_are_unique_short_and_a_dead_saves_are_removed(tmp_path,
+                                                                                 monkeypatch):
+    import fcntl
+    (tmp_path / ".loopy-killed.tmp").write_bytes(b"half a checkpoint")  # a save killed mid-way
+    live = open(tmp_path / ".loopy-live.tmp", "wb")  # another process's save, in progress
+    fcntl.flock(live, fcntl.LOCK_EX)
+    names, save = [], torch.save
+    monkeypatch.setattr(torch, "save", lambda state, file: names.append(
+        os.readlink(f"/proc/self/fd/{file.fileno()}")) or save(state, file))
+    path = tmp_path / ("x" * 245 + ".pt")  # a legal 248-character name
+    preemptible(hooks=[loopy.checkpoint(path)], epochs=2)
+    live.close()
+    assert sorted(os.listdir(tmp_path)) == [".loopy-live.tmp", path.name]
+    assert len(set(names)) == len(names) == 3  # 2 epochs and "end"
+    assert all(os.path.dirname(name) == str(tmp_path) and
+               re.fullmatch(r"\.loopy-\w{8}\.tmp", os.path.basename(name)) for name in names)
+
+
+def test_only_epoch_and_step_are_path_fields_and_keep_holds_across_a_resume(tmp_path):
+    path = tmp_path / "runs{a}" / "ckpt-{epoch}-{epcoh}.pt"  # other braces are literal
+    preemptible(hooks=[loopy.checkpoint(path, keep=2)])
+    directory = tmp_path / "runs{a}"
+    assert sorted(os.listdir(directory)) == ["ckpt-2-{epcoh}.pt", "ckpt-3-{epcoh}.pt"]
+    (directory / "ckpt-best.pt").write_bytes(b"")  # not one of the template's files
+    preemptible(hooks=[loopy.checkpoint(path, keep=2)], epochs=5, resume=directory /
+                "ckpt-3-{epcoh}.pt")
+    assert sorted(os.listdir(directory)) == ["ckpt-4-{epcoh}.pt", "ckpt-5-{epcoh}.pt",
+                                             "ckpt-best.pt"]
+
+
+def test_a_full_disk_names_the_path_and_the_space_and_keeps_the_previous_file(tmp_path,
+                                                                             monkeypatch):
+    import errno
+    path = tmp_path / "run.pt"
+    save = torch.save
+
+    def full_disk_after_the_first(state, file):
+        if path.exists():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(state, file)
+
+    monkeypatch.setattr(torch, "save", full_disk_after_the_first)
+    with pytest.raises(OSError) as raised:
+        preemptible(hooks=[loopy.checkpoint(path)])
+    message = str(raised.value)
+    assert raised.value.errno == errno.ENOSPC and str(path) in message
+    assert re.search(r"needs about [\d,]+ bytes, and [\d,]+ bytes are free", message)
+    assert "previous file is intact" in message and os.listdir(tmp_path) == ["run.pt"]
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("where", ["under a file", "a directory", "a name too long"])
+def test_an_unwritable_or_invalid_checkpoint_path_fails_before_training(tmp_path, where):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "directory").mkdir()
+    path = {"under a file": tmp_path / "file" / "run.pt", "a directory": tmp_path / "directory",
+            "a name too long": tmp_path / ("x" * 300 + ".pt")}[where]
+    steps = []
+
+    def count():
+        while True:
+            steps.append((yield "step").step)
+
+    with pytest.raises(ValueError) as raised:
+        preemptible(hooks=[count(), loopy.checkpoint(path)])
+    message = str(raised.value)
+    assert f"checkpoint(path={str(path)!r}) cannot be written" in message
+    assert "writable directory" in message and steps == []
+
+
+def test_resuming_into_another_optimizer_or_scheduler_or_a_partial_file_says_what_differs(
+        tmp_path):
+    path = tmp_path / "run.pt"
+    preemptible(hooks=[loopy.checkpoint(path)], epochs=1)  # Adam, no scheduler
+    message = fit_error(ValueError, resume=path)  # into SGD
+    assert "holds the state of optimizer Adam, but fit got optimizer=SGD" in message
+    assert "resume with the optimizer the run was saved with" in message
+    X, y = make_data(96)
+    model = make_mlp()
+    optimizer = torch.optim.Adam(model.parameters())
+    message = fit_error(ValueError, model=model, optimizer=optimizer, resume=path,
+                        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1))
+    assert "holds the state of 0 scheduler(s), but fit got scheduler=" in message
+    assert "StepLR" in message and "resume with the scheduler the run was saved with" in message
+    state = torch.load(path, weights_only=True)
+    del state["rng"], state["history"]
+    torch.save(state, tmp_path / "partial.pt")
+    message = fit_error(ValueError, model=model, optimizer=optimizer,
+                        resume=tmp_path / "partial.pt")
+    assert "lacks the entries ['history', 'rng']" in message and "another checkpoint" in message
+
+
+@pytest.mark.parametrize("change", ["batch_size", "fewer batches", "no shuffle", "processes"])
+def test_a_mid_epoch_position_that_no_longer_fits_the_data_is_refused(tmp_path, change):
+    X, y = make_data(96)
+    path = tmp_path / "run.pt"
+    preemptible(hooks=[stop_when(8), loopy.checkpoint(path)])
+    if change == "processes":  # as if saved by 2 processes
+        state = torch.load(path, weights_only=True)
+        state["position"]["data"]["processes"] = 2
+        torch.save(state, path)
+    loader = {"batch_size": DataLoader(TensorDataset(X, y), 32, shuffle=True),
+              "fewer batches": DataLoader(TensorDataset(X[:64], y[:64]), 16, shuffle=True),
+              "no shuffle": DataLoader(TensorDataset(X, y), 16),
+              "processes": (X, y)}[change]
+    with pytest.raises(ValueError) as raised:
+        preemptible(loader, resume=path)
+    message = str(raised.value)
+    assert f"resume={str(path)!r} stopped in the middle of epoch 2, after 2 batches" in message
+    assert {"batch_size": "batch_size 16 then, 32 now", "fewer batches": "batches 6 then, 4 now",
+            "no shuffle": "shuffle True then, False now",
+            "processes": "processes 2 then, 1 now"}[change] in message
+    assert "same loader and number of processes" in message and "between epochs" in message
+
+
+def test_at_an_epoch_boundary_a_new_batch_size_and_more_epochs_keep_working(tmp_path):
+    X, y = make_data(96)
+    path = tmp_path / "run.pt"
+    preemptible(hooks=[loopy.checkpoint(path)], epochs=2)
+    _, loop = preemptible(DataLoader(TensorDataset(X, y), 32, shuffle=True), epochs=4,
+                          resume=path)
+    assert loop.step == 12 + 3 + 3 and len(loop.history["loss"]) == 4
+
+
+def test_fp16_steps_that_the_grad_scaler_skips_are_not_steps(tmp_path):
+    X, y = make_data(96)  # 6 batches per epoch, 2 epochs; batches 2 and 7 get inf gradients
+    batches = [(X[i:i + 16], y[i:i + 16]) for i in range(0, 96, 16)]
+    poisoned = {2, 7}
+
+    def build():
+        model = make_mlp()
+        calls = []
+        model[0].weight.register_hook(lambda grad: grad * math.inf
+                                      if len(calls) in poisoned else grad)
+        model.register_forward_hook(lambda *_: calls.append(1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 3, gamma=0.5)
+
+    # the oracle: the hand-written fp16 loop, stepping the scheduler after applied steps only
+    model, optimizer, scheduler = build()
+    scaler, applied = torch.amp.GradScaler("cpu"), 0
+    for _ in range(2):
+        for x, target in batches:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), target)
+            scaler.scale(loss).backward()
+            before = optimizer.state_dict()["state"], scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+            if scaler.get_scale() >= before[1]:  # the scale drops exactly when a step is skipped
+                applied += 1
+                scheduler.step()
+    assert applied == 10
+
+    got, optimizer, scheduler = build()
+    steps = []
+
+    def count():
+        while True:
+            steps.append((yield "step").step)
+
+    import warnings
+    path = tmp_path / "ckpt-{step}.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when a scheduler steps before the optimizer
+        loop = loopy.fit(got, F.cross_entropy, optimizer, batches, [count(),
+                         loopy.checkpoint(path, every=4, keep=5)], epochs=2, precision="fp16",
+                         scheduler=scheduler, scheduler_interval="step", progress=False)
+    assert same_weights(got, model) and loop.step == 10 and steps == list(range(1, 11))
+    assert scheduler.last_epoch == 10 and optimizer.param_groups[0]["lr"] == 0.1 * 0.5 ** 3
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-10.pt", "ckpt-4.pt", "ckpt-5.pt", "ckpt-8.pt"]
+    model, optimizer, scheduler = build()
+    loop = loopy.fit(model, F.cross_entropy, optimizer, batches, epochs=2, precision="fp16",
+                     max_steps=4, progress=False)
+    assert loop.step == 4 and loop.batch_index == 4  # batches 0-4: one of them was skipped
