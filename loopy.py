@@ -68,7 +68,7 @@ class HookError(RuntimeError):
     """A hook broke the generator protocol (the message names the hook and the fix)."""
 
 
-def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=None, metrics=None,
+def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=None, val_loader=None, metrics=None,
         device="auto", progress=True, step=None, batch_size=32, shuffle=False, drop_last=False,
         val_batch_size=None, scheduler=None, scheduler_interval="epoch",
         scheduler_monitor="val_loss", precision=None, accumulate=1, clip_grad=None, seed=None,
@@ -94,10 +94,11 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
             manual ``step``.
         loader: an iterable of batches (a ``DataLoader``), or tensors ``(X, y)``, batched by
             ``batch_size``, ``shuffle`` and ``drop_last`` exactly as ``DataLoader(TensorDataset(X,
-            y))`` does. NumPy arrays are taken as tensors: floating ones in torch's default dtype,
-            integer ones as int64.
+            y))`` does. NumPy arrays are taken as tensors: floating and bool ones in torch's default
+            dtype (bool labels as 0.0/1.0), integer ones as int64.
         hooks: generator objects, e.g. ``[loopy.early_stopping(patience=3)]`` (see ``EVENTS``).
-        epochs: the total number of passes over ``loader``, also when resuming.
+        epochs: the total number of passes over ``loader``, also when resuming; None: 1, or
+            as many as ``max_steps`` needs when it is given (``loop.epochs`` is then None).
         val_loader: evaluated after every epoch (no grad, eval mode); recorded as ``val_*``.
         metrics: ``{"name": fn(output, target) -> tensor}`` (epoch means weighted by batch size;
             a function returning a number, such as a scikit-learn metric, works but has synced
@@ -175,8 +176,9 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=1, val_loader=Non
         for each in run.optimizers.values():
             each.zero_grad()
         runner.emit("start")
-        first = run.epochs if _should_stop(loop, run) else loop.epoch  # (a stop at "start")
-        for loop.epoch in range(first, run.epochs):
+        end = run.epochs or sys.maxsize  # (None: until max_steps stops it)
+        first = end if _should_stop(loop, run) else loop.epoch  # (a stop at "start")
+        for loop.epoch in range(first, end):
             # forward, backward and optimizer step for each batch
             if not _train_epoch(loop, run, runner, position):
                 break  # stopped inside the epoch: not recorded; a resume continues it
@@ -228,9 +230,18 @@ def predict(model, loader, device="auto", *, batch_size=32):
     with _eval_mode(model):
         for batch in run.batches:
             batch = _to_device(batch, run.device, run.non_blocking)
+            pair = isinstance(batch, (tuple, list)) and len(batch) == 2
             if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
                 batch = batch[0]
-            outputs.append(_to_device(_call_model(model, batch), torch.device("cpu"), False))
+            try:
+                output = _call_model(model, batch)
+            except TypeError as error:
+                if pair:  # (X, Z) reads as (inputs, target), as a DataLoader's batches do
+                    error.add_note("predict took each batch as (inputs, target) and called model("
+                                   "inputs); for a model of two inputs pass DataLoader(list(zip("
+                                   "zip(X, Z))), batch_size=32), which calls model(x, z)")
+                raise
+            outputs.append(_to_device(output, torch.device("cpu"), False))
             sizes.append(_batch_size(batch))
     if not outputs:
         raise ValueError(f"loader yielded no batches: predict got {_describe(loader)}")
@@ -291,17 +302,27 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
                 loop.stop("lr_find finished")
 
     batches = _as_batches(loader, "loader", batch_size, True)
-    epochs = num_steps // _length(batches) + 1 if _length(batches) else 10**9
+    once = iter(batches) is batches  # a generator: one pass
+    epochs = 1 if once else num_steps // _length(batches) + 1 if _length(batches) else None
     try:
         fit(model, loss_fn, optimizer, batches, [sweep()], epochs=epochs, progress=False,
-            step=step, nonfinite="ignore", device=device)
+            step=step, nonfinite="ignore", device=device, max_steps=None if epochs else num_steps)
     finally:
         _unwrap(model).load_state_dict(saved[0][0])
         optimizer.load_state_dict(saved[0][1])
         _set_rng_state(saved[1])
         for module, training in modes:
             module.training = training
+    if once and len(lrs) < num_steps and losses[-1] < diverge * min(losses):
+        raise ValueError(f"lr_find: the loader, {_describe(loader)}, ran out after {len(lrs)} of "
+                         f"num_steps={num_steps} batches, and a one-shot iterator cannot be "
+                         f"re-iterated: pass a DataLoader or a list, or lower num_steps")
     lowest = min(range(len(losses)), key=losses.__getitem__)
+    if lowest == 0:
+        warnings.warn(f"lr_find found no descent: the smoothed loss never fell below its "
+                      f"value at the first step (min_lr={min_lr:g}), so the suggestion means "
+                      f"nothing; lower min_lr, raise num_steps (it was {num_steps}), or check "
+                      f"that the model and loss_fn train at a small learning rate", stacklevel=2)
     candidates = range(len(losses) // 10, max(lowest, len(losses) // 10 + 1))
     best = min(candidates, key=lambda i: losses[min(i + 1, len(losses) - 1)] - losses[i])
     return {"lr": lrs, "loss": losses, "suggestion": lrs[best]}
@@ -410,7 +431,7 @@ class Loop:
 
     def __repr__(self):
         stop = f", stopped: {self.stop_reason}" if self.stop_reason else ""
-        return (f"<Loop epoch {self.epoch + _epoch_complete(self)}/{self.epochs}, step "
+        return (f"<Loop epoch {self.epoch + _epoch_complete(self)}{_of(self.epochs)}, step "
                 f"{self.step}{stop}; {_format_metrics(self.metrics) or 'no metrics yet'}>")
 
     def backward(self, loss, name=None):
@@ -498,14 +519,14 @@ def progress(refresh=0.5, bar=True):
             if loop.event == "epoch":
                 if live is not None:
                     live.clear()  # (already cleared, unless the loader has no len())
-                print(f"epoch {loop.epoch + 1}/{loop.epochs}: {_format_metrics(loop.metrics)} "
+                print(f"epoch {loop.epoch + 1}{_of(loop.epochs)}: {_format_metrics(loop.metrics)} "
                       f"({time.monotonic() - started:.1f}s)", flush=True)
                 started, due = time.monotonic(), 0.0
                 continue
             if due == 0.0:  # an epoch's first step; one bar per run: a notebook keeps no stale bars
                 if live is None:
                     live = bar_class(total=loop.num_batches, unit="batch", leave=False)
-                live.set_description(f"epoch {loop.epoch + 1}/{loop.epochs}", refresh=False)
+                live.set_description(f"epoch {loop.epoch + 1}{_of(loop.epochs)}", refresh=False)
                 live.reset(total=loop.num_batches)
             if loop.batch_index + 1 == loop.num_batches or loop.stop_reason is not None:
                 live.clear()  # validation and the "epoch" (or "end") hooks come next
@@ -1013,7 +1034,7 @@ def _forward(run, model, batch, loop):
         hint = "" if isinstance(batch, (tuple, list, dict)) else \
             " (a list [X, y] is two batches: pass in-memory data as the tuple (X, y))"
         raise TypeError(f"loopy cannot unpack this batch: the loader yielded {_describe(batch)}, "
-                        f"and fit expects (inputs, target) pairs{hint}. For any other batch pass "
+                        f"and loopy expects (inputs, target) pairs{hint}. For any other batch pass "
                         f"step=fn(model, batch) returning the loss, or (loss, output, target)")
     x, target = batch
     output = model(x) if isinstance(x, torch.Tensor) else _call_model(model, x)
@@ -1264,7 +1285,7 @@ class _Run:
     scaler: object  # fp16's GradScaler, else None
     batches: object  # this process's batches: to train on, evaluate or predict
     val_batches: object = None
-    epochs: int = 1
+    epochs: int = 1  # None: until max_steps
     limit: int = None  # batches per pass (dry_run: 2); None for all
     accumulate: int = 1
     clip_grad: float = None
@@ -1287,7 +1308,7 @@ class _Run:
     sync_gradients: bool = False  # a manual step under torchrun: step_optimizer averages them
 
 
-def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, metrics=None,
+def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None, metrics=None,
              device="auto", step=None, batch_size=32, shuffle=False, drop_last=False,
              val_batch_size=None, scheduler=None, scheduler_interval="epoch",
              scheduler_monitor="val_loss", precision=None, accumulate=1, clip_grad=None, seed=None,
@@ -1304,10 +1325,14 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, me
     optimizers, schedulers = _named(optimizer), list(_named(scheduler).values())
     if optimizer is not None:
         _check_training_args(model, loss_fn, optimizers, step, epochs, accumulate, max_steps,
-                             nonfinite, schedulers, scheduler_interval, drop_last, val_batch_size,
+                             nonfinite, _named(scheduler), scheduler_interval, drop_last, val_batch_size,
                              manual)
     elif not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
+    elif loss_fn is not None and not callable(loss_fn):
+        hint = ": metrics go in metrics={...}" if isinstance(loss_fn, dict) else ""
+        raise TypeError(f"loss_fn must be callable, like torch.nn.functional.cross_entropy, or "
+                        f"None; got {_describe(loss_fn)}{hint}")
     metrics = _check_metrics(metrics)
     if progress not in (None, False, True, "bar", "epoch"):
         raise ValueError(f"progress={progress!r}: use True or 'bar' (a live bar where a person "
@@ -1364,7 +1389,8 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=1, val_loader=None, me
     run = _Run(
         model, train_model, loss_fn, next(iter(optimizers.values()), None), step, metrics, device,
         device.type == "cuda" and getattr(loader, "pin_memory", False), autocast, scaler,
-        batches, val_loader, 1 if dry_run else epochs, 2 if dry_run else None, accumulate,
+        batches, val_loader, 1 if dry_run or (epochs is None is max_steps) else epochs,
+        2 if dry_run else None, accumulate,
         clip_grad, max_steps, nonfinite, scheduler, scheduler_interval, scheduler_monitor,
         dry_run, rank, world_size, stop_group, exit_on_signal, None,
         "bar" if progress in (True, "bar") else progress or None,
@@ -1673,7 +1699,7 @@ def _check_training_args(model, loss_fn, optimizers, step, epochs, accumulate, m
                         f"pass step=fn(model, batch) -> loss); got {_describe(loss_fn)}")
     for name, value in (("epochs", epochs), ("accumulate", accumulate), ("max_steps", max_steps),
                         ("val_batch_size", val_batch_size)):
-        if (value is not None or name in ("epochs", "accumulate")) and (
+        if (value is not None or name == "accumulate") and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an int >= 1; got {value!r}")
     for name, value, allowed in (("nonfinite", nonfinite, ("raise", "skip", "ignore")),
@@ -1681,7 +1707,19 @@ def _check_training_args(model, loss_fn, optimizers, step, epochs, accumulate, m
                                  ("drop_last", drop_last, (False, True))):
         if value not in allowed:
             raise ValueError(f"{name}={value!r}: use one of {', '.join(map(repr, allowed))}")
-    if any(isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau) for s in schedulers) and \
+    for name, scheduler in schedulers.items():
+        where = f"scheduler[{name!r}]" if len(schedulers) > 1 else "scheduler"
+        if not all(callable(getattr(scheduler, method, None)) for method in ("step", "state_dict")):
+            raise TypeError(f"{where} must be a learning-rate scheduler (with step() and "
+                            f"state_dict()), like torch.optim.lr_scheduler.CosineAnnealingLR("
+                            f"optimizer, T_max=epochs); got {_describe(scheduler)}")
+        if not any(getattr(scheduler, "optimizer", o) is o for o in optimizers.values()):
+            raise ValueError(f"{where} was built for another optimizer than fit's, so it would "
+                             f"never change this run's learning rate: build it from the "
+                             f"optimizer that fit gets, after it, {type(scheduler).__name__}("
+                             f"optimizer, ...)")
+    if any(isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau)
+           for s in schedulers.values()) and \
             scheduler_interval == "step":
         raise ValueError("scheduler_interval='step' cannot drive ReduceLROnPlateau, which needs "
                          "an epoch's metric: use scheduler_interval='epoch'")
@@ -1832,6 +1870,13 @@ def _as_batches(data, name, batch_size, shuffle, drop_last=False):
     if isinstance(data, torch.Tensor) or (isinstance(data, tuple) and data and
                                           all(isinstance(t, torch.Tensor) for t in data)):
         return _TensorBatches(data, name, batch_size, shuffle, drop_last)
+    if isinstance(data, tuple) and any(isinstance(t, torch.Tensor) for t in data) and \
+            any(isinstance(t, (tuple, list, dict)) for t in data):
+        raise TypeError(f"{name}: in-memory data is flat tensors, (X, y), not nested inputs; got "
+                        f"{_describe(data)}. For a model of several inputs pass a DataLoader of "
+                        f"samples: DataLoader(list(zip(zip(X, Z), y)), batch_size=32) calls "
+                        f"model(x, z), DataLoader([({{'x': a}}, b) for a, b in zip(X, y)], "
+                        f"batch_size=32) calls model(x=...)")
     if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
         raise TypeError(f"{name} must be an iterable of batches (a DataLoader) or tensors "
                         f"(X, y); got {_describe(data)}")
@@ -1842,15 +1887,15 @@ def _as_batches(data, name, batch_size, shuffle, drop_last=False):
 
 
 def _from_numpy(data):
-    """NumPy arrays (alone or in a tuple) as tensors, as Keras takes them: floating arrays in
-    torch's default dtype, integer arrays as int64 (class indices)."""
+    """NumPy arrays (alone or in a tuple) as tensors, as Keras takes them: floating and bool
+    arrays in torch's default dtype, integer arrays as int64 (class indices)."""
     numpy = sys.modules.get("numpy")
     if isinstance(data, tuple) and numpy is not None:
         return tuple(map(_from_numpy, data))
     if numpy is None or not isinstance(data, numpy.ndarray):
         return data
     tensor = torch.from_numpy(numpy.ascontiguousarray(data))
-    if tensor.is_floating_point():
+    if tensor.is_floating_point() or data.dtype.kind == "b":  # bool labels: 0/1 for BCE
         return tensor.to(torch.get_default_dtype())
     return tensor.long() if data.dtype.kind in "iu" else tensor
 
@@ -1951,6 +1996,9 @@ def _batch_size(data):
         data = [getattr(data, f.name) for f in dataclasses.fields(data)]
     if not isinstance(data, collections.abc.Iterable):
         return 1  # (a batch object of its own kind: each batch weighs the same)
+    for item in (data, *data) if isinstance(data, (tuple, list)) else ():
+        if isinstance(item, (tuple, list)) and item and all(isinstance(i, dict) for i in item):
+            return len(item)  # one dict per sample (detection targets), beside per-sample images
     for item in data.values() if isinstance(data, dict) else data:
         if isinstance(item, (torch.Tensor, tuple, list, dict)):
             return _batch_size(item)
@@ -2335,6 +2383,10 @@ def _monitored(loop, monitor, who):
         raise ValueError(f"{who}(monitor={monitor!r}): this run has no such metric{hint}; it "
                          f"has {', '.join(map(repr, loop.metrics))}")
     return loop.metrics[monitor]
+
+
+def _of(epochs):
+    return "" if epochs is None else f"/{epochs}"  # (None: until max_steps)
 
 
 def _format_metrics(metrics):

@@ -988,8 +988,10 @@ def test_reduce_lr_on_plateau_gets_the_monitored_metric():
     loop = train(model=model, optimizer=optimizer, loader=(X, y), val_loader=(X, y), epochs=3,
                  scheduler=scheduler)
     assert loop.history["lr"] == pytest.approx([1e-12, 1e-13, 1e-14])
-    message = fit_error(ValueError, scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(
-        torch.optim.SGD(make_mlp().parameters())), scheduler_monitor="val_f1")
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters())
+    message = fit_error(ValueError, model=model, optimizer=optimizer, scheduler_monitor="val_f1",
+                        scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer))
     assert "scheduler_monitor='val_f1'" in message and "'loss'" in message
 
 
