@@ -1325,8 +1325,8 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None,
     optimizers, schedulers = _named(optimizer), list(_named(scheduler).values())
     if optimizer is not None:
         _check_training_args(model, loss_fn, optimizers, step, epochs, accumulate, max_steps,
-                             nonfinite, _named(scheduler), scheduler_interval, drop_last, val_batch_size,
-                             manual)
+                             nonfinite, _named(scheduler), scheduler_interval, drop_last,
+                             val_batch_size, manual)
     elif not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
     elif loss_fn is not None and not callable(loss_fn):

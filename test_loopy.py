@@ -4289,3 +4289,125 @@ def test_fp16_steps_that_the_grad_scaler_skips_are_not_steps(tmp_path):
     loop = loopy.fit(model, F.cross_entropy, optimizer, batches, epochs=2, precision="fp16",
                      max_steps=4, progress=False)
     assert loop.step == 4 and loop.batch_index == 4  # batches 0-4: one of them was skipped
+
+
+# --- issue 16: argument faults a fresh user met (epochs with max_steps, schedulers, nesting) ---
+
+def test_epochs_default_is_one_but_unbounded_with_max_steps():
+    X, y = make_data(64)
+    assert train(loader=(X, y)).step == 2  # two batches of 32: one epoch
+    loop = train(loader=(X, y), max_steps=5)
+    model = make_mlp()  # the hand-written loop: 5 steps over the batches in order
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(5):
+        rows = slice(step % 2 * 32, step % 2 * 32 + 32)
+        F.cross_entropy(model(X[rows]), y[rows]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loop.step == 5 and loop.stop_reason == "reached max_steps=5" and loop.epochs is None
+    assert same_weights(loop.model, model) and len(loop.history["loss"]) == 2  # epoch 3 cut short
+    assert "epoch 2, step 5" in repr(loop)
+
+
+def test_a_scheduler_must_be_a_scheduler_of_one_of_the_runs_optimizers():
+    model = make_mlp()
+    other = torch.optim.SGD(make_mlp().parameters(), lr=0.1)
+    message = fit_error(ValueError, model=model, scheduler=torch.optim.lr_scheduler.StepLR(other, 1))
+    assert "scheduler was built for another optimizer" in message and "StepLR(optimizer" in message
+    message = fit_error(TypeError, scheduler="cosine")
+    assert "scheduler must be a learning-rate scheduler" in message and "'cosine'" in message
+    model = torch.nn.ModuleDict({"a": make_mlp(), "b": make_mlp()})
+    optimizers = {name: torch.optim.SGD(model[name].parameters(), lr=0.1) for name in "ab"}
+    schedulers = {"a": torch.optim.lr_scheduler.StepLR(optimizers["a"], 1),
+                  "b": torch.optim.lr_scheduler.StepLR(other, 1)}
+    message = fit_error(ValueError, model=model, optimizer=optimizers, scheduler=schedulers,
+                        step=lambda model, batch, loop: {})
+    assert "scheduler['b'] was built for another optimizer" in message
+
+
+def test_evaluate_checks_its_loss_fn_and_speaks_for_itself():
+    model, (X, y) = make_mlp(), make_data(32)
+    with pytest.raises(TypeError) as raised:
+        loopy.evaluate(model, (X, y), {"acc": loopy.accuracy})
+    assert "loss_fn must be callable" in str(raised.value) and "metrics=" in str(raised.value)
+    with pytest.raises(TypeError) as raised:
+        loopy.evaluate(model, X, metrics={"acc": loopy.accuracy})
+    assert "fit expects" not in str(raised.value) and "(inputs, target)" in str(raised.value)
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(8, 3), torch.nn.Linear(2, 3)
+
+    def forward(self, x, z):
+        return self.a(x) + self.b(z)
+
+
+def test_nested_in_memory_inputs_are_refused_with_a_dataloader_that_works():
+    (X, y), Z = make_data(64), torch.randn(64, 2)
+    for data, where in ((((X, Z), y), "loader"), (({"x": X}, y), "loader")):
+        message = fit_error(TypeError, model=TwoInputs(), loader=data)
+        assert message.startswith(f"{where}: in-memory data is flat tensors")
+    message = fit_error(TypeError, model=TwoInputs(), loader=DataLoader(list(zip(zip(X, Z), y))),
+                        val_loader=((X, Z), y))
+    assert message.startswith("val_loader: in-memory data is flat tensors")
+    model = TwoInputs()  # the message's fix trains as the hand-written loop does
+    loop = train(model=model, loader=DataLoader(list(zip(zip(X, Z), y)), batch_size=32))
+    expected = TwoInputs()
+    optimizer = torch.optim.SGD(expected.parameters(), lr=0.1)
+    for rows in (slice(0, 32), slice(32, 64)):
+        F.cross_entropy(expected(X[rows], Z[rows]), y[rows]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert same_weights(model, expected) and loop.step == 2
+    with pytest.raises(TypeError) as raised:
+        loopy.predict(model, (X, Z))
+    assert "DataLoader(list(zip(zip(X, Z)))" in "".join(raised.value.__notes__)
+    predicted = loopy.predict(model, DataLoader(list(zip(zip(X, Z))), batch_size=32))
+    assert torch.allclose(predicted, model(X, Z))
+
+
+def test_per_sample_lists_of_target_dicts_weigh_the_epoch_mean_by_sample_count():
+    images = [torch.full((3, 4, 4), float(i)) for i in range(5)]
+    targets = [{"boxes": torch.zeros(k, 4)} for k in (7, 1, 2, 9, 1)]
+    batches = [(images[0:2], targets[0:2]), (images[2:4], targets[2:4]), (images[4:], targets[4:])]
+    model = torch.nn.Linear(1, 1)
+
+    def step(model, batch):
+        means = torch.stack([image.mean() for image in batch[0]])
+        return means.mean() + 0 * model.weight.sum(), means, batch[1]
+
+    for each in (step, lambda model, batch: step(model, batch)[0]):
+        loop = loopy.fit(model, None, torch.optim.SGD(model.parameters(), lr=0.0), batches,
+                         step=each, progress=False)
+        assert loop.history["loss"] == [pytest.approx((0 + 1 + 2 + 3 + 4) / 5)]  # per sample
+
+
+def test_numpy_bool_labels_become_floats_for_a_bce_loss():
+    X, y = make_data(64)
+    labels = (y > 0).numpy()
+
+    def bce(output, target):
+        return F.binary_cross_entropy_with_logits(output[:, 0], target)
+
+    got = train(loader=(X.numpy(), labels), loss_fn=bce)
+    expected = train(loader=(X, torch.from_numpy(labels).float()), loss_fn=bce)
+    assert same_weights(got.model, expected.model)
+    assert got.history["loss"] == expected.history["loss"]
+
+
+def test_lr_find_warns_when_the_loss_never_falls_and_explains_a_short_generator():
+    model, (X, y) = make_mlp(), make_data(64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"lr_find found no descent.*lower min_lr"):
+        found = loopy.lr_find(model, F.cross_entropy, optimizer, (X, y), min_lr=100.0,
+                              max_lr=1e4, num_steps=20)
+    assert found["suggestion"] == 100.0
+    batches = ((X[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16))
+    with pytest.raises(ValueError, match=r"ran out after 4 of num_steps=20 batches.*DataLoader"):
+        loopy.lr_find(model, F.cross_entropy, optimizer, batches, num_steps=20)
+    batches = [(X[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    found = loopy.lr_find(model, F.cross_entropy, optimizer, iter(batches * 3), num_steps=10)
+    assert len(found["lr"]) == 10
