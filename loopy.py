@@ -121,7 +121,8 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=None, val_loader=
             ``scheduler_interval`` (``"epoch"`` or ``"step"``); ``ReduceLROnPlateau`` gets
             ``scheduler_monitor`` (``"val_loss"``, or ``"loss"`` without validation).
             ``history["lr"]`` holds the (first) optimizer's rate at each epoch's end (before an
-            epoch scheduler steps: the rate the epoch used).
+            epoch scheduler steps: the rate the epoch used; a step scheduler has stepped: the
+            next epoch's first rate). Each must be built for one of the run's optimizers.
         precision: None (full), ``"bf16"`` or ``"fp16"`` (autocast; fp16 adds a GradScaler).
         accumulate: step every n batches, the loss scaled to give the gradient of one n times
             larger batch (an epoch's last partial group still steps, scaled by its own size when
