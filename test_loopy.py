@@ -3875,15 +3875,6 @@ def same_saved(expected, got):
         expected["history"] == got["history"]
 
 
-@pytest.fixture(scope="module")
-def straight_training(tmp_path_factory):
-    """One unbroken run of TRAINING_SCRIPT, shared by the tests that interrupt it."""
-    directory = tmp_path_factory.mktemp("straight")
-    process = run_training(directory, "-", 2, False, directory / "straight.pt")
-    assert process.wait(timeout=300) == 0, process.stderr.read()
-    return torch.load(directory / "straight.pt", weights_only=True)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_preemption_signal_saves_at_that_step_exits_128_plus_it_and_resumes_exactly(
@@ -3903,13 +3894,14 @@ def test_a_preemption_signal_saves_at_that_step_exits_128_plus_it_and_resumes_ex
     assert saved["finished"] is None
     process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt")
     assert process.wait(timeout=300) == 0, process.stderr.read()
-    assert same_saved(straight_training, torch.load(tmp_path / "resumed.pt", weights_only=True))
+    assert same_saved(straight_training(), torch.load(tmp_path / "resumed.pt", weights_only=True))
 
 
 def run_torchrun(tmp_path, path, resume, out):
     """TRAINING_SCRIPT under torchrun with 2 processes (rank 0 writes the result)."""
     script = tmp_path / "train_ddp.py"
-    script.write_text(TRAINING_SCRIPT.replace("torch.save({", "if loop.rank == 0: torch.save({"))
+    script.write_text(TRAINING_SCRIPT.replace("torch.save({", "if loop.rank == 0: torch.save({")
+                      .replace("time.sleep(0.02)", "time.sleep(0.1)"))  # torchrun forwards in time
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              "--nproc_per_node=2", str(script), str(path), "2",
                              "resume" if resume else "fresh", str(out)], cwd=HERE,
