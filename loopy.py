@@ -170,7 +170,8 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=None, val_loader=
     loop = Loop(run, loader, val_loader)
     if run.step_fn is None:
         hooks.insert(0, _first_step_checks())
-    if run.progress and run.rank == 0:  # last, so that its epoch line sees what hooks changed
+    shown = any(hook.gi_code is _default_progress.__code__ for hook in hooks)  # the user's own
+    if run.progress and run.rank == 0 and not shown:  # last: its line sees what hooks changed
         hooks.append(_default_progress(bar=run.progress == "bar"))
     with _HookRunner(hooks, loop) as runner, _signals_stop(loop), _counting_steps(loop):
         position = _restore(loop, run.resume) if run.resume is not None else None
@@ -387,7 +388,8 @@ class Loop:
     ``scheduler``, ``scaler``, ``val_loader``, ``dry_run``, ``val_model`` (the module that
     validation runs: ``model``, unless a hook sets another, as :func:`ema` does),
     ``hook_state`` (a dict that checkpoints save and a resume restores before the hooks' first
-    event: tensors, numbers, strings, lists and dicts; tensors come back on the CPU).
+    event: tensors, Python numbers, strings, None, lists, tuples and dicts, checked at each save;
+    tensors come back on the CPU; a hook that changes it must come before :func:`checkpoint`).
     Its ``repr`` is one line: epochs done, steps, the stop reason and the last metrics.
 
     A manual step, ``step(model, batch, loop)``, updates through :meth:`backward` and
@@ -509,8 +511,9 @@ def progress(refresh=0.5, bar=True):
     ``bar`` and tqdm, also one live bar per run where a person watches (stderr on a terminal; a
     notebook: a widget with ipywidgets, else text), its running means refreshed at most every
     ``refresh`` seconds (a sync each time), and cleared after an epoch's last step, so that a
-    hook's ``print`` at ``"epoch"`` starts a line of its own. ``fit`` adds it last: ``progress=
-    True`` or ``"bar"`` adds ``progress()``, ``progress="epoch"`` adds ``progress(bar=False)``.
+    hook's ``print`` at ``"epoch"`` starts a line of its own. ``fit`` adds it last, unless
+    ``hooks`` has one: ``progress=True`` or ``"bar"`` adds ``progress()``, ``progress="epoch"``
+    adds ``progress(bar=False)``.
     """
     bar_class = _bar_class() if bar else None
     started, due, live = time.monotonic(), 0.0, None
@@ -545,7 +548,9 @@ _default_progress = progress
 
 def early_stopping(monitor="val_loss", patience=3, mode="min", min_delta=0.0, restore_best=False):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience``
-    epochs; with ``restore_best``, load the best epoch's weights back at the end.
+    epochs; with ``restore_best``, load the best epoch's weights back when training ends or
+    stops, after every hook's ``"end"``: a checkpoint saved then holds the last weights, so that
+    a resume continues the run.
 
         >>> loopy.fit(..., val_loader=val, hooks=[loopy.early_stopping(patience=5)])
     """
@@ -559,32 +564,38 @@ def early_stopping(monitor="val_loss", patience=3, mode="min", min_delta=0.0, re
                   f"(best {best:.6g})")
         return
     best_weights = None
-    loop = yield "epoch"
-    while loop.event == "epoch":
-        value = _monitored(loop, monitor, "early_stopping")
-        if best is None or better(value, best):
-            best, waited = value, 0
-            if restore_best:
-                best_weights = copy.deepcopy(_unwrap(loop.model).state_dict())
-        else:
-            waited += 1
-            if waited >= patience:
-                loop.stop(f"early stopping: {monitor} did not improve for {patience} epochs "
-                          f"(best {best:.6g})")
-        loop = yield ("epoch", "end")
-    if best_weights is not None:
-        _unwrap(loop.model).load_state_dict(best_weights)
-    elif restore_best and best is not None:
-        warnings.warn(f"early_stopping(restore_best=True): the best {monitor} came before the "
-                      f"run was resumed, and its weights are not in memory, so the last weights "
-                      f"are kept; load them from a loopy.checkpoint(monitor={monitor!r}) file")
+    try:
+        while True:
+            loop = yield ("epoch", "end")
+            if loop.event == "end":
+                continue
+            value = _monitored(loop, monitor, "early_stopping")
+            if best is None or better(value, best):
+                best, waited = value, 0
+                if restore_best:
+                    best_weights = copy.deepcopy(_unwrap(loop.model).state_dict())
+            else:
+                waited += 1
+                if waited >= patience:
+                    loop.stop(f"early stopping: {monitor} did not improve for {patience} epochs "
+                              f"(best {best:.6g})")
+    finally:
+        if restore_best and loop.event == "end":  # after every hook's "end", checkpoints too
+            if best_weights is not None:
+                _unwrap(loop.model).load_state_dict(best_weights)
+            elif best is not None:
+                warnings.warn(f"early_stopping(restore_best=True): the best {monitor} came "
+                              f"before the run was resumed, and its weights are not in memory, "
+                              f"so the last weights are kept; load them from a "
+                              f"loopy.checkpoint(monitor={monitor!r}) file")
 
 
 def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
     """Save the full training state (see ``fit(resume=...)``) atomically to ``path`` after every
     epoch, every ``every`` optimizer steps when it is a number, and when training ends, stops or
     is interrupted; with ``monitor``, only epochs that improve it. ``path`` may contain
-    ``{epoch}`` and ``{step}``; then the ``keep`` newest (or best) files are kept.
+    ``{epoch}`` and ``{step}``; then the ``keep`` newest (or best) files are kept. Hooks that
+    keep state in ``loop.hook_state`` come before it in ``hooks``, to be in its saves.
 
         >>> loopy.fit(..., hooks=[loopy.checkpoint("run.pt")])
         >>> loopy.fit(..., epochs=20, resume="run.pt")      # continues the same run exactly
@@ -717,7 +728,9 @@ def ema(decay=0.999, apply_at_end=True):
     model); when training ends or stops (not when it fails) the model gets them, unless
     ``apply_at_end=False``. Buffers, such as BatchNorm's running statistics, are not averaged:
     the copy uses the model's own, copied after every step. The average is in the checkpoint
-    (``loop.hook_state["ema"]``), so a resumed run continues it exactly.
+    (``loop.hook_state["ema"]``), so a resumed run continues it exactly; a checkpoint's
+    ``["model"]`` holds the trained weights, also with ``monitor``, which judged the average:
+    ``model.load_state_dict(state["hook_state"]["ema"]["average"], strict=False)`` loads it.
 
         >>> loopy.fit(..., val_loader=val, hooks=[loopy.ema(decay=0.999)])
     """
@@ -1771,9 +1784,10 @@ def _check_metrics(metrics):
                         f"loopy.accuracy}}; got {_describe(metrics)}")
     for name, metric in metrics.items():
         _check_not_a_class(f"metrics[{name!r}]", metric)
-        if not isinstance(name, str) or name in ("loss", "lr", "skipped") or name[:4] == "val_":
-            raise ValueError(f"metrics: {name!r} cannot name a metric (loss, lr, skipped and "
-                             f"val_* are loopy's own); pick another name")
+        if not isinstance(name, str) or name in ("loss", "lr", "skipped", "epoch") or \
+                name[:4] == "val_":
+            raise ValueError(f"metrics: {name!r} cannot name a metric (loss, lr, skipped, epoch "
+                             f"and val_* are loopy's own); pick another name")
         if not (_is_metric_object(metric) or callable(metric)):
             raise TypeError(f"metrics[{name!r}] is {_describe(metric)}: a metric is a function "
                             f"(output, target) -> tensor, or an object with update/compute/reset")
@@ -2121,11 +2135,29 @@ def _stateful(batches):
 
 
 def _save(loop, path):
+    _check_loadable(loop.hook_state, "loop.hook_state")  # on every process: all raise
     state = loop.state_dict()  # on every process: under torchrun it gathers the running sums
     if loop.rank == 0:
         _write(state, path)
     if loop.world_size > 1:  # once save returns, every process can read the file
         torch.distributed.barrier(group=loop._run.stop_group)
+
+
+def _check_loadable(value, where):
+    """Only what torch.load(weights_only=True) reads back, so that the resume does not fail."""
+    if type(value) in (dict, collections.OrderedDict):  # (a state_dict() is an OrderedDict)
+        for key, item in value.items():
+            _check_loadable(key, f"{where} key {key!r}")
+            _check_loadable(item, f"{where}[{key!r}]")
+    elif type(value) in (list, tuple, set, torch.Size):
+        for index, item in enumerate(value):
+            _check_loadable(item, f"{where}[{index}]")
+    elif not (isinstance(value, (torch.Tensor, torch.dtype, torch.device)) or value is None or
+              type(value) in (bool, int, float, complex, str, bytes)):
+        raise TypeError(f"{where} is {_describe(value)}, which a checkpoint cannot hold: a "
+                        f"resume reads back only tensors, Python numbers, str, bool, None, and "
+                        f"lists, tuples and dicts of them; convert it (float(x), int(x), "
+                        f"torch.as_tensor(x)) before the save")
 
 
 def _write(state, path):

@@ -4403,3 +4403,116 @@ def test_lr_find_warns_when_the_loss_never_falls_and_explains_a_short_generator(
     batches = [(X[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
     found = loopy.lr_find(model, F.cross_entropy, optimizer, iter(batches * 3), num_steps=10)
     assert len(found["lr"]) == 10
+
+
+# --- issue 14/16 follow-ups (a fresh user's faults): hook order, hook_state, progress, names ---
+
+def weights_at_epochs(weights):
+    """A hook that copies the model's weights at every "epoch" into the list ``weights``."""
+    while True:
+        loop = yield "epoch"
+        weights.append({k: v.clone() for k, v in loop.model.state_dict().items()})
+
+
+@pytest.mark.parametrize("early_stopping_first", [True, False])
+def test_restore_best_comes_after_every_hooks_end_so_checkpoints_hold_the_trained_weights(
+        tmp_path, early_stopping_first):
+    path = tmp_path / "run.pt"
+
+    def run(weights, restore_best=True, **options):
+        hooks = [loopy.early_stopping(patience=5, restore_best=restore_best),
+                 loopy.checkpoint(path)]
+        return train(model=make_mlp(), n=128, lr=2.0, epochs=3, shuffle=True, seed=0,
+                     val_loader=make_data(64, seed=1), **options,
+                     hooks=(hooks if early_stopping_first else hooks[::-1]) +
+                     [weights_at_epochs(weights)])
+
+    trained = []
+    straight = run(trained)
+    best = min(range(3), key=straight.history["val_loss"].__getitem__)
+    assert best != 2  # (else restoring the best changes nothing)
+    assert all(torch.equal(v, trained[best][k]) for k, v in straight.model.state_dict().items())
+    saved = torch.load(path, weights_only=True)["model"]  # at "end": the trained weights
+    assert all(torch.equal(v, trained[-1][k]) for k, v in saved.items())
+
+    stopped = run([], max_steps=6)  # stops in epoch 2; its best (epoch 1) is restored at the end
+    assert torch.load(path, weights_only=True)["step"] == 6
+    resumed_weights = []
+    resumed = run(resumed_weights, restore_best=False, resume=path)
+    assert resumed.history == straight.history and stopped.step == 6
+    assert all(torch.equal(v, trained[-1][k]) for k, v in resumed.model.state_dict().items())
+
+
+def test_hook_state_that_a_resume_cannot_read_is_refused_at_the_save(tmp_path):
+    import numpy as np
+
+    def keep(value):
+        loop = yield "start"
+        loop.hook_state["mine"] = {"best": value}
+        while True:
+            yield "epoch"
+
+    for value, shown in [(np.float64(0.5), "(type float64)"), (lambda: 1, "function")]:
+        with pytest.raises(TypeError) as raised:
+            train(hooks=[keep(value), loopy.checkpoint(tmp_path / "bad.pt")])
+        message = str(raised.value)
+        assert message.startswith("loop.hook_state['mine']['best'] is ") and shown in message
+        assert "float(x)" in message and not os.path.exists(tmp_path / "bad.pt")
+
+    # what torch.load(weights_only=True) reads back passes, and comes back equal
+    fine = {"t": (1, 2.5, True, None, "s"), "n": [torch.ones(2)], 3: make_mlp().state_dict()}
+    train(hooks=[keep(fine), loopy.checkpoint(tmp_path / "ok.pt")])
+    back = torch.load(tmp_path / "ok.pt", weights_only=True)["hook_state"]["mine"]["best"]
+    assert back["t"] == fine["t"] and torch.equal(back["n"][0], fine["n"][0])
+    assert all(torch.equal(v, fine[3][k]) for k, v in back[3].items())
+
+
+def test_a_hook_listed_before_checkpoint_has_its_state_resumed_exactly(tmp_path):
+    """The README's count_steps, before checkpoint(every=n) as the README says to list it."""
+    def count_steps():
+        loop = yield "start"
+        state = loop.hook_state.setdefault("count_steps", {"steps": 0})
+        while True:
+            loop = yield "step"
+            state["steps"] += 1
+
+    def crash_at(step):
+        while True:
+            if (yield "step").step == step:
+                raise RuntimeError("simulated crash")
+
+    path = tmp_path / "run.pt"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(epochs=3, hooks=[count_steps(), loopy.checkpoint(path, every=5), crash_at(12)],
+              n=128)
+    loop = train(epochs=3, hooks=[count_steps(), loopy.checkpoint(path, every=5)], n=128,
+                 resume=path)
+    assert loop.step == 12 and loop.hook_state["count_steps"]["steps"] == 12  # 3 epochs of 4
+    assert "before `loopy.checkpoint`" in open(README).read()
+
+
+def test_an_ema_checkpoint_holds_the_trained_weights_and_the_average_it_judged(tmp_path):
+    trained = []
+    X_val, y_val = make_data(64, seed=1)
+    loop = train(lr=0.5, epochs=3, val_loader=(X_val, y_val), val_batch_size=64,
+                 hooks=[loopy.ema(decay=0.9), weights_at_epochs(trained),
+                        loopy.checkpoint(tmp_path / "best.pt", monitor="val_loss")])
+    best = min(range(3), key=loop.history["val_loss"].__getitem__)
+    state = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert all(torch.equal(v, trained[best][k]) for k, v in state["model"].items())
+    model = make_mlp().eval()
+    model.load_state_dict(state["hook_state"]["ema"]["average"], strict=False)
+    with torch.no_grad():
+        judged = F.cross_entropy(model(X_val), y_val).item()  # by hand
+    assert judged == pytest.approx(loop.history["val_loss"][best], rel=1e-6)
+
+
+def test_a_progress_hook_of_your_own_replaces_fits(capsys):
+    train(epochs=2, progress=True, hooks=[loopy.progress(bar=False)])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+
+
+def test_epoch_cannot_name_a_metric_as_csv_logger_and_log_to_add_it():
+    message = fit_error(ValueError, metrics={"epoch": loopy.accuracy})
+    assert message.startswith("metrics: 'epoch' cannot name a metric") and "pick another" in message
