@@ -4516,3 +4516,22 @@ def test_a_progress_hook_of_your_own_replaces_fits(capsys):
 def test_epoch_cannot_name_a_metric_as_csv_logger_and_log_to_add_it():
     message = fit_error(ValueError, metrics={"epoch": loopy.accuracy})
     assert message.startswith("metrics: 'epoch' cannot name a metric") and "pick another" in message
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_of_ema_and_restore_best_the_hook_listed_first_applies_its_weights_last(ema_first):
+    trained, averaged = [], []
+
+    def average_at_end():  # ema's average, as validation used it, read before any teardown
+        loop = yield "end"
+        averaged.append({k: v.clone() for k, v in loop.val_model.state_dict().items()})
+        yield "end"
+
+    hooks = [loopy.ema(decay=0.9), loopy.early_stopping(patience=5, restore_best=True)]
+    loop = train(lr=2.0, n=128, epochs=3, shuffle=True, seed=0, val_loader=make_data(64, seed=1),
+                 hooks=(hooks if ema_first else hooks[::-1]) + [weights_at_epochs(trained),
+                                                                 average_at_end()])
+    best = min(range(3), key=loop.history["val_loss"].__getitem__)
+    expected = averaged[0] if ema_first else trained[best]
+    assert all(torch.equal(v, expected[k]) for k, v in loop.model.state_dict().items())
+    assert not all(torch.equal(v, trained[best][k]) for k, v in averaged[0].items())
