@@ -1379,6 +1379,7 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None,
     if world_size > 1:
         batches = _shard(batches, rank, world_size, training=optimizer is not None)
         val_loader = _shard(val_loader, rank, world_size, training=False)
+    batches, val_loader = _sliced(batches), _sliced(val_loader)  # the same batches, faster
     wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel) or _is_fsdp(model)
     if wrapped and ddp_options:
         raise ValueError(f"ddp_options={ddp_options!r}, but the model is already wrapped "
@@ -1918,9 +1919,10 @@ def _from_numpy(data):
 class _TensorBatches:
     """Batches of in-memory tensors by slicing. Draws the same random numbers as
     ``DataLoader(TensorDataset(*tensors), batch_size, shuffle, drop_last=drop_last)``, so the
-    batches are identical."""
+    batches are identical; given a DataLoader's ``sampler`` and ``generator``, its (_sliced)."""
 
-    def __init__(self, data, name, batch_size, shuffle, drop_last=False):
+    def __init__(self, data, name, batch_size, shuffle, drop_last=False, *, sampler=None,
+                 generator=None):
         self.single = isinstance(data, torch.Tensor)
         self.tensors = (data,) if self.single else tuple(data)
         lengths = {t.shape[0] if t.dim() else None for t in self.tensors}
@@ -1930,27 +1932,80 @@ class _TensorBatches:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
         self.size, self.batch_size, self.shuffle = lengths.pop(), batch_size, shuffle
-        self.drop_last = drop_last
-        if drop_last and self.size < batch_size:
-            raise ValueError(f"{name} is empty: {self.size} samples make no full batch of "
-                             f"batch_size={batch_size}, and drop_last=True drops the partial one")
+        if sampler is None:  # what DataLoader(TensorDataset(*tensors), shuffle=shuffle) uses
+            if drop_last and self.size < batch_size:
+                raise ValueError(f"{name} is empty: {self.size} samples make no full batch of "
+                                 f"batch_size={batch_size}, and drop_last=True drops the partial "
+                                 f"one")
+            sampler = torch.utils.data.RandomSampler(range(self.size)) if shuffle else \
+                range(self.size)
+        self.drop_last, self.sampler, self.generator = drop_last, sampler, generator
+        self.count = len(sampler)  # indices per epoch
 
     def __len__(self):
-        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
+        batches, rest = divmod(self.count, self.batch_size)
+        return batches + (rest > 0 and not self.drop_last)
 
     def __iter__(self, skip=0):
-        torch.empty((), dtype=torch.int64).random_()  # DataLoader draws its workers' base seed
-        order = None
-        if self.shuffle:  # as RandomSampler does
-            seed = int(torch.empty((), dtype=torch.int64).random_().item())
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
-            order = order.to(self.tensors[0].device)
-        for start in range(skip * self.batch_size, len(self) * self.batch_size, self.batch_size):
-            rows = slice(start, start + self.batch_size)
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # as DataLoader:
+        pieces, device = self._indices(), self.tensors[0].device  # its workers' base seed
+        order, offset = torch.empty(0, dtype=torch.int64, device=device), 0  # order[0] is at offset
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            end = min(start + self.batch_size, self.count)
+            # as a BatchSampler pulls indices from its sampler: a piece of the order is drawn when
+            # its first index is needed, and all that remain when a batch comes up short
+            needed = end if end - start == self.batch_size else math.inf
+            while offset + len(order) < needed and (piece := next(pieces, None)) is not None:
+                piece = piece.to(device, non_blocking=True)  # (a no-op on the CPU)
+                order, offset = torch.cat((order[start - offset:], piece)), start
+            if start < skip * self.batch_size:
+                continue  # (a resume skips them: drawn, as in a full pass, but never loaded)
             # copies, as a DataLoader's are: a hook changing a batch in place leaves X alone
-            batch = [t[rows].clone() if order is None else t.index_select(0, order[rows])
-                     for t in self.tensors]
+            batch = [t.index_select(0, order[start - offset:end - offset]) for t in self.tensors]
             yield batch[0] if self.single else batch
+        for _ in pieces:  # the sampler's last draw, when its iterator is exhausted
+            pass
+
+    def _indices(self):
+        """The sampler's indices in the pieces it draws them in (for RandomSampler, each drawn
+        when the first index in it is needed: a generator stopped mid-epoch is left as the
+        DataLoader leaves it)."""
+        sampler, n, data = self.sampler, self.size, torch.utils.data
+        if isinstance(sampler, range):  # sequential, or loopy's evaluation shard
+            yield torch.arange(sampler.start, sampler.stop, sampler.step)
+        elif isinstance(sampler, data.DistributedSampler):
+            order = torch.arange(n) if not sampler.shuffle else torch.randperm(
+                n, generator=torch.Generator().manual_seed(sampler.seed + sampler.epoch))
+            order = order.repeat(-(-sampler.total_size // n))[:sampler.total_size]  # padded
+            yield order[sampler.rank:sampler.total_size:sampler.num_replicas]
+        else:  # as RandomSampler.__iter__ does
+            generator = sampler.generator
+            if generator is None:
+                seed = int(torch.empty((), dtype=torch.int64).random_().item())
+                generator = torch.Generator().manual_seed(seed)
+            piece = 32 if sampler.replacement else n
+            for length in [piece] * (self.count // piece) + [self.count % piece]:
+                yield torch.randint(n, (length,), generator=generator) if sampler.replacement \
+                    else torch.randperm(n, generator=generator)[:length]
+
+
+def _sliced(loader):
+    """A DataLoader whose batches _TensorBatches reproduces exactly, as _TensorBatches (slicing
+    instead of fetching and collating samples one by one); anything else as it is."""
+    data, sampler = torch.utils.data, getattr(loader, "sampler", None)
+    if type(loader) is not data.DataLoader or type(loader.dataset) is not data.TensorDataset or \
+            loader.num_workers or loader.collate_fn is not data.default_collate or \
+            loader.batch_size is None:  # (else its batch sampler is the default BatchSampler)
+        return loader
+    if type(sampler) in (data.SequentialSampler, data.RandomSampler, data.DistributedSampler):
+        exact = getattr(sampler, "data_source", getattr(sampler, "dataset", None)) is loader.dataset
+    else:  # a range: loopy's evaluation shard
+        exact = type(sampler) is range and sampler.start >= 0 and sampler.step > 0
+    if not exact:
+        return loader
+    sampler = range(len(sampler)) if type(sampler) is data.SequentialSampler else sampler
+    return _TensorBatches(loader.dataset.tensors, "loader", loader.batch_size, False,
+                          loader.drop_last, sampler=sampler, generator=loader.generator)
 
 
 def _length(data):

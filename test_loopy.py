@@ -1825,8 +1825,8 @@ def test_overhead_smoke_run(tmp_path):
     assert "epoch 1/1" not in out  # fit's own progress lines stay out of the table
     result = json.loads(saved.read_text())
     rows = {row["key"]: row for row in result["rows"]}
-    assert {"hand", "loopy_lean", "loopy_defaults", "hand_work", "loopy_defaults_work",
-            "loopy_lean_work", "loopy_tty_work"} == set(rows)
+    assert {"hand", "loopy_dataloader", "loopy_lean", "loopy_defaults", "hand_work",
+            "loopy_defaults_work", "loopy_lean_work", "loopy_tty_work"} == set(rows)
     for key, row in rows.items():
         assert row["bit_identical"], f"{key}: weights differ from the hand-written loop"
         assert row["ms_per_step"] > 0 and isinstance(row.get("meets_target", False), bool)
@@ -4535,3 +4535,298 @@ def test_of_ema_and_restore_best_the_hook_listed_first_applies_its_weights_last(
     expected = averaged[0] if ema_first else trained[best]
     assert all(torch.equal(v, expected[k]) for k, v in loop.model.state_dict().items())
     assert not all(torch.equal(v, trained[best][k]) for k, v in averaged[0].items())
+
+
+# --- issue 17: a DataLoader over a TensorDataset is sliced, bit-identically ---
+
+def issue17_loaders():
+    """Loader factories (a fresh generator each call, so every run starts from the same one)."""
+    def with_generator(**options):
+        return lambda data: DataLoader(data, 32, generator=torch.Generator().manual_seed(7),
+                                       **options)
+
+    def with_sampler(replacement, num_samples, seeded=False):
+        return lambda data: DataLoader(data, 32, sampler=torch.utils.data.RandomSampler(
+            data, replacement, num_samples,
+            torch.Generator().manual_seed(3) if seeded else None))
+    return {
+        "no shuffle, partial last batch": lambda data: DataLoader(data, 32),
+        "shuffle": lambda data: DataLoader(data, 32, shuffle=True),
+        "shuffle, the loader's own generator": with_generator(shuffle=True),
+        "drop_last": lambda data: DataLoader(data, 32, shuffle=True, drop_last=True),
+        "drop_last, own generator": with_generator(shuffle=True, drop_last=True),
+        "with replacement": with_sampler(True, 150),
+        "with replacement, own generator": with_sampler(True, 64, seeded=True),
+        "more samples than data, own generator": with_sampler(False, 250, seeded=True),
+    }
+
+
+def getitem_calls(monkeypatch, dataset_class=TensorDataset):
+    """Count the calls of dataset_class.__getitem__: none when loopy slices the tensors."""
+    calls = []
+    original = dataset_class.__getitem__
+
+    def counted(self, index):
+        calls.append(index)
+        return original(self, index)
+    monkeypatch.setattr(dataset_class, "__getitem__", counted)
+    return calls
+
+
+def generator_state(loader):
+    generator = loader.generator or getattr(loader.sampler, "generator", None)
+    return None if generator is None else generator.get_state()
+
+
+@pytest.mark.parametrize("name", list(issue17_loaders()))
+def test_a_sliced_dataloader_trains_bit_identically_to_the_hand_loop_on_it(monkeypatch, name):
+    make_loader = issue17_loaders()[name]
+    X, y = make_data(203)  # 6 full batches of 32 and one of 11
+    Xv, yv = make_data(45, seed=1)
+
+    def run(by_hand):
+        model = make_mlp(dropout=0.3)  # dropout: the global RNG after the shuffle matters too
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        loader, val_loader = make_loader(TensorDataset(X, y)), DataLoader(TensorDataset(Xv, yv), 7)
+        torch.manual_seed(1)
+        if by_hand:
+            history = hand_loop(model, optimizer, loader, 3, val_loader, metric=loopy.accuracy)
+        else:
+            loop = loopy.fit(model, F.cross_entropy, optimizer, loader, epochs=3,
+                             val_loader=val_loader, metrics={"acc": loopy.accuracy},
+                             progress=False)
+            assert loop.loader is loader and loop.val_loader is val_loader
+            history = loop.history
+        return model, history, torch.get_rng_state(), generator_state(loader)
+
+    expected = run(by_hand=True)
+    calls = getitem_calls(monkeypatch)
+    sliced = run(by_hand=False)
+    assert calls == []  # it sliced: no sample was fetched one by one
+    monkeypatch.setattr(loopy, "_sliced", lambda loader: loader)  # the DataLoader path
+    iterated = run(by_hand=False)
+    assert calls  # (the counter works)
+    assert same_weights(sliced[0], expected[0]) and same_weights(iterated[0], expected[0])
+    assert sliced[1] == iterated[1]  # the history, bit for bit
+    for metric in ("loss", "acc", "val_loss", "val_acc"):
+        assert sliced[1][metric] == pytest.approx(expected[1][metric], rel=1e-6, abs=1e-7)
+    assert torch.equal(sliced[2], expected[2])  # the global RNG after training
+    assert (sliced[3] is None) == (expected[3] is None)  # the loader's generator after it
+    assert sliced[3] is None or torch.equal(sliced[3], expected[3])
+
+
+def issue17_samplers():
+    sampler, distributed = torch.utils.data.RandomSampler, torch.utils.data.DistributedSampler
+    return {
+        "sequential": lambda data, g: DataLoader(data, 7),
+        "sequential, drop_last": lambda data, g: DataLoader(data, 8, drop_last=True),
+        "one batch, larger than the data": lambda data, g: DataLoader(data, 40),
+        "shuffle": lambda data, g: DataLoader(data, 7, shuffle=True),
+        "shuffle, drop_last": lambda data, g: DataLoader(data, 9, shuffle=True, drop_last=True),
+        "shuffle, generator": lambda data, g: DataLoader(data, 8, shuffle=True, generator=g),
+        "replacement": lambda data, g: DataLoader(data, 6, sampler=sampler(data, True, 70)),
+        "replacement, generator": lambda data, g: DataLoader(data, 32,
+                                                             sampler=sampler(data, True, 64, g)),
+        "generator, more than the data": lambda data, g: DataLoader(
+            data, 6, sampler=sampler(data, False, 45, g)),
+        "generator, twice the data": lambda data, g: DataLoader(
+            data, 10, sampler=sampler(data, False, 60, g)),
+        "a range": lambda data, g: DataLoader(data, 4, sampler=range(2, 30, 3)),
+        "distributed": lambda data, g: DataLoader(
+            data, 4, sampler=distributed(data, 4, 1, shuffle=True, seed=2)),
+        "distributed, drop_last": lambda data, g: DataLoader(
+            data, 3, sampler=distributed(data, 4, 3, shuffle=False, drop_last=True)),
+    }
+
+
+@pytest.mark.parametrize("name", list(issue17_samplers()))
+@pytest.mark.parametrize("stop_after", [None, 1, 2, 3, 4])
+def test_sliced_batches_and_random_draws_equal_the_dataloaders(name, stop_after):
+    """PyTorch as the oracle: the same batches, and the global RNG and the generator in the
+    same state after a full pass or a pass cut short (random numbers drawn between batches)."""
+    X, y = make_data(30)
+    results = []
+    for sliced in (False, True):
+        generator = torch.Generator().manual_seed(11)
+        loader = issue17_samplers()[name](TensorDataset(X, y), generator)
+        batches = loopy._sliced(loader) if sliced else loader
+        assert (batches is not loader) == sliced and len(batches) == len(loader)
+        torch.manual_seed(0)
+        got = []
+        for batch in batches:
+            got.append(batch)
+            if len(got) == stop_after:
+                break
+            torch.rand(1)
+        results.append((got, torch.get_rng_state(), generator.get_state()))
+    (expected, rng, generator), (got, sliced_rng, sliced_generator) = results
+    assert len(got) == len(expected) and all(
+        type(a) is type(b) and len(a) == len(b) and all(torch.equal(s, t) and s.dtype == t.dtype
+                                                        for s, t in zip(a, b))
+        for a, b in zip(got, expected))
+    assert torch.equal(sliced_rng, rng) and torch.equal(sliced_generator, generator)
+
+
+def test_a_mid_epoch_resume_on_a_sliced_dataloader_equals_the_straight_run(monkeypatch, tmp_path):
+    X, y = make_data(150)
+
+    def run(path=None, stop_at_step=None, resume=None, epochs=3):
+        model = make_mlp(dropout=0.2)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        hooks = [stop_when(stop_at_step)] if stop_at_step else []
+        loop = loopy.fit(model, F.cross_entropy, optimizer,
+                         DataLoader(TensorDataset(X, y), 16, shuffle=True),
+                         hooks + ([loopy.checkpoint(path)] if path else []), epochs=epochs,
+                         seed=None if resume else 123, resume=resume, progress=False)
+        return model, loop
+
+    straight, straight_loop = run()
+    by_hand = make_mlp(dropout=0.2)
+    optimizer = torch.optim.Adam(by_hand.parameters(), lr=0.01)
+    torch.manual_seed(123)
+    hand_loop(by_hand, optimizer, DataLoader(TensorDataset(X, y), 16, shuffle=True), 3)
+    assert same_weights(straight, by_hand)
+    _, stopped = run(tmp_path / "sliced.pt", stop_at_step=14)  # batch 4 of epoch 2
+    with monkeypatch.context() as patch:
+        patch.setattr(loopy, "_sliced", lambda loader: loader)
+        run(tmp_path / "iterated.pt", stop_at_step=14)
+    saved = [torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("sliced", "iterated")]
+    assert saved[0]["position"]["batches"] == 4 and saved[0]["step"] == 14
+    assert torch.equal(saved[0]["rng"]["torch"], saved[1]["rng"]["torch"])
+    assert torch.equal(saved[0]["position"]["epoch_rng"], saved[1]["position"]["epoch_rng"])
+    assert all(torch.equal(a, b) for a, b in zip(saved[0]["model"].values(),
+                                                 saved[1]["model"].values()))
+    torch.manual_seed(999)  # the resumed run must not depend on the global RNG
+    resumed, resumed_loop = run(resume=tmp_path / "sliced.pt")
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+
+
+def test_evaluate_predict_and_lr_find_on_a_sliced_dataloader_equal_the_dataloader_path(
+        monkeypatch):
+    X, y = make_data(100)
+    model = make_mlp()
+
+    def run():
+        loader = DataLoader(TensorDataset(X, y), 16, shuffle=True,
+                            generator=torch.Generator().manual_seed(5))
+        results = loopy.evaluate(model, DataLoader(TensorDataset(X, y), 24), F.cross_entropy,
+                                 {"acc": loopy.accuracy})
+        outputs = loopy.predict(model, DataLoader(TensorDataset(X), 24))
+        found = loopy.lr_find(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                              loader, num_steps=10)  # stops inside the second epoch
+        return results, outputs, found, loader.generator.get_state()
+
+    calls = getitem_calls(monkeypatch)
+    sliced = run()
+    assert calls == []
+    monkeypatch.setattr(loopy, "_sliced", lambda loader: loader)
+    iterated = run()
+    assert sliced[0] == iterated[0] and torch.equal(sliced[1], iterated[1])
+    assert sliced[2] == iterated[2] and torch.equal(sliced[3], iterated[3])
+    with torch.no_grad():
+        assert torch.equal(sliced[1], torch.cat([model(X[i:i + 24]) for i in range(0, 100, 24)]))
+
+
+class TensorDatasetSubclass(TensorDataset):
+    pass
+
+
+@pytest.mark.parametrize("fallback", ["a TensorDataset subclass", "a custom collate_fn",
+                                      "workers", "a DataLoader subclass", "a weighted sampler"])
+def test_dataloaders_loopy_cannot_reproduce_are_iterated_as_they_are(monkeypatch, fallback):
+    X, y = make_data(70)
+    collated = []
+
+    def collate(samples):
+        collated.append(len(samples))
+        return torch.utils.data.default_collate(samples)
+
+    def make_loader():
+        data = (TensorDatasetSubclass if fallback == "a TensorDataset subclass" else TensorDataset)(X, y)
+        options = {"a custom collate_fn": dict(collate_fn=collate),
+                   "workers": dict(num_workers=2),
+                   "a weighted sampler": dict(sampler=torch.utils.data.WeightedRandomSampler(
+                       torch.ones(70), 70))}.get(fallback, dict(shuffle=True))
+        loader_class = type("Loader", (DataLoader,), {}) if fallback == "a DataLoader subclass" \
+            else DataLoader
+        return loader_class(data, 16, **options)
+
+    calls = getitem_calls(monkeypatch, TensorDatasetSubclass)
+    assert type(loopy._sliced(make_loader())) is not loopy._TensorBatches
+    by_hand = make_mlp()
+    optimizer = torch.optim.SGD(by_hand.parameters(), lr=0.1)
+    torch.manual_seed(1)
+    hand_loop(by_hand, optimizer, make_loader(), 2)
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(1)
+    collated.clear(), calls.clear()
+    loopy.fit(model, F.cross_entropy, optimizer, make_loader(), epochs=2, progress=False)
+    assert same_weights(model, by_hand)
+    if fallback == "a TensorDataset subclass":
+        assert len(calls) == 2 * 70  # its own __getitem__ fetched every sample
+    if fallback == "a custom collate_fn":
+        assert collated == [16, 16, 16, 16, 6] * 2
+
+
+@pytest.mark.cuda
+def test_cuda_a_sliced_pinned_dataloader_trains_like_the_dataloader(monkeypatch):
+    X, y = make_data(203)
+
+    def run():
+        model = make_mlp(dropout=0.2)
+        torch.manual_seed(1)
+        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                  DataLoader(TensorDataset(X, y), 32, shuffle=True, pin_memory=True), epochs=2,
+                  device="cuda", progress=False)
+        return model
+
+    sliced = run()
+    monkeypatch.setattr(loopy, "_sliced", lambda loader: loader)
+    assert same_weights(sliced, run())
+
+
+SLICED_DISTRIBUTED_SCRIPT = """
+import os, sys, torch, loopy
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+torch.set_num_threads(1)
+calls, getitem = [], TensorDataset.__getitem__
+TensorDataset.__getitem__ = lambda self, index: calls.append(index) or getitem(self, index)
+results = {}
+for path in ("sliced", "iterated"):
+    if path == "iterated":
+        loopy._sliced = lambda loader: loader
+    X = torch.randn(90, 8, generator=torch.Generator().manual_seed(0))
+    y = (X[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                                torch.nn.Linear(16, 2))
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                     DataLoader(TensorDataset(X, y), 8, shuffle=True, drop_last=sys.argv[2] == "1"),
+                     val_loader=DataLoader(TensorDataset(X[:31], y[:31]), 4), epochs=3,
+                     progress=False)
+    results[path] = {"model": model.state_dict(), "history": loop.history, "calls": len(calls),
+                     "rng": torch.get_rng_state()}
+    calls.clear()
+torch.save(results, os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_torchrun_sliced_shards_equal_the_distributed_samplers(tmp_path, drop_last):
+    script = tmp_path / "sliced_ddp.py"
+    script.write_text(SLICED_DISTRIBUTED_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(script), str(tmp_path), str(int(drop_last))],
+                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        runs = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        sliced, iterated = runs["sliced"], runs["iterated"]
+        assert sliced["calls"] == 0 and iterated["calls"] > 0
+        assert all(torch.equal(sliced["model"][k], v) for k, v in iterated["model"].items())
+        assert sliced["history"] == iterated["history"]
+        assert torch.equal(sliced["rng"], iterated["rng"])
