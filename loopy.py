@@ -69,11 +69,11 @@ class HookError(RuntimeError):
 
 
 def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=None, val_loader=None, metrics=None,
-        device="auto", progress=True, step=None, batch_size=32, shuffle=False, drop_last=False,
-        val_batch_size=None, scheduler=None, scheduler_interval="epoch",
-        scheduler_monitor="val_loss", precision=None, accumulate=1, clip_grad=None, seed=None,
-        max_steps=None, dry_run=False, nonfinite="raise", resume=None, ddp_options=None,
-        process_group_timeout=600, resume_missing_ok=False, exit_on_signal=True):
+        device="auto", progress=True, step=None, batch_size=None, shuffle=None, drop_last=False,
+        val_batch_size=None, scheduler=None, scheduler_interval=None, scheduler_monitor=None,
+        precision=None, accumulate=1, clip_grad=None, seed=None, max_steps=None, dry_run=False,
+        nonfinite="raise", resume=None, ddp_options=None, process_group_timeout=600,
+        resume_missing_ok=False, exit_on_signal=True):
     """Train ``model`` and return the :class:`Loop` that the hooks saw; with the same seed, the
     weights equal the hand-written loop's bit for bit::
 
@@ -86,7 +86,7 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=None, val_loader=
             tuple or list ``x``) or ``model(**x)`` (a dict). It trains in train mode, except for
             submodules in eval mode when fit is called (a frozen BatchNorm backbone), which stay
             so (with a warning if their parameters train); a model wholly in eval mode trains.
-        loss_fn: ``loss_fn(output, y) -> scalar tensor``; may be None when ``step`` is given.
+        loss_fn: ``loss_fn(output, y) -> scalar tensor``; None when ``step`` is given.
             An ``nn.Module`` loss moves with the model. Output and target shapes that broadcast
             to more elements than either (``(N, 1)`` and ``(N,)``) are an error at the first step.
         optimizer: a ``torch.optim.Optimizer`` over the model's parameters (and a loss module's);
@@ -115,7 +115,9 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=None, val_loader=
             a dict of detached numbers to record, ``{"loss_d": ..., "loss_g": ...}`` (or
             ``(numbers, output, target)`` for ``metrics``); it gets your own model, also under
             torchrun, where ``loop.step_optimizer`` averages the gradients over processes.
-        batch_size, shuffle, drop_last: for in-memory tensors only, as DataLoader's.
+        batch_size, shuffle, drop_last: for in-memory tensors only, as DataLoader's (default 32,
+            False, False); for a DataLoader, set them on it (giving them here is an error, as is
+            any option that would be ignored).
         val_batch_size: the batch size for in-memory ``val_loader`` tensors (None: ``batch_size``).
         scheduler: a ``torch.optim.lr_scheduler`` (or a list or dict of them), stepped every
             ``scheduler_interval`` (``"epoch"`` or ``"step"``); ``ReduceLROnPlateau`` gets
@@ -129,7 +131,8 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=None, val_loader=
             the loader has a len(), by n otherwise).
         clip_grad: clip the gradient norm to this value; ``loop.grad_norm`` is the norm before.
         seed: seed Python, NumPy (if imported) and torch first, for shuffling and dropout (seed
-            the initial weights before building the model); None leaves them.
+            the initial weights before building the model); None leaves them. With ``resume``
+            the checkpoint's random state replaces it.
         max_steps: stop after this many steps (``loop.step``: optimizer steps; with a manual
             step, batches, or accumulation groups), as ``loop.stop()`` does.
         dry_run: one epoch of 2 batches and 2 validation batches; checkpoints are not written.
@@ -203,7 +206,7 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=None, val_loader=
 
 
 def evaluate(model, loader, loss_fn=None, metrics=None, device="auto", *, step=None,
-             batch_size=32, precision=None):
+             batch_size=None, precision=None):
     """Evaluate ``model`` on ``loader`` under ``torch.no_grad()`` and ``model.eval()``.
 
     Returns a dict of floats: ``"loss"`` (when ``loss_fn`` or ``step`` is given; the mean
@@ -215,10 +218,10 @@ def evaluate(model, loader, loss_fn=None, metrics=None, device="auto", *, step=N
     """
     run = _prepare(model, loss_fn, None, loader, metrics=metrics, device=device, step=step,
                    batch_size=batch_size, precision=precision)
-    return _evaluate(run, run.batches, Loop(run, loader))
+    return _evaluate(run, run.batches, "loader", Loop(run, loader))
 
 
-def predict(model, loader, device="auto", *, batch_size=32):
+def predict(model, loader, device="auto", *, batch_size=None):
     """Run ``model`` over ``loader`` (batches of inputs, or ``(x, y)`` pairs whose ``y`` is
     ignored) under ``torch.no_grad()`` and ``model.eval()``; return the outputs concatenated
     along dim 0, on the CPU (a tuple or dict of them when the model returns one; one list when it
@@ -271,7 +274,7 @@ def accuracy(output, target):
 
 
 def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_steps=100,
-            smoothing=0.98, diverge=4.0, device="auto", step=None, batch_size=32):
+            smoothing=0.98, diverge=4.0, device="auto", step=None, batch_size=None):
     """The learning-rate range test: train ``num_steps`` batches while the learning rate grows
     exponentially from ``min_lr`` to ``max_lr``; stop early when the smoothed loss exceeds
     ``diverge`` times its best. Model, optimizer and RNG states are restored afterwards.
@@ -304,6 +307,7 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
                 loop.stop("lr_find finished")
 
     batches = _as_batches(loader, "loader", batch_size, True)
+    _check_in_memory(batch_size=(batch_size, loader, isinstance(batches, _TensorBatches)))
     once = iter(batches) is batches  # a generator: one pass
     epochs = 1 if once else num_steps // _length(batches) + 1 if _length(batches) else None
     try:
@@ -383,7 +387,9 @@ class Loop:
     ``num_batches`` (batches in this epoch; None when the loader has no len()), ``batch`` (on
     the device; a ``"batch"`` hook may replace it), ``output``, ``loss`` (detached tensor; a
     manual step's dict), ``grad_norm`` (with ``clip_grad``), ``metrics`` (the last epoch's
-    floats), ``history`` (lists of floats per epoch), ``event`` (the current event),
+    floats), ``metric_names`` (the names that ``metrics`` will have, known at ``"start"``; a
+    hook that adds its own metric appends its name there; None with a manual step), ``history``
+    (a list of floats per epoch for each name, NaN in the epochs without that value), ``event`` (the current event),
     ``stop_reason``, ``rank`` and ``world_size`` (under torchrun; 0 and 1 otherwise),
     ``scheduler``, ``scaler``, ``val_loader``, ``dry_run``, ``val_model`` (the module that
     validation runs: ``model``, unless a hook sets another, as :func:`ema` does),
@@ -408,6 +414,7 @@ class Loop:
         self.batch = self.output = self.loss = self.grad_norm = self.event = None
         self.stop_reason, self.metrics, self.history = None, {}, {}
         self.val_model, self.hook_state = run.model, {}
+        self.metric_names = None if run.metric_names is None else list(run.metric_names)
         self._run = run  # the run's options (read only)
         self._epoch = None  # the current epoch's record: its meters, position and completion
         self._interrupted = 0  # the first stopping signal received (SIGINT, SIGTERM, SIGUSR1)
@@ -475,7 +482,11 @@ class Loop:
 
     def state_dict(self):
         """The full training state that :func:`checkpoint` saves and ``fit(resume=...)`` loads;
-        ``"finished"`` says why the run ended (None while it runs, or when a signal stopped it)."""
+        ``"finished"`` says why the run ended (None while it runs, or when a signal stopped it).
+        With ``nonfinite="raise"``, a non-finite loss so far raises instead, so that no state
+        computed from it is ever saved."""
+        if self._epoch is not None:
+            self.averages()  # (raises on a non-finite loss; a sync, as saving is anyway)
         model, optimizers = _model_and_optimizer_state(self.model, self._run.optimizers)
         batches = self._run.batches
         finished = self.event == "end" and not self._interrupted
@@ -546,16 +557,19 @@ def progress(refresh=0.5, bar=True):
 _default_progress = progress
 
 
-def early_stopping(monitor="val_loss", patience=3, mode="min", min_delta=0.0, restore_best=False):
+def early_stopping(monitor="val_loss", patience=3, mode="auto", min_delta=0.0, restore_best=False):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience``
     epochs; with ``restore_best``, load the best epoch's weights back when training ends or
     stops, after every hook's ``"end"``: a checkpoint saved then holds the last weights, so that
     a resume continues the run.
+    ``mode="auto"`` is ``"max"`` for scores (acc, f1, auc, ...), ``"min"`` for losses and
+    errors; a NaN is never the best value.
 
         >>> loopy.fit(..., val_loader=val, hooks=[loopy.early_stopping(patience=5)])
     """
-    better = _improvement_test(mode, min_delta, "early_stopping")
+    better = _improvement_test(monitor, mode, min_delta, "early_stopping")
     loop = yield "start"
+    _check_monitor(loop, monitor, "early_stopping", loop.metric_names)
     # after a resume the epochs before it count too, so that the stop comes where it would have
     # (a relaunch of a run that stopped early trains nothing)
     best, waited = _best_so_far(loop.history.get(monitor, []), better)
@@ -569,8 +583,10 @@ def early_stopping(monitor="val_loss", patience=3, mode="min", min_delta=0.0, re
             loop = yield ("epoch", "end")
             if loop.event == "end":
                 continue
-            value = _monitored(loop, monitor, "early_stopping")
-            if best is None or better(value, best):
+            _check_monitor(loop, monitor, "early_stopping",
+                           loop.metric_names is None and loop.metrics)
+            value = loop.metrics.get(monitor, math.nan)
+            if better(value, best):
                 best, waited = value, 0
                 if restore_best:
                     best_weights = copy.deepcopy(_unwrap(loop.model).state_dict())
@@ -578,7 +594,7 @@ def early_stopping(monitor="val_loss", patience=3, mode="min", min_delta=0.0, re
                 waited += 1
                 if waited >= patience:
                     loop.stop(f"early stopping: {monitor} did not improve for {patience} epochs "
-                              f"(best {best:.6g})")
+                              f"(best {'none' if best is None else format(best, '.6g')})")
     finally:
         if restore_best and loop.event == "end":  # after every hook's "end", checkpoints too
             if best_weights is not None:
@@ -590,11 +606,12 @@ def early_stopping(monitor="val_loss", patience=3, mode="min", min_delta=0.0, re
                               f"loopy.checkpoint(monitor={monitor!r}) file")
 
 
-def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
+def checkpoint(path, every="epoch", monitor=None, mode="auto", keep=1):
     """Save the full training state (see ``fit(resume=...)``) atomically to ``path`` after every
     epoch, every ``every`` optimizer steps when it is a number, and when training ends, stops or
     is interrupted; with ``monitor``, only epochs that improve it. ``path`` may contain
-    ``{epoch}`` and ``{step}``; then the ``keep`` newest (or best) files are kept. Hooks that
+    ``{epoch}`` and ``{step}``; then the ``keep`` newest (or best) files are kept (``mode`` as in :func:`early_stopping`). Nothing is saved
+    after a non-finite loss (see ``nonfinite``). Hooks that
     keep state in ``loop.hook_state`` come before it in ``hooks``, to be in its saves.
 
         >>> loopy.fit(..., hooks=[loopy.checkpoint("run.pt")])
@@ -604,12 +621,25 @@ def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
         raise ValueError(f"checkpoint(every={every!r}): use 'epoch' or a number of steps > 0")
     if not (isinstance(keep, int) and keep > 0):
         raise ValueError(f"checkpoint(keep={keep!r}): use a number of files > 0")
-    better = _improvement_test(mode, 0.0, "checkpoint")
     template = os.fspath(path)
+    if keep > 1 and _fill(template, 1, 1) == _fill(template, 2, 2):
+        raise ValueError(f"checkpoint(keep={keep}) would be ignored: each save replaces "
+                         f"{template!r}; put {{epoch}} or {{step}} in the path")
+    if monitor is None and mode != "auto":
+        raise ValueError(f"checkpoint(mode={mode!r}) would be ignored: it applies to a monitor=; "
+                         f"pass one, like monitor='val_loss', or leave mode out")
+    if monitor is not None and every != "epoch":
+        raise ValueError(f"checkpoint(every={every!r}, monitor={monitor!r}): a monitored value "
+                         f"exists at an epoch's end only; use every='epoch', or two checkpoints")
+    better = _improvement_test(monitor, mode, 0.0, "checkpoint") if monitor is not None else None
     loop = yield "start"
     # checked before training; files that an earlier run kept count towards keep
     kept = _checkpoint_files(template) if loop.rank == 0 and not loop.dry_run else []
     best, saved_at, started = None, None, (loop.step, loop.epoch, loop.batch_index)
+    if monitor is not None:
+        _check_monitor(loop, monitor, "checkpoint", loop.metric_names)
+        # after a resume, the best of the epochs before it
+        best, _ = _best_so_far(loop.history.get(monitor, []), better)
     while True:
         loop = yield ("epoch", "end") if every == "epoch" else ("step", "epoch", "end")
         if loop.dry_run or (loop.event == "step" and loop.step % every):
@@ -617,10 +647,9 @@ def checkpoint(path, every="epoch", monitor=None, mode="min", keep=1):
         if monitor is not None:
             if loop.event != "epoch":
                 continue
-            value = _monitored(loop, monitor, "checkpoint")
-            if best is None:  # after a resume, the best of the epochs before it
-                best, _ = _best_so_far(loop.history.get(monitor, [])[:-1], better)
-            if best is not None and not better(value, best):
+            _check_monitor(loop, monitor, "checkpoint", loop.metric_names is None and loop.metrics)
+            value = loop.metrics.get(monitor, math.nan)
+            if not better(value, best):
                 continue
             best = value
         position = (loop.step, loop.epoch, loop.batch_index)
@@ -831,8 +860,8 @@ def _train_epoch(loop, run, runner, position=None):
             if _should_stop(loop, run):
                 break
     if loop.batch_index < 0:
-        raise ValueError(f"loader yielded no batches in epoch {loop.epoch + 1}: a one-shot "
-                         f"iterator (a generator) cannot be re-iterated; pass a DataLoader or list")
+        raise ValueError(f"loader yielded no batches in epoch {loop.epoch + 1}: pass a non-empty "
+                         f"DataLoader or list")
     if epoch.pending:  # the last group of a loader without len(), or one cut short by a stop
         _optimizer_step(loop, run, runner, epoch)
     if loop.stop_reason and loop.batch_index + 1 == epoch.length:
@@ -1135,31 +1164,33 @@ def _end_epoch(loop, run, runner):
     if run.nonfinite == "skip":
         values["skipped"] = float(epoch.skipped)
     if run.val_batches is not None:
-        results = _evaluate(run, run.val_batches, loop, loop.val_model)
+        results = _evaluate(run, run.val_batches, "val_loader", loop, loop.val_model)
         values.update({f"val_{name}": value for name, value in results.items()})
     values["lr"] = float(run.optimizer.param_groups[0]["lr"])  # before an epoch scheduler
     if run.scheduler_interval == "epoch":
         for scheduler in run.schedulers:
             _step_scheduler(scheduler, run.scheduler_monitor, values)
     loop.metrics = values
+    # one entry per epoch in every list, NaN where a metric is new (a resume added it) ...
     for name, value in values.items():
-        loop.history.setdefault(name, []).append(value)
+        loop.history.setdefault(name, [math.nan] * loop.epoch).append(value)
     epoch.complete = True
     runner.emit("epoch")
+    for recorded in loop.history.values():  # ... or gone (neither loopy nor a hook added it)
+        if len(recorded) == loop.epoch:
+            recorded.append(math.nan)
 
 
 def _step_scheduler(scheduler, monitor, values):
     if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         return scheduler.step()
-    if monitor == "val_loss" and monitor not in values:
-        monitor = "loss"
-    if monitor not in values:
+    if monitor not in values:  # (a manual step's numbers, known only now)
         raise ValueError(f"scheduler_monitor={monitor!r} is not a metric of this run; choose "
                          f"one of {sorted(values)}")
-    scheduler.step(values[monitor])
+    scheduler.step(values[monitor])  # a NaN counts as an epoch without improvement
 
 
-def _evaluate(run, batches, loop, model=None):
+def _evaluate(run, batches, name, loop, model=None):
     with_loss = (run.loss_fn is not None or run.step_fn is not None) and not run.manual
     meters = _new_meters(run.metrics, with_loss)
     model = run.model if model is None else model  # (fit's: loop.val_model)
@@ -1177,6 +1208,9 @@ def _evaluate(run, batches, loop, model=None):
             if index == 0 and run.loss_fn is not None and run.step_fn is None:
                 _check_loss_shapes(output, target)
             _record(run, meters, loss, output, target, batch)
+    if last is None:  # (under torchrun every process gets here: none had a batch)
+        raise ValueError(f"{name} yielded no batches{' on any process' * (run.world_size > 1)}, "
+                         f"so there is nothing to evaluate: pass a non-empty DataLoader or list")
     return _epoch_results(run, meters)
 
 
@@ -1307,7 +1341,8 @@ class _Run:
     nonfinite: str = "raise"
     scheduler: object = None
     scheduler_interval: str = "epoch"
-    scheduler_monitor: str = "val_loss"
+    scheduler_monitor: str = "loss"
+    metric_names: tuple = ()  # the names of loop.metrics, known before training
     dry_run: bool = False
     rank: int = 0
     world_size: int = 1
@@ -1323,12 +1358,12 @@ class _Run:
 
 
 def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None, metrics=None,
-             device="auto", step=None, batch_size=32, shuffle=False, drop_last=False,
-             val_batch_size=None, scheduler=None, scheduler_interval="epoch",
-             scheduler_monitor="val_loss", precision=None, accumulate=1, clip_grad=None, seed=None,
-             max_steps=None, dry_run=False, nonfinite="raise", resume=None, progress=None,
-             ddp_options=None, process_group_timeout=600, resume_missing_ok=False,
-             exit_on_signal=True, distributed=True):
+             device="auto", step=None, batch_size=None, shuffle=None, drop_last=False,
+             val_batch_size=None, scheduler=None, scheduler_interval=None, scheduler_monitor=None,
+             precision=None, accumulate=1, clip_grad=None, seed=None, max_steps=None,
+             dry_run=False, nonfinite="raise", resume=None, progress=None, ddp_options=None,
+             process_group_timeout=600, resume_missing_ok=False, exit_on_signal=True,
+             distributed=True):
     """Check every option and resolve it into a _Run, before any hook runs or anything trains:
     the arguments, device and process group, precision, data and its sharding, the resume file.
     ``optimizer=None`` prepares an evaluation; ``distributed=False`` ignores torchrun."""
@@ -1336,10 +1371,11 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None,
                         ("scheduler", scheduler), ("step", step)):
         _check_not_a_class(name, value)
     manual = _takes_loop(step)
+    interval = "epoch" if scheduler_interval is None else scheduler_interval
     optimizers, schedulers = _named(optimizer), list(_named(scheduler).values())
     if optimizer is not None:
         _check_training_args(model, loss_fn, optimizers, step, epochs, accumulate, max_steps,
-                             nonfinite, _named(scheduler), scheduler_interval, drop_last,
+                             nonfinite, _named(scheduler), interval, drop_last,
                              val_batch_size, manual)
     elif not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
@@ -1358,12 +1394,24 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None,
     batches = _as_batches(loader, "loader", batch_size, shuffle, drop_last)
     if val_loader is not None:
         val_loader = _as_batches(val_loader, "val_loader", val_batch_size or batch_size, False)
-    for name, value, data in (("drop_last", drop_last, batches),
-                              ("val_batch_size", val_batch_size, val_loader)):
-        if value and not isinstance(data, _TensorBatches):
-            raise ValueError(f"{name}={value!r} applies to in-memory tensors, but the data is "
-                             f"{_describe(data)}: set it on the DataLoader, DataLoader(..., "
-                             f"{name.replace('val_', '')}={value!r})")
+    in_memory, val_in_memory = (isinstance(d, _TensorBatches) for d in (batches, val_loader))
+    _check_in_memory(batch_size=(batch_size, loader, in_memory or val_in_memory and
+                                 val_batch_size is None),
+                     shuffle=(shuffle, loader, in_memory),
+                     drop_last=(drop_last or None, loader, in_memory),
+                     val_batch_size=(val_batch_size, val_loader, val_in_memory))
+    plateau = any(isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau) for s in schedulers)
+    _check_effect(loss_fn=(loss_fn, step is None, "step= computes the loss; pass None"),
+                  scheduler_interval=(scheduler_interval, bool(schedulers),
+                                      "there is no scheduler="),
+                  scheduler_monitor=(scheduler_monitor, plateau,
+                                     "only a ReduceLROnPlateau scheduler reads a metric"))
+    # (a manual step's numbers are known only when it returns them)
+    names = None if manual else _metric_names(metrics, nonfinite == "skip", val_loader is not None)
+    monitor = scheduler_monitor or ("val_loss" if val_loader is not None else "loss")
+    if plateau and names is not None and monitor not in names:
+        raise ValueError(f"scheduler_monitor={monitor!r} is not a metric of this run"
+                         f"{_hint(monitor)}; choose one of {', '.join(map(repr, names))}")
     autocast, scaler = _mixed_precision(precision, device)
     if optimizer is not None and isinstance(loss_fn, torch.nn.Module):
         _check_loss_parameters(loss_fn, optimizers)
@@ -1406,14 +1454,21 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None,
         device.type == "cuda" and getattr(loader, "pin_memory", False), autocast, scaler,
         batches, val_loader, 1 if dry_run or (epochs is None is max_steps) else epochs,
         2 if dry_run else None, accumulate,
-        clip_grad, max_steps, nonfinite, scheduler, scheduler_interval, scheduler_monitor,
-        dry_run, rank, world_size, stop_group, exit_on_signal, None,
+        clip_grad, max_steps, nonfinite, scheduler, interval, monitor, names, dry_run, rank,
+        world_size, stop_group, exit_on_signal, None,
         "bar" if progress in (True, "bar") else progress or None,
         _frozen_submodules(model) if optimizer is not None and model.training else (),
         optimizers, tuple(schedulers), manual, sync_gradients)
-    if resume is None or (resume_missing_ok and not os.path.exists(resume)):
-        return run  # (a set-and-forget resume's first launch starts afresh)
-    return dataclasses.replace(run, resume=_load_checkpoint(resume, run))
+    if resume is not None and not (resume_missing_ok and not os.path.exists(resume)):
+        # (a set-and-forget resume's first launch starts afresh)
+        run = dataclasses.replace(run, resume=_load_checkpoint(resume, run))
+    passes = (run.epochs or 1) - (run.resume["epoch"] if run.resume else 0)  # (None: max_steps)
+    for name, data in (("loader", loader), ("val_loader", val_loader)):
+        if isinstance(data, collections.abc.Iterator) and passes > 1:
+            raise ValueError(f"{name} is a one-shot iterator ({_describe(data)}), empty after "
+                             f"one pass, but this run makes {passes} passes over it (epochs="
+                             f"{epochs}): pass a DataLoader, a list of batches or tensors (X, y)")
+    return run
 
 
 def _frozen_submodules(model):
@@ -1740,6 +1795,29 @@ def _check_training_args(model, loss_fn, optimizers, step, epochs, accumulate, m
                          "an epoch's metric: use scheduler_interval='epoch'")
 
 
+def _metric_names(metrics, skip, validate):
+    """The names of loop.metrics, in its order, known before training (hooks check theirs)."""
+    ordered = ["loss", *sorted(metrics, key=lambda name: _is_metric_object(metrics[name]))]
+    validated = [f"val_{name}" for name in ordered] if validate else []
+    return (*ordered, *["skipped"] * skip, *validated, "lr")
+
+
+def _check_effect(**options):
+    """Each option given (not None) must change something: ``name=(value, effective, why)``."""
+    for name, (value, effective, why) in options.items():
+        if value is not None and not effective:
+            raise ValueError(f"{name}={_describe(value)} would be ignored: {why}")
+
+
+def _check_in_memory(**options):
+    """Options for in-memory tensors only: ``name=(value, data, whether it applies)``."""
+    for name, (value, data, applies) in options.items():
+        if value is not None and not applies:
+            raise ValueError(f"{name}={value!r} applies to in-memory tensors, but the data is "
+                             f"{_describe(data)}: set it on the DataLoader, DataLoader(..., "
+                             f"{name.replace('val_', '')}={value!r})")
+
+
 def _check_not_a_class(name, value):
     if isinstance(value, type):
         raise TypeError(f"{name} is the class {value.__module__}.{value.__qualname__}, not an "
@@ -1929,6 +2007,7 @@ class _TensorBatches:
         if len(lengths) != 1 or None in lengths or 0 in lengths:
             raise ValueError(f"{name}: in-memory tensors must be non-empty and equally long "
                              f"along dim 0; got shapes {[tuple(t.shape) for t in self.tensors]}")
+        batch_size = 32 if batch_size is None else batch_size
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
         self.size, self.batch_size, self.shuffle = lengths.pop(), batch_size, shuffle
@@ -2449,28 +2528,46 @@ def _unwrap(model):
 
 # --- small helpers for the built-in hooks ---
 
-def _improvement_test(mode, min_delta, who):
+_SCORES = ("acc", "accuracy", "auc", "auroc", "f1", "fbeta", "precision", "recall", "iou",
+           "jaccard", "dice", "r2", "map", "score")  # higher is better
+_ERRORS = ("loss", "error", "err", "mse", "mae", "rmse", "nll", "crossentropy", "perplexity")
+
+
+def _improvement_test(monitor, mode, min_delta, who):
+    """better(value, best): a NaN never improves, the first finite value always does."""
+    if mode == "auto":  # the name's last word that says what it measures decides
+        words = [w for w in re.split(r"[^a-z0-9]+", monitor.lower()) if w in _SCORES + _ERRORS]
+        if not words:
+            raise ValueError(f"{who}(monitor={monitor!r}): mode='auto' cannot tell whether "
+                             f"higher or lower is better; pass mode='max' or mode='min'")
+        mode = "max" if words[-1] in _SCORES else "min"
     if mode not in ("min", "max"):
-        raise ValueError(f"{who}(mode={mode!r}): use 'min' (lower is better) or 'max'")
-    if mode == "min":
-        return lambda value, best: value < best - min_delta
-    return lambda value, best: value > best + min_delta
+        raise ValueError(f"{who}(mode={mode!r}): use 'auto', 'min' (lower is better) or 'max'")
+    improves = (lambda value, best: value < best - min_delta) if mode == "min" else \
+        (lambda value, best: value > best + min_delta)
+    return lambda value, best: math.isfinite(value) and (best is None or improves(value, best))
 
 
 def _best_so_far(values, better):
     """The best of earlier epochs' values, and how many epochs have passed since it."""
     best, since = None, 0
     for value in values:
-        best, since = (value, 0) if best is None or better(value, best) else (best, since + 1)
+        best, since = (value, 0) if better(value, best) else (best, since + 1)
     return best, since
 
 
-def _monitored(loop, monitor, who):
-    if monitor not in loop.metrics:
-        hint = " (val_* metrics need fit(val_loader=...))" if monitor.startswith("val_") else ""
-        raise ValueError(f"{who}(monitor={monitor!r}): this run has no such metric{hint}; it "
-                         f"has {', '.join(map(repr, loop.metrics))}")
-    return loop.metrics[monitor]
+def _check_monitor(loop, monitor, who, names):
+    """At "start", ``names`` is loop.metric_names; with a manual step (None), the first
+    epoch's metrics are checked instead."""
+    if names and monitor not in names:
+        raise ValueError(f"{who}(monitor={monitor!r}): this run has no such metric"
+                         f"{_hint(monitor)}; it has {', '.join(map(repr, names))} "
+                         f"(a hook adding its own appends the name to loop.metric_names at "
+                         f"'start', before this hook runs)")
+
+
+def _hint(monitor):
+    return " (val_* metrics need fit(val_loader=...))" if monitor.startswith("val_") else ""
 
 
 def _of(epochs):

@@ -4,6 +4,7 @@ Most tests train through ``train(**overrides)``: a small MLP, SGD, one epoch, no
 output, each argument overridable. ``python -m pytest -m "not slow"`` skips the subprocess
 runs (torchrun, examples, benchmarks) for a quick loop; CI runs everything."""
 import collections
+import copy
 import contextlib
 import dataclasses
 import functools
@@ -837,7 +838,7 @@ def test_a_step_returning_only_the_loss_works_without_metrics():
                  step=lambda m, b: F.cross_entropy(m(b["x"]), b["y"]))
     assert loop.history["loss"][0] > 0
     message = fit_error(TypeError, loader=[{"x": X, "y": y}], metrics={"acc": loopy.accuracy},
-                        step=lambda m, b: F.cross_entropy(m(b["x"]), b["y"]))
+                        loss_fn=None, step=lambda m, b: F.cross_entropy(m(b["x"]), b["y"]))
     assert "return (loss, output, target)" in message
 
 
@@ -1131,6 +1132,8 @@ def test_a_stop_on_the_last_batch_of_a_loader_without_len_resumes_to_the_straigh
 
 def scripted_score(scores):
     """A hook that adds a made-up metric 'score' to each epoch's metrics and history."""
+    loop = yield "start"
+    loop.metric_names.append("score")  # declared, so that monitors can check it before training
     while True:
         loop = yield "epoch"
         loop.metrics["score"] = scores[loop.epoch]
@@ -3822,7 +3825,8 @@ def test_a_manual_step_with_one_optimizer_equals_the_automatic_step():
     runs = []
     for step in (None, manual):
         model = make_mlp()
-        loop = loopy.fit(model, F.cross_entropy, torch.optim.Adam(model.parameters(), lr=0.01),
+        loss_fn = None if step else F.cross_entropy  # (a loss_fn beside step= is an error)
+        loop = loopy.fit(model, loss_fn, torch.optim.Adam(model.parameters(), lr=0.01),
                          (X, y), epochs=2, step=step, accumulate=2, clip_grad=0.5,
                          val_loader=(X[:50], y[:50]), metrics={"acc": loopy.accuracy},
                          seed=3, progress=False)
@@ -3864,9 +3868,9 @@ def preemptible(loader=None, hooks=(), epochs=3, **options):
     X, y = make_data(96)
     model = make_mlp(dropout=0.2)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    in_memory = dict(batch_size=16, shuffle=True) if loader is None else {}  # (else an error)
     loop = loopy.fit(model, F.cross_entropy, optimizer, (X, y) if loader is None else loader,
-                     list(hooks), batch_size=16, shuffle=True, epochs=epochs, seed=123,
-                     progress=False, **options)
+                     list(hooks), epochs=epochs, seed=123, progress=False, **in_memory, **options)
     return model, loop
 
 
@@ -4830,3 +4834,335 @@ def test_torchrun_sliced_shards_equal_the_distributed_samplers(tmp_path, drop_la
         assert all(torch.equal(sliced["model"][k], v) for k, v in iterated["model"].items())
         assert sliced["history"] == iterated["history"]
         assert torch.equal(sliced["rng"], iterated["rng"])
+
+
+# --- issue 16: nothing silently wrong (empty passes, ignored options, monitors, NaN, history) ---
+
+def scripted(name, values):
+    """A hook adding a made-up metric ``name`` (declared at "start") with scripted values."""
+    loop = yield "start"
+    loop.metric_names.append(name)
+    while True:
+        loop = yield "epoch"
+        loop.metrics[name] = values[loop.epoch]
+        loop.history.setdefault(name, []).append(values[loop.epoch])
+
+
+class EmptyIterable:
+    """Re-iterable, without len(), yielding nothing (an exhausted source, a filter too strict)."""
+    def __iter__(self):
+        return iter(())
+
+
+def test_16_an_evaluation_pass_without_batches_is_an_error_naming_the_argument():
+    X, y = make_data(64)
+    message = fit_error(ValueError, val_loader=EmptyIterable(), epochs=2)
+    assert "val_loader yielded no batches" in message and "DataLoader" in message
+    message = fit_error(ValueError, val_loader=iter([]))  # one pass, but an empty one
+    assert "val_loader yielded no batches" in message
+    with pytest.raises(ValueError, match="loader yielded no batches"):
+        loopy.evaluate(make_mlp(), iter([]), F.cross_entropy)
+    with pytest.raises(ValueError, match="loader yielded no batches"):
+        loopy.evaluate(make_mlp(), EmptyIterable(), metrics={"acc": loopy.accuracy})
+
+
+@pytest.mark.parametrize("argument", ["loader", "val_loader"])
+def test_16_a_one_shot_iterator_for_several_passes_is_refused_before_training(argument):
+    X, y = make_data(64)
+    batches = list(tensor_loader(X, y))
+    log = []
+    message = fit_error(ValueError, epochs=2, hooks=[recorder(log)],
+                        **{argument: (batch for batch in batches)})
+    assert f"{argument} is a one-shot iterator" in message and "epochs=2" in message
+    assert "DataLoader" in message and log == []
+
+
+def test_16_a_one_shot_iterator_for_one_pass_trains_like_a_list():
+    X, y = make_data(64)
+    batches = list(tensor_loader(X, y, batch_size=16))
+    runs = []
+    for wrap in (list, iter):
+        model = make_mlp()
+        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                         wrap(batches), val_loader=wrap(batches), progress=False)
+        runs.append((model, loop.history))
+    assert same_weights(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    assert math.isfinite(runs[1][1]["val_loss"][0])
+
+
+ISSUE_16_SCRIPT = """
+import os, sys, torch, loopy
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+torch.set_num_threads(1)
+X = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+y = (X[:, 0] > 0).long()
+torch.manual_seed(0)
+model = torch.nn.Linear(8, 2)
+
+class EmptyIterable:
+    def __iter__(self):
+        return iter(())
+
+results = {}
+try:
+    results["empty"] = loopy.evaluate(model, EmptyIterable(), F.cross_entropy)
+except ValueError as error:
+    results["empty"] = str(error)
+results["all"] = loopy.evaluate(model, DataLoader(TensorDataset(X, y), 4), F.cross_entropy)
+torch.save(results, os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', 0)}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_16_under_torchrun_an_evaluation_without_batches_is_an_error(tmp_path):
+    script = tmp_path / "empty.py"
+    script.write_text(ISSUE_16_SCRIPT)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2", str(script), str(tmp_path)], check=True,
+                   env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"), timeout=300)
+    X = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    expected = F.cross_entropy(model(X), (X[:, 0] > 0).long()).item()
+    for rank in (0, 1):
+        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert "loader yielded no batches on any process" in results["empty"]
+        assert results["all"]["loss"] == pytest.approx(expected, rel=1e-6)  # (and it goes on)
+
+
+def test_16_batch_size_and_shuffle_given_for_a_dataloader_are_errors():
+    X, y = make_data(64)
+    loader = tensor_loader(X, y)
+    message = fit_error(ValueError, loader=loader, shuffle=True, batch_size=128)
+    assert "batch_size=128 applies to in-memory tensors" in message
+    assert "DataLoader(..., batch_size=128)" in message
+    message = fit_error(ValueError, loader=loader, shuffle=False)
+    assert "shuffle=False" in message and "in-memory tensors" in message
+    for call in (lambda: loopy.evaluate(make_mlp(), loader, F.cross_entropy, batch_size=8),
+                 lambda: loopy.predict(make_mlp(), loader, batch_size=8),
+                 lambda: loopy.lr_find(make_mlp(), F.cross_entropy, torch.optim.SGD(
+                     make_mlp().parameters(), lr=0.1), loader, batch_size=8)):
+        with pytest.raises(ValueError, match="batch_size=8 applies to in-memory tensors"):
+            call()
+
+
+def test_16_batch_size_applies_to_in_memory_validation_data_beside_a_dataloader():
+    X, y = make_data(64)
+    model = make_mlp()
+    sizes = {"n": lambda output, target: torch.tensor(float(len(target)))}
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                     tensor_loader(X, y), val_loader=(X, y), batch_size=20, metrics=sizes,
+                     progress=False)
+    assert loop.history["n"] == [32.0]  # the DataLoader's own batches
+    assert loop.history["val_n"] == [(20 * 20 * 3 + 4 * 4) / 64]  # batches of 20, 20, 20, 4
+
+
+def test_16_every_other_option_that_would_be_ignored_is_an_error():
+    X, y = make_data(64)
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    message = fit_error(ValueError, step=step)  # loss_fn=F.cross_entropy as well
+    assert "loss_fn=" in message and "would be ignored" in message and "step=" in message
+    message = fit_error(ValueError, scheduler_interval="step")
+    assert "scheduler_interval='step'" in message and "no scheduler=" in message
+    message = fit_error(ValueError, model=model, optimizer=optimizer, scheduler_monitor="loss",
+                        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1))
+    assert "scheduler_monitor='loss'" in message and "ReduceLROnPlateau" in message
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    message = fit_error(ValueError, model=model, optimizer=optimizer, scheduler=plateau,
+                        scheduler_monitor="val_loss")  # (no val_loader: was the training loss)
+    assert "scheduler_monitor='val_loss'" in message and "val_loader" in message
+    with pytest.raises(ValueError, match=r"checkpoint\(mode='max'\) would be ignored.*monitor="):
+        next(loopy.checkpoint("run.pt", mode="max"))
+    with pytest.raises(ValueError, match=r"checkpoint\(keep=3\) would be ignored.*\{epoch\}"):
+        next(loopy.checkpoint("run.pt", keep=3))
+    with pytest.raises(ValueError, match=r"every=5, monitor='val_loss'.*every='epoch'"):
+        next(loopy.checkpoint("run-{step}.pt", every=5, monitor="val_loss"))
+
+
+@pytest.mark.parametrize("name, values, stop_after, best", [
+    ("top1_acc", [0.5, 0.9, 0.7, 0.6, 0.8], 4, 1),  # a score: higher is better
+    ("map_50", [0.5, 0.9, 0.7, 0.6, 0.8], 4, 1),
+    ("val_dice_loss", [0.5, 0.3, 0.4, 0.45, 0.1], 4, 1),  # the last known word decides
+    ("error", [0.5, 0.3, 0.4, 0.45, 0.1], 4, 1),
+    ("f1", [math.nan, 0.5, 0.6, math.nan, 0.55, 0.9], 5, 2),  # a NaN is never the best
+])
+def test_16_early_stopping_auto_mode_and_nan(name, values, stop_after, best):
+    X, y = make_data(64)
+    model = make_mlp()
+    snapshots = []
+
+    def snapshot():
+        while True:
+            loop = yield "epoch"
+            snapshots.append(copy.deepcopy(loop.model.state_dict()))
+
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
+                     epochs=len(values), progress=False,
+                     hooks=[scripted(name, values), snapshot(),
+                            loopy.early_stopping(name, patience=2, restore_best=True)])
+    assert len(loop.history["loss"]) == stop_after
+    assert f"(best {values[best]:.6g})" in loop.stop_reason
+    assert all(torch.equal(snapshots[best][k], v) for k, v in model.state_dict().items())
+
+
+def test_16_checkpoint_keeps_the_best_file_by_auto_mode_never_a_nan(tmp_path):
+    X, y = make_data(64)
+    model = make_mlp()
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
+              epochs=5, progress=False,
+              hooks=[scripted("val_iou", [math.nan, 0.4, 0.7, 0.5, math.nan]),
+                     scripted("val_rmse", [math.nan, 3.0, 2.0, 2.5, math.nan]),
+                     loopy.checkpoint(tmp_path / "iou-{epoch}.pt", monitor="val_iou"),
+                     loopy.checkpoint(tmp_path / "rmse-{epoch}.pt", monitor="val_rmse")])
+    assert sorted(os.listdir(tmp_path)) == ["iou-3.pt", "rmse-3.pt"]
+
+
+def test_16_checkpoint_on_a_real_accuracy_keeps_its_highest_epoch(tmp_path):
+    X, y = make_data(96)
+    model = make_mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.05),
+                     (X, y), val_loader=(X[:48], y[:48]), epochs=6, progress=False,
+                     metrics={"acc": loopy.accuracy},
+                     hooks=[loopy.checkpoint(tmp_path / "best-{epoch}.pt", monitor="val_acc")])
+    accuracies = loop.history["val_acc"]
+    best = accuracies.index(max(accuracies))  # the first epoch with the highest accuracy
+    assert accuracies.index(min(accuracies)) != best  # (the old mode="min" would keep that one)
+    assert os.listdir(tmp_path) == [f"best-{best + 1}.pt"]
+
+
+def test_16_a_monitor_that_cannot_exist_or_be_classified_fails_before_training():
+    X, y = make_data(64)
+    model = make_mlp()
+    before = copy.deepcopy(model.state_dict())
+    log = []
+    for hook, words in ((loopy.early_stopping("val_acc"), ["'val_acc'", "val_loader", "'lr'"]),
+                        (loopy.checkpoint("x.pt", monitor="acc"), ["'acc'", "metric_names"]),
+                        (loopy.early_stopping("lr"), ["mode='auto' cannot tell", "mode='max'"]),
+                        (loopy.early_stopping("val_loss", mode="best"), ["mode='best'"])):
+        message = fit_error(ValueError, model=model, hooks=[recorder(log), hook],
+                            optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        assert all(word in message for word in words), message
+    assert "batch" not in [event for _, event, *_ in log]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_16_metric_names_are_known_at_start_and_equal_the_epochs_metrics():
+    torchmetrics = pytest.importorskip("torchmetrics")
+    X, y = make_data(64)
+    model = make_mlp()
+    seen = []
+
+    def names():
+        seen.append(list((yield "start").metric_names))
+        seen.append(list((yield "epoch").metrics))
+
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+              val_loader=(X, y), nonfinite="skip", hooks=[names()], progress=False,
+              metrics={"micro": torchmetrics.classification.MulticlassAccuracy(3),
+                       "acc": loopy.accuracy})
+    assert seen[0] == seen[1]
+
+
+def test_16_reduce_lr_on_plateau_counts_a_nan_as_no_improvement_as_torch_does():
+    X, y = make_data(64)
+    model = make_mlp()
+    nan_epochs = {1, 2}
+
+    def loss_fn(output, target):  # NaN in validation at epochs 2 and 3; training stays finite
+        loss = F.cross_entropy(output, target)
+        return loss * math.nan if not output.requires_grad and len(epochs) in nan_epochs else loss
+
+    epochs = []
+
+    def count_epochs():
+        while True:
+            yield "epoch"
+            epochs.append(0)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=1)
+    loop = loopy.fit(model, loss_fn, optimizer, (X, y), val_loader=(X, y), epochs=5,
+                     scheduler=scheduler, hooks=[count_epochs()], progress=False)
+    # the oracle: torch's own scheduler fed the same values by hand
+    by_hand = torch.optim.SGD(make_mlp().parameters(), lr=1e-6)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(by_hand, factor=0.5, patience=1)
+    lrs = []
+    for value in loop.history["val_loss"]:
+        lrs.append(by_hand.param_groups[0]["lr"])
+        reference.step(value)
+    assert [math.isnan(v) for v in loop.history["val_loss"]] == [False, True, True, False, False]
+    assert loop.history["lr"] == lrs and scheduler.best == reference.best
+    assert math.isfinite(scheduler.best) and lrs[3] == 0.5e-6  # two NaN epochs: one reduction
+
+
+def test_16_a_nonfinite_loss_never_reaches_a_checkpoint_file(tmp_path):
+    X, y = make_data(96)  # batches of 8: 12 steps an epoch; the loss is NaN at step 7
+    calls = []
+
+    def loss_fn(output, target):
+        calls.append(1)
+        loss = F.cross_entropy(output, target)
+        return loss * math.nan if len(calls) == 7 else loss
+
+    model = make_mlp()
+    with pytest.raises(FloatingPointError, match="optimizer step 7"):
+        loopy.fit(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                  batch_size=8, hooks=[loopy.checkpoint(tmp_path / "run.pt", every=2)],
+                  progress=False)
+    by_hand = make_mlp()  # the oracle: six steps by hand, the last save before the NaN
+    optimizer = torch.optim.SGD(by_hand.parameters(), lr=0.1)
+    for _, (x, target) in zip(range(6), tensor_loader(X, y, batch_size=8)):
+        F.cross_entropy(by_hand(x), target).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    saved = torch.load(tmp_path / "run.pt", weights_only=True)
+    assert saved["step"] == 6
+    assert all(torch.equal(saved["model"][k], v) for k, v in by_hand.state_dict().items())
+
+
+def test_16_a_nonfinite_loss_before_a_stop_is_raised_at_the_save_at_end(tmp_path):
+    X, y = make_data(96)
+    calls = []
+
+    def loss_fn(output, target):
+        calls.append(1)
+        loss = F.cross_entropy(output, target)
+        return loss * math.nan if len(calls) == 3 else loss
+
+    def stop_soon():
+        while True:
+            loop = yield "step"
+            if loop.step == 5:
+                loop.stop("enough")
+
+    model = make_mlp()
+    with pytest.raises(FloatingPointError, match="optimizer step 3"):
+        loopy.fit(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                  batch_size=8, hooks=[stop_soon(), loopy.checkpoint(tmp_path / "run.pt")],
+                  progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_16_history_stays_a_table_when_a_resume_adds_or_drops_metrics(tmp_path):
+    X, y = make_data(64)
+    extra = dict(metrics={"acc": loopy.accuracy}, val_loader=(X, y))
+
+    def run(epochs, resume=None, **options):
+        model = make_mlp()
+        return loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                         (X, y), epochs=epochs, resume=resume, progress=False,
+                         hooks=[loopy.checkpoint(tmp_path / f"{epochs}.pt")], **options)
+
+    straight = run(4, **extra).history  # the oracle: metrics and validation change no weights
+    run(2)
+    added = run(4, resume=tmp_path / "2.pt", **extra).history  # adds acc and val_*
+    dropped = run(6, resume=tmp_path / "4.pt").history  # drops them again
+    for history in (added, dropped):
+        assert len({len(values) for values in history.values()}) == 1, history
+    assert set(added) == set(straight) and added["loss"] == straight["loss"]
+    for name in ("acc", "val_loss", "val_acc"):
+        assert all(math.isnan(v) for v in added[name][:2] + dropped[name][4:])
+        assert added[name][2:] == straight[name][2:] == dropped[name][2:4]
