@@ -1934,15 +1934,17 @@ def _check_loss_shapes(output, target):
     loss_fn compare every output with every target: torch only warns, once."""
     if not (isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)):
         return
-    with contextlib.suppress(RuntimeError):  # shapes that do not broadcast: the loss says so
-        shape = torch.broadcast_shapes(output.shape, target.shape)
-        if shape.numel() > max(output.numel(), target.numel()):
-            raise ValueError(f"loss_fn got an output of shape {tuple(output.shape)} and a "
-                             f"target of shape {tuple(target.shape)}, which broadcast to "
-                             f"{tuple(shape)}: every output would be compared with every "
-                             f"target. Give them one shape: output.squeeze(-1) in the model, "
-                             f"or y.unsqueeze(-1) in the data (a loss that pairs them on "
-                             f"purpose goes in step=)")
+    # broadcast by hand: torch.broadcast_shapes takes 30-220 µs, at every fit call
+    pairs = itertools.zip_longest(reversed(output.shape), reversed(target.shape), fillvalue=1)
+    dims = [a * b if 1 in (a, b) else a if a == b else None for a, b in pairs]  # None: no fit
+    if None not in dims and math.prod(dims) > max(output.numel(), target.numel()):
+        shape = tuple(reversed(dims))
+        raise ValueError(f"loss_fn got an output of shape {tuple(output.shape)} and a "
+                         f"target of shape {tuple(target.shape)}, which broadcast to "
+                         f"{shape}: every output would be compared with every "
+                         f"target. Give them one shape: output.squeeze(-1) in the model, "
+                         f"or y.unsqueeze(-1) in the data (a loss that pairs them on "
+                         f"purpose goes in step=)")
 
 
 def _check_finite(loop, loss):
