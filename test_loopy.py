@@ -2417,6 +2417,8 @@ def fsdp_runs(tmp_path_factory):
 def test_fsdp2_on_two_processes_equals_loopys_ddp_and_resumes_exactly(fsdp_runs):
     (out, (rank0, rank1)), _ = fsdp_runs
     assert rank0["history"] == rank1["history"] == rank0["ddp_history"]  # uneven validation ran
+    # the interrupted epoch's means too: every rank's running sums were saved and restored
+    assert rank0["resumed_history"] == rank1["resumed_history"] == rank0["history"]
     for name, weights in rank0["ddp"].items():  # bit-identical with torch 2.13 on CPU
         assert torch.equal(rank0["fsdp"][name], weights)
         assert torch.equal(rank0["resumed"][name], weights)  # a mid-epoch stop, then resume
@@ -2443,7 +2445,7 @@ def test_fsdp2_on_one_process_is_bit_identical_to_the_plain_loop(fsdp_runs):
                          torch.utils.data.TensorDataset(X[:33], y[:33]), 4),
                      metrics={"acc": loopy.accuracy}, accumulate=2, clip_grad=1.0,
                      progress=False)
-    assert single["history"] == loop.history
+    assert single["history"] == single["resumed_history"] == loop.history
     for name, weights in model.state_dict().items():
         assert torch.equal(single["fsdp"][name], weights)
         assert torch.equal(single["resumed"][name], weights)
