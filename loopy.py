@@ -2272,11 +2272,32 @@ def _stateful(batches):
 
 def _save(loop, path):
     _check_loadable(loop.hook_state, "loop.hook_state")  # on every process: all raise
+    if loop.world_size > 1 and loop._epoch is not None:
+        _check_finite_everywhere(loop)
     state = loop.state_dict()  # on every process: under torchrun it gathers the running sums
     if loop.rank == 0:
         _write(state, path)
     if loop.world_size > 1:  # once save returns, every process can read the file
         torch.distributed.barrier(group=loop._run.stop_group)
+
+
+def _check_finite_everywhere(loop):
+    """The pending non-finite check, agreed by every process before any writes: under DDP one
+    process's non-finite loss has already reached every process's weights."""
+    try:
+        loop.averages()
+        error = None
+    except FloatingPointError as raised:
+        error = raised
+    flag = torch.tensor([int(error is not None)])
+    torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=loop._run.stop_group)
+    if error is not None:
+        raise error
+    if flag.item():
+        raise FloatingPointError(f"the loss is not finite on another process (this is rank "
+                                 f"{loop.rank}), at or before optimizer step {loop.step}: nothing "
+                                 f"was saved; lower the learning rate or check the data for "
+                                 f"nan/inf; fit(nonfinite='skip') skips such batches")
 
 
 def _check_loadable(value, where):

@@ -4912,6 +4912,21 @@ try:
 except ValueError as error:
     results["empty"] = str(error)
 results["all"] = loopy.evaluate(model, DataLoader(TensorDataset(X, y), 4), F.cross_entropy)
+calls = []
+
+def nan_on_rank_1(output, target):  # rank 1's third batch: DDP spreads it to both ranks
+    calls.append(1)
+    loss = F.cross_entropy(output, target)
+    return loss * float("nan") if os.environ["RANK"] == "1" and len(calls) == 3 else loss
+
+torch.manual_seed(0)
+model = torch.nn.Linear(8, 2)
+try:
+    loopy.fit(model, nan_on_rank_1, torch.optim.SGD(model.parameters(), lr=0.1),
+              DataLoader(TensorDataset(X, y), 2), progress=False,
+              hooks=[loopy.checkpoint(os.path.join(sys.argv[1], "nan.pt"), every=1)])
+except FloatingPointError as error:
+    results["nan"] = str(error)
 torch.save(results, os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', 0)}.pt"))
 """
 
@@ -4931,6 +4946,12 @@ def test_16_under_torchrun_an_evaluation_without_batches_is_an_error(tmp_path):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert "loader yielded no batches on any process" in results["empty"]
         assert results["all"]["loss"] == pytest.approx(expected, rel=1e-6)  # (and it goes on)
+    # a non-finite loss on rank 1 alone: neither process saves step 3, whose weights it spoiled
+    assert "not finite on another process (this is rank 0)" in \
+        torch.load(tmp_path / "rank0.pt", weights_only=True)["nan"]
+    assert "the loss is not finite" in torch.load(tmp_path / "rank1.pt", weights_only=True)["nan"]
+    saved = torch.load(tmp_path / "nan.pt", weights_only=True)
+    assert saved["step"] == 2 and all(v.isfinite().all() for v in saved["model"].values())
 
 
 def test_16_batch_size_and_shuffle_given_for_a_dataloader_are_errors():
