@@ -492,6 +492,7 @@ class Loop:
         finished = self.event == "end" and not self._interrupted
         return {"format": "loopy-checkpoint/1", "model": model, "optimizers": optimizers,
                 "optimizer_types": [type(each).__name__ for each in self._run.optimizers.values()],
+                "optimizer_names": list(self._run.optimizers),
                 "schedulers": [each.state_dict() for each in self._run.schedulers],
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "epoch": self.epoch + _epoch_complete(self), "step": self.step,
@@ -2428,6 +2429,7 @@ def _load_checkpoint(path, run):
         raise ValueError(f"resume={path!r} holds the weights of a different model: missing keys "
                          f"{missing}, unexpected keys {unexpected}, shape mismatches {mismatched}; "
                          f"resume with the model that the checkpoint was saved from")
+    _match_optimizers(path, state, run.optimizers)
     saved = state.get("optimizer_types")
     given = [type(each).__name__ for each in run.optimizers.values()]
     if saved not in (None, given):
@@ -2449,6 +2451,29 @@ def _load_checkpoint(path, run):
                          f"the same loader and number of processes, or from a checkpoint taken "
                          f"between epochs, where any data and processes can go on")
     return state
+
+
+def _match_optimizers(path, state, optimizers):
+    """Put the saved optimizer states in the order of ``optimizers``, by name, and check that each
+    saved state fits its optimizer's parameters (a swapped list of different models does not)."""
+    names = state.get("optimizer_names", list(optimizers))
+    if sorted(map(str, names)) != sorted(map(str, optimizers)):
+        raise ValueError(f"resume={path!r} holds optimizers named {names}, but fit got "
+                         f"{list(optimizers)}: resume with the names the run was saved with")
+    order = [names.index(name) for name in optimizers]
+    for key in ("optimizers", "optimizer_types"):
+        if state.get(key) is not None:
+            state[key] = [state[key][index] for index in order]
+    for name, optimizer, saved in zip(optimizers, optimizers.values(), state["optimizers"]):
+        ids = [i for group in saved.get("param_groups", []) for i in group["params"]]
+        for parameter, i in zip(_parameters(optimizer), ids):
+            shapes = {tuple(value.shape) for value in saved["state"].get(i, {}).values()
+                      if isinstance(value, torch.Tensor) and value.dim()}
+            if shapes - {tuple(parameter.shape)}:
+                raise ValueError(f"resume={path!r}: the saved state of optimizer {name!r} is "
+                                 f"for parameters of shape {sorted(shapes)}, and this run's "
+                                 f"{name!r} holds one of shape {tuple(parameter.shape)}: give "
+                                 f"the optimizers in the order (or with the names) they had")
 
 
 def _restore(loop, state):

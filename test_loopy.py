@@ -5189,3 +5189,37 @@ def test_16_history_stays_a_table_when_a_resume_adds_or_drops_metrics(tmp_path):
     for name in ("acc", "val_loss", "val_acc"):
         assert all(math.isnan(v) for v in added[name][:2] + dropped[name][4:])
         assert added[name][2:] == straight[name][2:] == dropped[name][2:4]
+
+
+def test_a_resume_matches_several_optimizers_by_name_not_by_position(tmp_path):
+    X, y = gan_data(96)
+
+    def run(optimizers_of, resume=None, hooks=()):
+        gan = make_gan()
+        optimizers = optimizers_of(gan)
+        loop = loopy.fit(gan, None, optimizers, (X, y), list(hooks), batch_size=16, epochs=2,
+                         step=gan_step, seed=None if resume else 3, resume=resume,
+                         progress=False)
+        return gan, optimizers, loop
+
+    straight, _, _ = run(gan_optimizers)
+    path = tmp_path / "gan.pt"
+    run(gan_optimizers, hooks=[stop_when(4), loopy.checkpoint(path, every=1)])
+    # the same names in the other order: each Adam gets its own moments back
+    reordered = lambda gan: dict(reversed(list(gan_optimizers(gan).items())))
+    resumed, optimizers, _ = run(reordered, resume=path)
+    assert list(optimizers) == ["generator", "discriminator"]
+    assert same_weights(resumed, straight)
+    # other names, or a list of them in another order: refused before training
+    renamed = lambda gan: {"G": gan_optimizers(gan)["generator"],
+                           "D": gan_optimizers(gan)["discriminator"]}
+    with pytest.raises(ValueError) as raised:
+        run(renamed, resume=path)
+    assert "holds optimizers named ['discriminator', 'generator'], but fit got ['G', 'D']" \
+        in str(raised.value)
+    swapped = lambda gan: [gan_optimizers(gan)["generator"], gan_optimizers(gan)["discriminator"]]
+    torch.save(dict(torch.load(path, weights_only=True), optimizer_names=[0, 1]), path)
+    with pytest.raises(ValueError) as raised:
+        run(swapped, resume=path)
+    assert "the saved state of optimizer 0 is for parameters of shape" in str(raised.value)
+    assert "give the optimizers in the order (or with the names) they had" in str(raised.value)
