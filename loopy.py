@@ -2587,8 +2587,12 @@ def _improvement_test(monitor, mode, min_delta, who):
         words = [w for w in re.split(r"[^a-z0-9]+", monitor.lower()) if w in _SCORES + _ERRORS]
         if not words:
             raise ValueError(f"{who}(monitor={monitor!r}): mode='auto' cannot tell whether "
-                             f"higher or lower is better; pass mode='max' or mode='min'")
+                             f"higher or lower is better (if it is a metric of the run, check "
+                             f"its spelling); pass mode='max' or mode='min'")
         mode = "max" if words[-1] in _SCORES else "min"
+    if not min_delta >= 0:  # (Keras takes abs(): a negative one would count worse as better)
+        raise ValueError(f"{who}(min_delta={min_delta!r}): use a number >= 0, the least change "
+                         f"that counts as an improvement, in either mode")
     if mode not in ("min", "max"):
         raise ValueError(f"{who}(mode={mode!r}): use 'auto', 'min' (lower is better) or 'max'")
     improves = (lambda value, best: value < best - min_delta) if mode == "min" else \

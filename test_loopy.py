@@ -5064,6 +5064,9 @@ def test_16_a_monitor_that_cannot_exist_or_be_classified_fails_before_training()
     for hook, words in ((loopy.early_stopping("val_acc"), ["'val_acc'", "val_loader", "'lr'"]),
                         (loopy.checkpoint("x.pt", monitor="acc"), ["'acc'", "metric_names"]),
                         (loopy.early_stopping("lr"), ["mode='auto' cannot tell", "mode='max'"]),
+                        (loopy.early_stopping("val_accc"), ["check its spelling"]),
+                        (loopy.early_stopping(min_delta=-0.05), ["min_delta=-0.05", ">= 0"]),
+                        (loopy.early_stopping(min_delta=math.nan), ["min_delta=nan"]),
                         (loopy.early_stopping("val_loss", mode="best"), ["mode='best'"])):
         message = fit_error(ValueError, model=model, hooks=[recorder(log), hook],
                             optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
