@@ -68,6 +68,14 @@ def cpu_env(**variables):
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", **variables}
 
 
+def command(processes=None):
+    """How a test starts a script: ``python``, or ``torchrun`` with ``processes`` processes."""
+    if not processes:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={processes}"]
+
+
 def finished(process, timeout=300):
     """Wait for a started process; return its exit code, stdout and stderr. One still running
     after ``timeout`` seconds is stopped (SIGTERM, which torchrun passes on to its workers)."""
@@ -1514,8 +1522,7 @@ def start_distributed(tmp_path, name, modes, processes, batch_size):
     processes (under torchrun when more than one); they save to ``tmp_path / name / mode``."""
     script = tmp_path / "ddp.py"
     script.write_text(DISTRIBUTED_SCRIPT)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+    launcher = command(processes if processes > 1 else None)
     return subprocess.Popen(launcher + [str(script), ",".join(modes), str(tmp_path / name),
                                         str(batch_size)],
                             env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
@@ -2340,8 +2347,7 @@ def run_13(tmp_path, mode, processes, expect_failure=False):
     script.write_text(TORCHRUN_13_SCRIPT)
     out = tmp_path / f"{mode}-{processes}"
     out.mkdir()
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={processes}"] if processes else [sys.executable]
+    launcher = command(processes)
     result = subprocess.run(launcher + [str(script), mode, str(out)], capture_output=True,
                             text=True, timeout=300,
                             env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
@@ -2728,8 +2734,7 @@ with open(os.path.join(sys.argv[1], f"rank{loop.rank}.json"), "w") as file:
 def test_log_to_under_torchrun_logs_on_rank_0_only(tmp_path):
     script = tmp_path / "log_to.py"
     script.write_text(LOG_TO_SCRIPT)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", str(script), str(tmp_path)],
+    result = subprocess.run(command(2) + [str(script), str(tmp_path)],
                             env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -3215,8 +3220,7 @@ def test_torchrun_numpy_data_with_drop_last_and_a_number_metric_equal_one_proces
     for processes, batch_size in ((2, 16), (1, 32)):  # 100 samples: the last 4 are dropped
         out = tmp_path / str(processes)
         out.mkdir()
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+        launcher = command(processes if processes > 1 else None)
         result = subprocess.run(launcher + [str(script), str(out), str(batch_size)],
                                 env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
                                 capture_output=True, text=True, timeout=300)
@@ -3476,8 +3480,7 @@ def test_ema_under_torchrun_is_the_same_on_both_ranks_and_matches_one_process(tm
     script.write_text(EMA_DISTRIBUTED_SCRIPT)
     results = []
     for processes, batch_size in ((2, 8), (1, 16)):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+        launcher = command(processes if processes > 1 else None)
         out = tmp_path / str(processes)
         out.mkdir()
         result = subprocess.run(launcher + [str(script), str(out), str(batch_size)],
@@ -3908,8 +3911,7 @@ def run_torchrun(tmp_path, path, resume, out):
     script = tmp_path / "train_ddp.py"
     script.write_text(TRAINING_SCRIPT.replace("torch.save({", "if loop.rank == 0: torch.save({")
                       .replace("time.sleep(0.02)", "time.sleep(0.1)"))  # torchrun forwards in time
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", str(script), str(path), "2",
+    return subprocess.Popen(command(2) + [str(script), str(path), "2",
                              "resume" if resume else "fresh", str(out)], cwd=HERE,
                             env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -4824,8 +4826,7 @@ torch.save(results, os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
 def test_torchrun_sliced_shards_equal_the_distributed_samplers(tmp_path, drop_last):
     script = tmp_path / "sliced_ddp.py"
     script.write_text(SLICED_DISTRIBUTED_SCRIPT)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", str(script), str(tmp_path), str(int(drop_last))],
+    result = subprocess.run(command(2) + [str(script), str(tmp_path), str(int(drop_last))],
                             env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -4935,8 +4936,7 @@ torch.save(results, os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', 0)}.
 def test_16_under_torchrun_an_evaluation_without_batches_is_an_error(tmp_path):
     script = tmp_path / "empty.py"
     script.write_text(ISSUE_16_SCRIPT)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node=2", str(script), str(tmp_path)], check=True,
+    subprocess.run(command(2) + [str(script), str(tmp_path)], check=True,
                    env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"), timeout=300)
     X = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
