@@ -1759,9 +1759,10 @@ def _fenced_blocks(text, language):
     return blocks
 
 
-@pytest.mark.parametrize("document, at_least", [("README.md", 12), ("docs/migrating.md", 3)])
+@pytest.mark.parametrize("document, at_least",
+                         [("README.md", 8), ("docs/guide.md", 18), ("docs/migrating.md", 3)])
 def test_readme_python_blocks_run(document, at_least, tmp_path):
-    """The ```python blocks of the README and of docs/migrating.md run in order in one namespace,
+    """The ```python blocks of the README and of docs/ run in order in one namespace,
     like a notebook, in a fresh process; tracebacks point at the document's line numbers."""
     with open(os.path.join(HERE, document), encoding="utf-8") as file:
         blocks = _fenced_blocks(file.read(), "python")
