@@ -741,6 +741,197 @@ def test_skipping_a_whole_group_makes_no_step_also_under_fp16():
         assert loop.step == 2 and steps == [1, 2] and loop.history["skipped"] == [1.0, 1.0]
 
 
+def test_classes_instead_of_instances_say_to_create_one():
+    torchmetrics = pytest.importorskip("torchmetrics")
+    message = fit_error(TypeError, loss_fn=torch.nn.CrossEntropyLoss)
+    assert "loss_fn is the class torch.nn.modules.loss.CrossEntropyLoss" in message
+    assert "loss_fn=CrossEntropyLoss(...)" in message
+    model = make_mlp()  # (not through train(), which builds an optimizer given as a class)
+    with pytest.raises(TypeError) as raised:
+        loopy.fit(model, F.cross_entropy, torch.optim.Adam, make_data(), progress=False)
+    assert "optimizer is the class" in str(raised.value)
+    assert "optimizer=Adam(...)" in str(raised.value)
+    with pytest.raises(TypeError) as raised:
+        loopy.fit(torch.nn.Linear, F.cross_entropy, torch.optim.SGD(model.parameters()),
+                  make_data(), progress=False)
+    assert "model is the class" in str(raised.value) and "model=Linear(...)" in str(raised.value)
+    message = fit_error(TypeError, scheduler=torch.optim.lr_scheduler.StepLR)
+    assert "scheduler is the class" in message and "scheduler=StepLR(...)" in message
+    metric = torchmetrics.classification.MulticlassAccuracy
+    message = fit_error(TypeError, metrics={"acc": metric})
+    assert "metrics['acc'] is the class" in message and "MulticlassAccuracy(...)" in message
+    with pytest.raises(TypeError, match="loss_fn is the class"):
+        loopy.evaluate(make_mlp(), make_data(8), torch.nn.CrossEntropyLoss)
+
+
+def test_in_memory_data_in_a_list_instead_of_a_tuple_says_so():
+    X, y = make_data(64)
+    message = fit_error(TypeError, loader=[X, y])  # a list is batches; a tuple is (X, y)
+    assert "cannot unpack this batch" in message and "as the tuple (X, y)" in message
+
+
+@pytest.mark.filterwarnings("ignore:Using a target size")  # torch's own warning, before ours
+def test_a_loss_whose_output_and_target_broadcast_is_an_error_at_the_first_step():
+    X = torch.randn(64, 8)
+    y = X.sum(dim=1)  # (N,): the model's output is (N, 1)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    before = copy_of(model)
+    with pytest.raises(ValueError) as raised:
+        loopy.fit(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                  progress=False)
+    message = str(raised.value)
+    assert "output of shape (32, 1)" in message and "target of shape (32,)" in message
+    assert "(32, 32)" in message and "squeeze" in message
+    assert same_weights(model, before)  # raised before the first optimizer step
+    with pytest.raises(ValueError, match="output of shape"):
+        loopy.evaluate(model, (X, y), F.mse_loss)
+    # what is fine: equal shapes, and class scores (N, C) with (N,) indices even when C == N
+    loopy.fit(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1), (X, y[:, None]),
+              progress=False)
+    X3, y3 = make_data(30)
+    model = make_mlp()
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X3, y3),
+              batch_size=3, progress=False)
+
+
+def test_evaluate_checks_its_loss_fn_and_speaks_for_itself():
+    model, (X, y) = make_mlp(), make_data(32)
+    with pytest.raises(TypeError) as raised:
+        loopy.evaluate(model, (X, y), {"acc": loopy.accuracy})
+    assert "loss_fn must be callable" in str(raised.value) and "metrics=" in str(raised.value)
+    with pytest.raises(TypeError) as raised:
+        loopy.evaluate(model, X, metrics={"acc": loopy.accuracy})
+    assert "fit expects" not in str(raised.value) and "(inputs, target)" in str(raised.value)
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(8, 3), torch.nn.Linear(2, 3)
+
+    def forward(self, x, z):
+        return self.a(x) + self.b(z)
+
+
+def test_nested_in_memory_inputs_are_refused_with_a_dataloader_that_works():
+    (X, y), Z = make_data(64), torch.randn(64, 2)
+    for data, where in ((((X, Z), y), "loader"), (({"x": X}, y), "loader")):
+        message = fit_error(TypeError, model=TwoInputs(), loader=data)
+        assert message.startswith(f"{where}: in-memory data is flat tensors")
+    message = fit_error(TypeError, model=TwoInputs(), loader=DataLoader(list(zip(zip(X, Z), y))),
+                        val_loader=((X, Z), y))
+    assert message.startswith("val_loader: in-memory data is flat tensors")
+    model = TwoInputs()  # the message's fix trains as the hand-written loop does
+    loop = train(model=model, loader=DataLoader(list(zip(zip(X, Z), y)), batch_size=32))
+    expected = TwoInputs()
+    optimizer = torch.optim.SGD(expected.parameters(), lr=0.1)
+    for rows in (slice(0, 32), slice(32, 64)):
+        F.cross_entropy(expected(X[rows], Z[rows]), y[rows]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert same_weights(model, expected) and loop.step == 2
+    with pytest.raises(TypeError) as raised:
+        loopy.predict(model, (X, Z))
+    assert "DataLoader(list(zip(zip(X, Z)))" in "".join(raised.value.__notes__)
+    predicted = loopy.predict(model, DataLoader(list(zip(zip(X, Z))), batch_size=32))
+    assert torch.allclose(predicted, model(X, Z))
+
+
+class EmptyIterable:
+    """Re-iterable, without len(), yielding nothing (an exhausted source, a filter too strict)."""
+    def __iter__(self):
+        return iter(())
+
+
+def test_16_an_evaluation_pass_without_batches_is_an_error_naming_the_argument():
+    X, y = make_data(64)
+    message = fit_error(ValueError, val_loader=EmptyIterable(), epochs=2)
+    assert "val_loader yielded no batches" in message and "DataLoader" in message
+    message = fit_error(ValueError, val_loader=iter([]))  # one pass, but an empty one
+    assert "val_loader yielded no batches" in message
+    with pytest.raises(ValueError, match="loader yielded no batches"):
+        loopy.evaluate(make_mlp(), iter([]), F.cross_entropy)
+    with pytest.raises(ValueError, match="loader yielded no batches"):
+        loopy.evaluate(make_mlp(), EmptyIterable(), metrics={"acc": loopy.accuracy})
+
+
+@pytest.mark.parametrize("argument", ["loader", "val_loader"])
+def test_16_a_one_shot_iterator_for_several_passes_is_refused_before_training(argument):
+    X, y = make_data(64)
+    batches = list(tensor_loader(X, y))
+    log = []
+    message = fit_error(ValueError, epochs=2, hooks=[recorder(log)],
+                        **{argument: (batch for batch in batches)})
+    assert f"{argument} is a one-shot iterator" in message and "epochs=2" in message
+    assert "DataLoader" in message and log == []
+
+
+def test_16_a_one_shot_iterator_for_one_pass_trains_like_a_list():
+    X, y = make_data(64)
+    batches = list(tensor_loader(X, y, batch_size=16))
+    runs = []
+    for wrap in (list, iter):
+        model = make_mlp()
+        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                         wrap(batches), val_loader=wrap(batches), progress=False)
+        runs.append((model, loop.history))
+    assert same_weights(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    assert math.isfinite(runs[1][1]["val_loss"][0])
+
+
+def test_16_batch_size_and_shuffle_given_for_a_dataloader_are_errors():
+    X, y = make_data(64)
+    loader = tensor_loader(X, y)
+    message = fit_error(ValueError, loader=loader, shuffle=True, batch_size=128)
+    assert "batch_size=128 applies to in-memory tensors" in message
+    assert "DataLoader(..., batch_size=128)" in message
+    message = fit_error(ValueError, loader=loader, shuffle=False)
+    assert "shuffle=False" in message and "in-memory tensors" in message
+    for call in (lambda: loopy.evaluate(make_mlp(), loader, F.cross_entropy, batch_size=8),
+                 lambda: loopy.predict(make_mlp(), loader, batch_size=8),
+                 lambda: loopy.lr_find(make_mlp(), F.cross_entropy, torch.optim.SGD(
+                     make_mlp().parameters(), lr=0.1), loader, batch_size=8)):
+        with pytest.raises(ValueError, match="batch_size=8 applies to in-memory tensors"):
+            call()
+
+
+def test_16_batch_size_applies_to_in_memory_validation_data_beside_a_dataloader():
+    X, y = make_data(64)
+    model = make_mlp()
+    sizes = {"n": lambda output, target: torch.tensor(float(len(target)))}
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                     tensor_loader(X, y), val_loader=(X, y), batch_size=20, metrics=sizes,
+                     progress=False)
+    assert loop.history["n"] == [32.0]  # the DataLoader's own batches
+    assert loop.history["val_n"] == [(20 * 20 * 3 + 4 * 4) / 64]  # batches of 20, 20, 20, 4
+
+
+def test_16_every_other_option_that_would_be_ignored_is_an_error():
+    X, y = make_data(64)
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    message = fit_error(ValueError, step=step)  # loss_fn=F.cross_entropy as well
+    assert "loss_fn=" in message and "would be ignored" in message and "step=" in message
+    message = fit_error(ValueError, scheduler_interval="step")
+    assert "scheduler_interval='step'" in message and "no scheduler=" in message
+    message = fit_error(ValueError, model=model, optimizer=optimizer, scheduler_monitor="loss",
+                        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1))
+    assert "scheduler_monitor='loss'" in message and "ReduceLROnPlateau" in message
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    message = fit_error(ValueError, model=model, optimizer=optimizer, scheduler=plateau,
+                        scheduler_monitor="val_loss")  # (no val_loader: was the training loss)
+    assert "scheduler_monitor='val_loss'" in message and "val_loader" in message
+    with pytest.raises(ValueError, match=r"checkpoint\(mode='max'\) would be ignored.*monitor="):
+        next(loopy.checkpoint("run.pt", mode="max"))
+    with pytest.raises(ValueError, match=r"checkpoint\(keep=3\) would be ignored.*\{epoch\}"):
+        next(loopy.checkpoint("run.pt", keep=3))
+    with pytest.raises(ValueError, match=r"every=5, monitor='val_loss'.*every='epoch'"):
+        next(loopy.checkpoint("run-{step}.pt", every=5, monitor="val_loss"))
+
+
 # --- batches, devices, custom steps ---
 
 Pair = collections.namedtuple("Pair", "inputs target")
@@ -894,6 +1085,738 @@ def test_predict_takes_a_list_of_input_batches():
     assert torch.allclose(loopy.predict(model, [X[:20], X[20:]]), expected)
 
 
+def test_accuracy_with_probability_or_one_hot_targets_compares_argmaxes():
+    generator = torch.Generator().manual_seed(0)
+    output = torch.randn(50, 10, generator=generator)
+    probabilities = torch.randn(50, 10, generator=generator).softmax(dim=1)
+    one_hot = F.one_hot(torch.randint(0, 10, (50,), generator=generator), 10).float()
+    for target in (probabilities, one_hot):
+        expected = (output.argmax(1) == target.argmax(1)).float().mean()
+        assert torch.equal(loopy.accuracy(output, target), expected)
+    # a model that predicts nothing (every logit very negative) is not 90% right
+    nothing = torch.full((50, 10), -5.0)
+    assert loopy.accuracy(nothing, one_hot) == (one_hot.argmax(1) == 0).float().mean()
+    # binary outputs, (N,) or (N, 1), against 0/1 targets of either shape, as before
+    logits = torch.randn(50, generator=generator)
+    labels = torch.randint(0, 2, (50,), generator=generator)
+    expected = ((logits > 0) == (labels > 0.5)).float().mean()
+    for out, target in ((logits, labels), (logits[:, None], labels), (logits[:, None],
+                                                                      labels[:, None].float())):
+        assert torch.equal(loopy.accuracy(out, target), expected)
+
+
+def test_fit_with_one_hot_targets_records_the_true_accuracy():
+    X, y = make_data(96)
+    model = make_mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                     (X, F.one_hot(y, 3).float()), metrics={"acc": loopy.accuracy}, epochs=2,
+                     progress=False)
+    oracle = make_mlp()
+    history = hand_loop(oracle, torch.optim.SGD(oracle.parameters(), lr=0.1),
+                        tensor_loader(X, y), 2, metric=loopy.accuracy)
+    assert loop.history["acc"] == pytest.approx(history["acc"], abs=1e-6)
+
+
+def test_a_metric_returning_a_number_is_recorded_and_a_tensor_of_many_values_is_an_error():
+    numpy = pytest.importorskip("numpy")
+    X, y = make_data(96)
+
+    def run(metric):
+        model = make_mlp()
+        return loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                         (X, y), metrics={"acc": metric}, epochs=2, progress=False,
+                         val_loader=(X, y)).history
+
+    expected = run(loopy.accuracy)
+    as_python = run(lambda output, target: loopy.accuracy(output, target).item())
+    as_numpy = run(lambda output, target: numpy.mean(
+        output.argmax(1).numpy() == target.numpy()))  # a scikit-learn-style metric
+    for history in (as_python, as_numpy):
+        for name in ("acc", "val_acc"):
+            assert history[name] == pytest.approx(expected[name], abs=1e-6)
+    with pytest.raises(TypeError) as raised:
+        run(lambda output, target: (output.argmax(1) == target).float())  # no .mean()
+    message = str(raised.value)
+    assert "metrics['acc'] returned a tensor of shape (32,)" in message and ".mean()" in message
+
+
+def test_numpy_arrays_train_as_tensors_of_the_default_dtype_and_int64():
+    numpy = pytest.importorskip("numpy")
+    X, y = make_data(100)
+    X64, y32 = X.double().numpy(), y.numpy().astype(numpy.int32)  # what scikit-learn hands out
+
+    def run(train, val):
+        model = make_mlp()
+        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                         train, val_loader=val, epochs=2, batch_size=16, shuffle=True, seed=0,
+                         metrics={"acc": loopy.accuracy}, progress=False)
+        return model, loop.history
+
+    model, history = run((X64, y32), (X64, y32))
+    oracle, expected = run((X64.astype(numpy.float32), y32.astype(numpy.int64)), (X, y))
+    assert same_weights(model, oracle) and history == expected
+    # the float64 arrays became float32 exactly as torch rounds them
+    reference = make_mlp()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    torch.manual_seed(0)
+    hand_loop(reference, optimizer, tensor_loader(torch.from_numpy(X64).float(),
+                                                  torch.from_numpy(y32).long(), 16, True), 2,
+              val_loader=tensor_loader(X, y, 16))  # (which draws a DataLoader's seed too)
+    assert same_weights(model, reference)
+    assert loopy.evaluate(model, (X64, y32), F.cross_entropy) == \
+        loopy.evaluate(model, (X, y), F.cross_entropy)
+    assert torch.equal(loopy.predict(model, X64[::-1]), loopy.predict(model, X.flip(0)))
+
+
+def test_a_loss_module_moves_with_the_model_and_its_parameters_must_be_optimized():
+    X, y = make_data(64)
+    model = make_mlp()
+    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]))
+    loopy._prepare(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                   device="meta", distributed=False)  # meta stands in for a GPU
+    assert loss_fn.weight.is_meta and next(model.parameters()).is_meta
+
+    class Weighted(torch.nn.Module):  # a learnable multi-task loss (uncertainty weighting)
+        def __init__(self):
+            super().__init__()
+            self.log_var = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, output, target):
+            return F.cross_entropy(output, target) * torch.exp(-self.log_var) + self.log_var
+
+    model = make_mlp()
+    message = fit_error(ValueError, model=model, loss_fn=Weighted(),
+                        optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert "loss_fn has learnable parameters that the optimizer does not hold (log_var)" in message
+    assert "*loss_fn.parameters()" in message
+    model, loss_fn = make_mlp(), Weighted()
+    loopy.fit(model, loss_fn, torch.optim.SGD([*model.parameters(), *loss_fn.parameters()],
+                                              lr=0.1), (X, y), progress=False)
+    oracle, oracle_loss = make_mlp(), Weighted()
+    optimizer = torch.optim.SGD([*oracle.parameters(), *oracle_loss.parameters()], lr=0.1)
+    for x_batch, y_batch in tensor_loader(X, y):
+        oracle_loss(oracle(x_batch), y_batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert same_weights(model, oracle) and torch.equal(loss_fn.log_var, oracle_loss.log_var)
+
+
+class RecordsMoves:
+    """A batch class with its own .to(), as graph data objects have."""
+
+    def __init__(self, x, y, calls):
+        self.x, self.y, self.calls = x, y, calls
+
+    def to(self, device, non_blocking=False):
+        self.calls.append(device)
+        return RecordsMoves(self.x.to(device), self.y.to(device), self.calls)
+
+
+def test_a_batch_with_its_own_to_method_is_moved_by_it():
+    calls = []
+    moved = loopy._to_device(RecordsMoves(torch.ones(2), torch.ones(2), calls),
+                             torch.device("meta"), False)
+    assert calls == [torch.device("meta")] and moved.x.is_meta and moved.y.is_meta
+    # in fit, each batch is moved by its .to() and reaches step= as it returned it
+    X, y = make_data(64)
+    model = make_mlp()
+    loopy.fit(model, None, torch.optim.SGD(model.parameters(), lr=0.1),
+              [RecordsMoves(X[:32], y[:32], calls), RecordsMoves(X[32:], y[32:], calls)],
+              step=lambda m, b: F.cross_entropy(m(b.x), b.y), progress=False)
+    assert calls == [torch.device("meta")] + [torch.device("cpu")] * 2
+    oracle = make_mlp()
+    hand_loop(oracle, torch.optim.SGD(oracle.parameters(), lr=0.1), tensor_loader(X, y), 1)
+    assert same_weights(model, oracle)
+
+
+def test_a_packed_sequence_keeps_its_batch_sizes_on_the_cpu():
+    packed = torch.nn.utils.rnn.pack_sequence([torch.ones(3, 2), torch.ones(2, 2)])
+    moved = loopy._to_device((packed, torch.zeros(2)), torch.device("meta"), False)
+    assert isinstance(moved[0], torch.nn.utils.rnn.PackedSequence)
+    assert moved[0].data.is_meta and moved[0].batch_sizes.device.type == "cpu"
+    assert moved[1].is_meta
+
+
+def test_an_object_holding_tensors_that_cannot_be_moved_is_warned_about():
+    class Opaque:
+        def __init__(self):
+            self.x = torch.ones(2)
+
+    with pytest.warns(UserWarning, match="cannot move a batch of type .*Opaque.* no .to()"):
+        batch = loopy._to_device([Opaque(), torch.ones(2)], torch.device("meta"), False)
+    assert batch[1].is_meta
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # already there: nothing to say
+        loopy._to_device([Opaque(), torch.ones(2)], torch.device("cpu"), False)
+
+
+class Detector(torch.nn.Module):
+    """Returns one dict per sample, as torchvision's detection models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return [{"boxes": box.view(1, 4), "scores": box.sum().view(1)} for box in self.linear(x)]
+
+
+def test_predict_joins_per_sample_outputs_as_one_list():
+    X, _ = make_data(10)
+    torch.manual_seed(0)
+    model = Detector()
+    outputs = loopy.predict(model, X, batch_size=4)  # batches of 4, 4 and a short 2
+    with torch.no_grad():
+        expected = [model(X[i:i + 1])[0] for i in range(10)]
+    assert len(outputs) == 10
+    for output, truth in zip(outputs, expected):
+        assert torch.allclose(output["boxes"], truth["boxes"])
+        assert torch.allclose(output["scores"], truth["scores"])
+    # batch-first outputs are joined as before, also in a list of several outputs
+    model = make_mlp()
+    features, logits = loopy.predict(torch.nn.Sequential(model, TwoOutputs()), X, batch_size=4)
+    with torch.no_grad():
+        assert torch.allclose(logits, model.eval()(X)) and torch.allclose(features, logits * 2)
+
+
+class TwoOutputs(torch.nn.Module):
+    def forward(self, x):
+        return [x * 2, x]
+
+
+def test_predict_outputs_that_cannot_be_joined_are_a_clear_error():
+    class VariableLength(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :int(x.shape[0])]  # (batch, batch): the width varies with the batch
+
+    X, _ = make_data(10)
+    with pytest.raises(TypeError) as raised:
+        loopy.predict(VariableLength(), X, batch_size=4)
+    message = str(raised.value)
+    assert "predict cannot join the model's outputs" in message and "(4, 4)" in message
+    assert "batch-first tensors" in message and "one item per sample" in message
+
+
+def make_gan(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.ModuleDict({
+        "generator": torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(),
+                                         torch.nn.Linear(16, 8)),
+        "discriminator": torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LeakyReLU(0.2),
+                                             torch.nn.Linear(16, 1))})
+
+
+def gan_optimizers(gan):
+    return {name: torch.optim.Adam(gan[name].parameters(), lr=0.01, betas=(0.5, 0.999))
+            for name in ("discriminator", "generator")}
+
+
+def gan_losses(gan, real, noise):
+    """The discriminator's loss (real against generated points), then the generator's."""
+    fake = gan["generator"](noise)
+    labels = torch.cat([torch.ones(len(real), 1), torch.zeros(len(real), 1)])
+    loss_d = F.binary_cross_entropy_with_logits(
+        gan["discriminator"](torch.cat([real, fake.detach()])), labels)
+    yield loss_d
+    yield F.binary_cross_entropy_with_logits(gan["discriminator"](fake), torch.ones(len(real), 1))
+
+
+def gan_step(model, batch, loop):
+    real, _ = batch
+    losses = gan_losses(model, real, torch.randn(len(real), 4))
+    loss_d = next(losses)
+    loop.backward(loss_d)
+    loop.step_optimizer("discriminator")
+    loss_g = next(losses)  # after the discriminator's step, as in the hand-written loop
+    loop.backward(loss_g, "generator")  # the discriminator's gradients stay untouched
+    loop.step_optimizer("generator")
+    return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
+
+
+def hand_gan(gan, optimizers, loader, epochs, val_loader=None, precision=None, accumulate=1):
+    """The GAN loop that a manual step replaces, written out (precision and accumulation too)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+    history = collections.defaultdict(list)
+    for _ in range(epochs):
+        gan.train()
+        sums, count = collections.Counter(), 0
+        for i, (real, _) in enumerate(loader):
+            last = (i + 1) % accumulate == 0
+            with autocast:
+                losses = gan_losses(gan, real, torch.randn(len(real), 4))
+                loss_d = next(losses)
+            scaler.scale(loss_d / accumulate if accumulate > 1 else loss_d).backward()
+            if last:
+                scaler.step(optimizers["discriminator"])
+                optimizers["discriminator"].zero_grad()
+            with autocast:
+                loss_g = next(losses)
+            scaler.scale(loss_g / accumulate if accumulate > 1 else loss_g).backward(
+                inputs=list(gan["generator"].parameters()))
+            if last:
+                scaler.step(optimizers["generator"])
+                optimizers["generator"].zero_grad()
+                scaler.update()
+            sums.update(loss_d=loss_d.item() * len(real), loss_g=loss_g.item() * len(real))
+            count += len(real)
+        for name, total in sums.items():
+            history[name].append(total / count)
+        if val_loader is not None:
+            gan.eval()
+            sums, count = collections.Counter(), 0
+            with torch.no_grad():
+                for real, _ in val_loader:
+                    with autocast:
+                        loss_d, loss_g = gan_losses(gan, real, torch.randn(len(real), 4))
+                    sums.update(val_loss_d=loss_d.item() * len(real),
+                                val_loss_g=loss_g.item() * len(real))
+                    count += len(real)
+            for name, total in sums.items():
+                history[name].append(total / count)
+    return history
+
+
+def gan_data(n=128):
+    X, y = make_data(n)
+    return X * 0.5 + 1.0, y  # the "real" points: a shifted, squeezed Gaussian
+
+
+def same_states(a, b):
+    """Two state_dicts (of optimizers, schedulers) hold equal tensors and values."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_states(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_states(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_gan_step_with_two_optimizers_is_bit_identical_to_the_hand_written_loop(shuffle):
+    X, y = gan_data()
+    expected_gan = make_gan()
+    torch.manual_seed(7)
+    expected = hand_gan(expected_gan, gan_optimizers(expected_gan),
+                        tensor_loader(X, y, 16, shuffle), 3,
+                        val_loader=tensor_loader(X[:40], y[:40], 16))
+    gan = make_gan()
+    loop = loopy.fit(gan, None, gan_optimizers(gan), (X, y), batch_size=16, shuffle=shuffle,
+                     epochs=3, step=gan_step, val_loader=(X[:40], y[:40]), seed=7, progress=False)
+    assert same_weights(gan, expected_gan)
+    assert loop.step == 3 * 8  # a manual step's steps count batches
+    assert sorted(loop.history) == ["loss_d", "loss_g", "lr", "val_loss_d", "val_loss_g"]
+    for name, values in expected.items():
+        assert loop.history[name] == pytest.approx(values, rel=1e-6)
+    results = loopy.evaluate(gan, (X[:40], y[:40]), step=gan_step)  # validation's no-op helpers
+    assert sorted(results) == ["loss_d", "loss_g"]
+
+
+def gan_run(path=None, stop_at_step=None, resume=None, epochs=3, seed=0):
+    """A GAN with shuffling, per-step schedulers for both optimizers and a checkpoint."""
+    X, y = gan_data(120)  # 8 batches of 16 a epoch, the last one of 8
+    gan = make_gan(seed)
+    optimizers = gan_optimizers(gan)
+    schedulers = [torch.optim.lr_scheduler.StepLR(optimizers["discriminator"], 3, gamma=0.8),
+                  torch.optim.lr_scheduler.ExponentialLR(optimizers["generator"], gamma=0.97)]
+    hooks = [loopy.checkpoint(path, every=1)] if path else []
+    if stop_at_step:
+        hooks.insert(0, stop_when(stop_at_step))
+    loop = loopy.fit(gan, None, optimizers, (X, y), hooks, batch_size=16, shuffle=True,
+                     epochs=epochs, step=gan_step, scheduler=schedulers,
+                     scheduler_interval="step", val_loader=(X[:30], y[:30]),
+                     seed=None if resume else 123, resume=resume, progress=False)
+    return gan, optimizers, schedulers, loop
+
+
+def test_a_gan_resumed_mid_epoch_equals_the_straight_run_with_both_optimizers(tmp_path):
+    straight, optimizers, schedulers, straight_loop = gan_run()
+    path = tmp_path / "gan.pt"
+    _, _, _, stopped = gan_run(path, stop_at_step=11)  # the 3rd batch of the 2nd epoch
+    assert stopped.step == 11 and len(stopped.history["loss_d"]) == 1
+    saved = torch.load(path, weights_only=True)
+    assert len(saved["optimizers"]) == len(saved["schedulers"]) == 2
+    torch.manual_seed(999)  # the resumed run must not depend on the global RNG
+    resumed, resumed_optimizers, resumed_schedulers, resumed_loop = gan_run(path, resume=path,
+                                                                            seed=5)
+    assert same_weights(resumed, straight) and resumed_loop.step == 3 * 8
+    assert resumed_loop.history == straight_loop.history
+    for name in optimizers:
+        assert same_states(resumed_optimizers[name].state_dict(), optimizers[name].state_dict())
+    for resumed_scheduler, scheduler in zip(resumed_schedulers, schedulers):
+        assert resumed_scheduler.state_dict() == scheduler.state_dict()
+
+
+@pytest.mark.parametrize("precision, accumulate", [("bf16", 1), ("fp16", 1), (None, 2),
+                                                    ("fp16", 2)])
+def test_gan_precision_and_accumulation_through_the_helpers_equal_the_hand_loop(precision,
+                                                                                 accumulate):
+    X, y = gan_data()  # 8 batches: whole groups of 2
+    expected_gan = make_gan()
+    torch.manual_seed(7)
+    expected = hand_gan(expected_gan, gan_optimizers(expected_gan), tensor_loader(X, y, 16), 2,
+                        precision=precision, accumulate=accumulate)
+    gan = make_gan()
+    loop = loopy.fit(gan, None, gan_optimizers(gan), (X, y), batch_size=16, epochs=2,
+                     step=gan_step, precision=precision, accumulate=accumulate, seed=7,
+                     device="cpu", progress=False)
+    # the same operations in the same order: equal bit for bit, fp16's scaler included
+    assert same_weights(gan, expected_gan)
+    assert loop.step == 2 * 8 // accumulate
+    if precision == "fp16":
+        assert loop.scaler.get_scale() == 2.0 ** 16  # it stepped (no inf), updated once a step
+    for name, values in expected.items():
+        assert loop.history[name] == pytest.approx(values, rel=1e-6)
+
+
+def test_a_manual_step_sends_backward_per_optimizer_step_and_step_per_batch():
+    X, y = gan_data(64)
+    events = []
+
+    def watch():
+        while True:
+            loop = yield ("backward", "step")
+            events.append((loop.event, loop.step, loop.grad_norm is not None))
+
+    gan = make_gan()
+    loop = loopy.fit(gan, None, gan_optimizers(gan), (X, y), [watch()], batch_size=16, epochs=2,
+                     step=gan_step, clip_grad=1.0, max_steps=3, progress=False)
+    # "backward": before each optimizer's step, gradients clipped; "step": after each batch
+    assert events == [("backward", 0, True), ("backward", 0, True), ("step", 1, True),
+                      ("backward", 1, True), ("backward", 1, True), ("step", 2, True),
+                      ("backward", 2, True), ("backward", 2, True), ("step", 3, True)]
+    assert loop.stop_reason == "reached max_steps=3"
+
+
+def test_manual_step_errors_name_the_cause_and_the_fix():
+    X, y = gan_data(64)
+    gan = make_gan()
+
+    def fit(**options):
+        arguments = dict(model=gan, loss_fn=None, optimizer=gan_optimizers(gan),
+                         loader=(X, y), step=gan_step, progress=False)
+        arguments.update(options)
+        return loopy.fit(**arguments)
+
+    def with_graph(model, batch, loop):
+        return {"loss": model["discriminator"](batch[0]).mean()}
+    with pytest.raises(TypeError, match=r"'loss'.* with a graph: .*loss.detach\(\).*"
+                                        r"step\(model, batch\)"):
+        fit(step=with_graph)
+    with pytest.raises(TypeError, match=r"must return a dict of the numbers to record"):
+        fit(step=lambda model, batch, loop: model["discriminator"](batch[0]).mean().detach())
+    with pytest.raises(ValueError, match=r"optimizer is 2 optimizers.*step=fn\(model, batch, "
+                                         r"loop\).*loop.step_optimizer\(name\)"):
+        fit(step=lambda model, batch: model["discriminator"](batch[0]).mean())
+    other = torch.nn.Linear(8, 1)
+    with pytest.raises(ValueError, match=r"optimizer\['critic'\] holds none of the model's "
+                                         r"parameters.*ModuleDict"):
+        fit(optimizer={**gan_optimizers(gan), "critic": torch.optim.SGD(other.parameters())})
+    with pytest.raises(TypeError, match=r"(?s)model must be a torch.nn.Module; got \{.*"
+                                        r"ModuleDict"):
+        fit(model={"generator": gan["generator"]})
+    with pytest.raises(ValueError, match=r"nonfinite='skip' cannot undo a manual step"):
+        fit(nonfinite="skip")
+    with pytest.raises(ValueError, match=r"accumulate=2 with a manual step needs a loader with "
+                                         r"a len\(\)"):
+        fit(loader=iter([(X, y)]), accumulate=2)
+
+    def misnamed(model, batch, loop):
+        loop.step_optimizer("gen")
+    with pytest.raises(ValueError, match=r"no optimizer is named 'gen': this run's are "
+                                         r"'discriminator', 'generator'"):
+        fit(step=misnamed)
+
+
+def test_a_manual_step_with_one_optimizer_equals_the_automatic_step():
+    """The helpers do what loopy's own step does: clipping, accumulation with a last partial
+    group, metrics from (numbers, output, target), validation; bit for bit."""
+    X, y = make_data()  # 7 batches of 32: groups of 2, 2, 2 and 1
+
+    def manual(model, batch, loop):
+        x, target = batch
+        output = model(x)
+        loss = F.cross_entropy(output, target)
+        loop.backward(loss)
+        loop.step_optimizer(0)
+        return {"loss": loss.detach()}, output, target
+
+    runs = []
+    for step in (None, manual):
+        model = make_mlp()
+        loss_fn = None if step else F.cross_entropy  # (a loss_fn beside step= is an error)
+        loop = loopy.fit(model, loss_fn, torch.optim.Adam(model.parameters(), lr=0.01),
+                         (X, y), epochs=2, step=step, accumulate=2, clip_grad=0.5,
+                         val_loader=(X[:50], y[:50]), metrics={"acc": loopy.accuracy},
+                         seed=3, progress=False)
+        runs.append((model, loop))
+    (automatic, auto_loop), (manual_model, manual_loop) = runs
+    assert same_weights(manual_model, automatic)
+    assert manual_loop.history == auto_loop.history and manual_loop.step == auto_loop.step == 8
+
+
+def test_per_sample_lists_of_target_dicts_weigh_the_epoch_mean_by_sample_count():
+    images = [torch.full((3, 4, 4), float(i)) for i in range(5)]
+    targets = [{"boxes": torch.zeros(k, 4)} for k in (7, 1, 2, 9, 1)]
+    batches = [(images[0:2], targets[0:2]), (images[2:4], targets[2:4]), (images[4:], targets[4:])]
+    model = torch.nn.Linear(1, 1)
+
+    def step(model, batch):
+        means = torch.stack([image.mean() for image in batch[0]])
+        return means.mean() + 0 * model.weight.sum(), means, batch[1]
+
+    for each in (step, lambda model, batch: step(model, batch)[0]):
+        loop = loopy.fit(model, None, torch.optim.SGD(model.parameters(), lr=0.0), batches,
+                         step=each, progress=False)
+        assert loop.history["loss"] == [pytest.approx((0 + 1 + 2 + 3 + 4) / 5)]  # per sample
+
+
+def test_numpy_bool_labels_become_floats_for_a_bce_loss():
+    X, y = make_data(64)
+    labels = (y > 0).numpy()
+
+    def bce(output, target):
+        return F.binary_cross_entropy_with_logits(output[:, 0], target)
+
+    got = train(loader=(X.numpy(), labels), loss_fn=bce)
+    expected = train(loader=(X, torch.from_numpy(labels).float()), loss_fn=bce)
+    assert same_weights(got.model, expected.model)
+    assert got.history["loss"] == expected.history["loss"]
+
+
+# --- sliced DataLoaders: a DataLoader over a TensorDataset trains bit-identically ---
+
+def issue17_loaders():
+    """Loader factories (a fresh generator each call, so every run starts from the same one)."""
+    def with_generator(**options):
+        return lambda data: DataLoader(data, 32, generator=torch.Generator().manual_seed(7),
+                                       **options)
+
+    def with_sampler(replacement, num_samples, seeded=False):
+        return lambda data: DataLoader(data, 32, sampler=torch.utils.data.RandomSampler(
+            data, replacement, num_samples,
+            torch.Generator().manual_seed(3) if seeded else None))
+    return {
+        "no shuffle, partial last batch": lambda data: DataLoader(data, 32),
+        "shuffle": lambda data: DataLoader(data, 32, shuffle=True),
+        "shuffle, the loader's own generator": with_generator(shuffle=True),
+        "drop_last": lambda data: DataLoader(data, 32, shuffle=True, drop_last=True),
+        "drop_last, own generator": with_generator(shuffle=True, drop_last=True),
+        "with replacement": with_sampler(True, 150),
+        "with replacement, own generator": with_sampler(True, 64, seeded=True),
+        "more samples than data, own generator": with_sampler(False, 250, seeded=True),
+    }
+
+
+def getitem_calls(monkeypatch, dataset_class=TensorDataset):
+    """Count the calls of dataset_class.__getitem__: none when loopy slices the tensors."""
+    calls = []
+    original = dataset_class.__getitem__
+
+    def counted(self, index):
+        calls.append(index)
+        return original(self, index)
+    monkeypatch.setattr(dataset_class, "__getitem__", counted)
+    return calls
+
+
+def generator_state(loader):
+    generator = loader.generator or getattr(loader.sampler, "generator", None)
+    return None if generator is None else generator.get_state()
+
+
+@pytest.mark.parametrize("name", list(issue17_loaders()))
+def test_a_sliced_dataloader_trains_bit_identically_to_the_hand_loop_on_it(monkeypatch, name):
+    make_loader = issue17_loaders()[name]
+    X, y = make_data(203)  # 6 full batches of 32 and one of 11
+    Xv, yv = make_data(45, seed=1)
+
+    def run(by_hand):
+        model = make_mlp(dropout=0.3)  # dropout: the global RNG after the shuffle matters too
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        loader, val_loader = make_loader(TensorDataset(X, y)), DataLoader(TensorDataset(Xv, yv), 7)
+        torch.manual_seed(1)
+        if by_hand:
+            history = hand_loop(model, optimizer, loader, 3, val_loader, metric=loopy.accuracy)
+        else:
+            loop = loopy.fit(model, F.cross_entropy, optimizer, loader, epochs=3,
+                             val_loader=val_loader, metrics={"acc": loopy.accuracy},
+                             progress=False)
+            assert loop.loader is loader and loop.val_loader is val_loader
+            history = loop.history
+        return model, history, torch.get_rng_state(), generator_state(loader)
+
+    expected = run(by_hand=True)
+    calls = getitem_calls(monkeypatch)
+    sliced = run(by_hand=False)
+    assert calls == []  # it sliced: no sample was fetched one by one
+    monkeypatch.setattr(loopy, "_sliced", lambda loader: loader)  # the DataLoader path
+    iterated = run(by_hand=False)
+    assert calls  # (the counter works)
+    assert same_weights(sliced[0], expected[0]) and same_weights(iterated[0], expected[0])
+    assert sliced[1] == iterated[1]  # the history, bit for bit
+    for metric in ("loss", "acc", "val_loss", "val_acc"):
+        assert sliced[1][metric] == pytest.approx(expected[1][metric], rel=1e-6, abs=1e-7)
+    assert torch.equal(sliced[2], expected[2])  # the global RNG after training
+    assert (sliced[3] is None) == (expected[3] is None)  # the loader's generator after it
+    assert sliced[3] is None or torch.equal(sliced[3], expected[3])
+
+
+def issue17_samplers():
+    sampler, distributed = torch.utils.data.RandomSampler, torch.utils.data.DistributedSampler
+    return {
+        "sequential": lambda data, g: DataLoader(data, 7),
+        "sequential, drop_last": lambda data, g: DataLoader(data, 8, drop_last=True),
+        "one batch, larger than the data": lambda data, g: DataLoader(data, 40),
+        "shuffle": lambda data, g: DataLoader(data, 7, shuffle=True),
+        "shuffle, drop_last": lambda data, g: DataLoader(data, 9, shuffle=True, drop_last=True),
+        "shuffle, generator": lambda data, g: DataLoader(data, 8, shuffle=True, generator=g),
+        "replacement": lambda data, g: DataLoader(data, 6, sampler=sampler(data, True, 70)),
+        "replacement, generator": lambda data, g: DataLoader(data, 32,
+                                                             sampler=sampler(data, True, 64, g)),
+        "generator, more than the data": lambda data, g: DataLoader(
+            data, 6, sampler=sampler(data, False, 45, g)),
+        "generator, twice the data": lambda data, g: DataLoader(
+            data, 10, sampler=sampler(data, False, 60, g)),
+        "a range": lambda data, g: DataLoader(data, 4, sampler=range(2, 30, 3)),
+        "distributed": lambda data, g: DataLoader(
+            data, 4, sampler=distributed(data, 4, 1, shuffle=True, seed=2)),
+        "distributed, drop_last": lambda data, g: DataLoader(
+            data, 3, sampler=distributed(data, 4, 3, shuffle=False, drop_last=True)),
+    }
+
+
+@pytest.mark.parametrize("name", list(issue17_samplers()))
+@pytest.mark.parametrize("stop_after", [None, 1, 2, 3, 4])
+def test_sliced_batches_and_random_draws_equal_the_dataloaders(name, stop_after):
+    """PyTorch as the oracle: the same batches, and the global RNG and the generator in the
+    same state after a full pass or a pass cut short (random numbers drawn between batches)."""
+    X, y = make_data(30)
+    results = []
+    for sliced in (False, True):
+        generator = torch.Generator().manual_seed(11)
+        loader = issue17_samplers()[name](TensorDataset(X, y), generator)
+        batches = loopy._sliced(loader) if sliced else loader
+        assert (batches is not loader) == sliced and len(batches) == len(loader)
+        torch.manual_seed(0)
+        got = []
+        for batch in batches:
+            got.append(batch)
+            if len(got) == stop_after:
+                break
+            torch.rand(1)
+        results.append((got, torch.get_rng_state(), generator.get_state()))
+    (expected, rng, generator), (got, sliced_rng, sliced_generator) = results
+    assert len(got) == len(expected) and all(
+        type(a) is type(b) and len(a) == len(b) and all(torch.equal(s, t) and s.dtype == t.dtype
+                                                        for s, t in zip(a, b))
+        for a, b in zip(got, expected))
+    assert torch.equal(sliced_rng, rng) and torch.equal(sliced_generator, generator)
+
+
+def test_a_mid_epoch_resume_on_a_sliced_dataloader_equals_the_straight_run(monkeypatch, tmp_path):
+    X, y = make_data(150)
+
+    def run(path=None, stop_at_step=None, resume=None, epochs=3):
+        model = make_mlp(dropout=0.2)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        hooks = [stop_when(stop_at_step)] if stop_at_step else []
+        loop = loopy.fit(model, F.cross_entropy, optimizer,
+                         DataLoader(TensorDataset(X, y), 16, shuffle=True),
+                         hooks + ([loopy.checkpoint(path)] if path else []), epochs=epochs,
+                         seed=None if resume else 123, resume=resume, progress=False)
+        return model, loop
+
+    straight, straight_loop = run()
+    by_hand = make_mlp(dropout=0.2)
+    optimizer = torch.optim.Adam(by_hand.parameters(), lr=0.01)
+    torch.manual_seed(123)
+    hand_loop(by_hand, optimizer, DataLoader(TensorDataset(X, y), 16, shuffle=True), 3)
+    assert same_weights(straight, by_hand)
+    _, stopped = run(tmp_path / "sliced.pt", stop_at_step=14)  # batch 4 of epoch 2
+    with monkeypatch.context() as patch:
+        patch.setattr(loopy, "_sliced", lambda loader: loader)
+        run(tmp_path / "iterated.pt", stop_at_step=14)
+    saved = [torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("sliced", "iterated")]
+    assert saved[0]["position"]["batches"] == 4 and saved[0]["step"] == 14
+    assert torch.equal(saved[0]["rng"]["torch"], saved[1]["rng"]["torch"])
+    assert torch.equal(saved[0]["position"]["epoch_rng"], saved[1]["position"]["epoch_rng"])
+    assert all(torch.equal(a, b) for a, b in zip(saved[0]["model"].values(),
+                                                 saved[1]["model"].values()))
+    torch.manual_seed(999)  # the resumed run must not depend on the global RNG
+    resumed, resumed_loop = run(resume=tmp_path / "sliced.pt")
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+
+
+def test_evaluate_predict_and_lr_find_on_a_sliced_dataloader_equal_the_dataloader_path(
+        monkeypatch):
+    X, y = make_data(100)
+    model = make_mlp()
+
+    def run():
+        loader = DataLoader(TensorDataset(X, y), 16, shuffle=True,
+                            generator=torch.Generator().manual_seed(5))
+        results = loopy.evaluate(model, DataLoader(TensorDataset(X, y), 24), F.cross_entropy,
+                                 {"acc": loopy.accuracy})
+        outputs = loopy.predict(model, DataLoader(TensorDataset(X), 24))
+        found = loopy.lr_find(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                              loader, num_steps=10)  # stops inside the second epoch
+        return results, outputs, found, loader.generator.get_state()
+
+    calls = getitem_calls(monkeypatch)
+    sliced = run()
+    assert calls == []
+    monkeypatch.setattr(loopy, "_sliced", lambda loader: loader)
+    iterated = run()
+    assert sliced[0] == iterated[0] and torch.equal(sliced[1], iterated[1])
+    assert sliced[2] == iterated[2] and torch.equal(sliced[3], iterated[3])
+    with torch.no_grad():
+        assert torch.equal(sliced[1], torch.cat([model(X[i:i + 24]) for i in range(0, 100, 24)]))
+
+
+class TensorDatasetSubclass(TensorDataset):
+    pass
+
+
+@pytest.mark.parametrize("fallback", ["a TensorDataset subclass", "a custom collate_fn",
+                                      "workers", "a DataLoader subclass", "a weighted sampler"])
+def test_dataloaders_loopy_cannot_reproduce_are_iterated_as_they_are(monkeypatch, fallback):
+    X, y = make_data(70)
+    collated = []
+
+    def collate(samples):
+        collated.append(len(samples))
+        return torch.utils.data.default_collate(samples)
+
+    def make_loader():
+        data = (TensorDatasetSubclass if fallback == "a TensorDataset subclass" else TensorDataset)(X, y)
+        options = {"a custom collate_fn": dict(collate_fn=collate),
+                   "workers": dict(num_workers=2),
+                   "a weighted sampler": dict(sampler=torch.utils.data.WeightedRandomSampler(
+                       torch.ones(70), 70))}.get(fallback, dict(shuffle=True))
+        loader_class = type("Loader", (DataLoader,), {}) if fallback == "a DataLoader subclass" \
+            else DataLoader
+        return loader_class(data, 16, **options)
+
+    calls = getitem_calls(monkeypatch, TensorDatasetSubclass)
+    assert type(loopy._sliced(make_loader())) is not loopy._TensorBatches
+    by_hand = make_mlp()
+    optimizer = torch.optim.SGD(by_hand.parameters(), lr=0.1)
+    torch.manual_seed(1)
+    hand_loop(by_hand, optimizer, make_loader(), 2)
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(1)
+    collated.clear(), calls.clear()
+    loopy.fit(model, F.cross_entropy, optimizer, make_loader(), epochs=2, progress=False)
+    assert same_weights(model, by_hand)
+    if fallback == "a TensorDataset subclass":
+        assert len(calls) == 2 * 70  # its own __getitem__ fetched every sample
+    if fallback == "a custom collate_fn":
+        assert collated == [16, 16, 16, 16, 6] * 2
+
+
 # --- progress ---
 
 def test_progress_prints_one_plain_line_per_epoch_when_not_a_terminal(capsys):
@@ -930,6 +1853,193 @@ def test_loopy_copied_alone_trains_without_tqdm(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "trained 4"
     assert result.stdout.startswith("epoch 1/2: loss ")
+
+
+def _epoch_line(history, epoch, epochs):
+    """What the progress hook prints for ``epoch`` (1-based), up to the epoch's time."""
+    values = " - ".join(f"{name} {values[epoch - 1]:.4g}" for name, values in history.items())
+    return f"epoch {epoch}/{epochs}: {values} ("
+
+
+def _small_fit(epochs=2, **options):
+    X, y = make_data(64)
+    model = make_mlp()
+    return loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                     batch_size=16, epochs=epochs, val_loader=(X[:32], y[:32]),
+                     metrics={"acc": loopy.accuracy}, **options)
+
+
+@pytest.mark.parametrize("progress, bar, lines", [(True, True, True), ("bar", True, True),
+                                                  ("epoch", False, True), (False, False, False)])
+def test_progress_levels_a_bar_where_a_person_watches_a_line_per_epoch_or_nothing(
+        monkeypatch, capsys, progress, bar, lines):
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    loop = _small_fit(progress=progress)
+    captured = capsys.readouterr()
+    expected = [_epoch_line(loop.history, epoch, 2) for epoch in (1, 2)] if lines else []
+    assert [line[:len(start)] for line, start in zip(captured.out.splitlines(), expected)] \
+        == expected and captured.out.count("\n") == len(expected)
+    assert ("epoch 1/2" in captured.err and "batch" in captured.err) == bar
+    assert bar or captured.err == ""
+
+
+def test_progress_rejects_an_unknown_level_before_training():
+    with pytest.raises(ValueError, match=r"progress='loud': use True or 'bar' .* 'epoch' .* False"):
+        _small_fit(progress="loud", hooks=[recorder(log := [])])
+    assert log == []
+
+
+def test_loop_repr_is_one_line_of_epochs_steps_stop_reason_and_metrics():
+    loop = _small_fit(epochs=3, max_steps=9, progress=False)  # 4 steps per epoch: 2 epochs done
+    values = " - ".join(f"{name} {values[-1]:.4g}" for name, values in loop.history.items())
+    assert repr(loop) == f"<Loop epoch 2/3, step 9, stopped: reached max_steps=9; {values}>"
+    assert repr(_small_fit(epochs=1, progress=False)).startswith("<Loop epoch 1/1, step 4; loss ")
+
+
+def test_loop_print_prints_on_rank_0_only(capsys):
+    loop = _small_fit(progress=False)
+    loop.print("a", 1, sep="-")
+    loop.rank = 1
+    loop.print("b")
+    assert capsys.readouterr().out == "a-1\n"
+
+
+TERMINAL_SCRIPT = """
+import json, sys, torch, loopy
+import torch.nn.functional as F
+torch.set_num_threads(1)
+torch.manual_seed(0)
+X, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+def printer():
+    while True:
+        loop = yield ("step", "epoch")
+        if loop.event == "epoch":
+            print(f"hook: epoch {loop.epoch + 1} done")    # a plain print at "epoch"
+        elif loop.step % 8 == 3:
+            loop.print(f"hook: step {loop.step}")         # mid-epoch, the bar on the screen
+
+loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                 epochs=3, val_loader=(X[:64], y[:64]), metrics={"acc": loopy.accuracy},
+                 hooks=[printer()] if "--printer" in sys.argv else [])
+print("history", json.dumps(loop.history))
+"""
+
+
+def _run_in_terminal(tmp_path, *args, stdout=None):
+    """Run TERMINAL_SCRIPT with stderr (and stdout, unless given) on a pseudo-terminal of 80
+    columns; return all that was written to the terminal."""
+    pty, fcntl, termios, struct = (pytest.importorskip(name) for name in
+                                   ("pty", "fcntl", "termios", "struct"))
+    script = tmp_path / "train.py"
+    script.write_text(TERMINAL_SCRIPT)
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {k: v for k, v in cpu_env(PYTHONPATH=HERE).items() if k not in ("COLUMNS", "LINES")}
+    process = subprocess.Popen([sys.executable, str(script), *args], stdin=terminal,
+                               stdout=stdout or terminal, stderr=terminal, env=env)
+    os.close(terminal)
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
+        while chunk := os.read(main, 65536):
+            chunks.append(chunk)
+    os.close(main)
+    assert process.wait(timeout=120) == 0, b"".join(chunks).decode(errors="replace")[-3000:]
+    return b"".join(chunks).decode()
+
+
+def _screen(text):
+    """The lines a terminal shows for ``text``: a carriage return goes back to column 0, and
+    what follows overwrites what was there."""
+    lines = []
+    for raw in text.split("\n"):
+        line, column = [], 0
+        for char in raw:
+            if char == "\r":
+                column = 0
+                continue
+            line[column:column + 1] = [char]
+            column += 1
+        lines.append("".join(line).rstrip())
+    return lines
+
+
+def _history(lines):
+    return json.loads(next(line for line in lines if line.startswith("history "))[8:])
+
+
+@pytest.mark.slow
+def test_an_80_column_terminal_shows_every_epochs_validation_metrics(tmp_path):
+    screen = _screen(_run_in_terminal(tmp_path))
+    history = _history(screen)
+    assert set(history) == {"loss", "acc", "val_loss", "val_acc", "lr"}
+    for epoch in (1, 2, 3):  # every metric of every epoch, whatever the bar could fit
+        assert sum(line.startswith(_epoch_line(history, epoch, 3)) for line in screen) == 1
+
+
+@pytest.mark.slow
+def test_stdout_to_a_file_while_stderr_is_a_terminal_gets_one_line_per_epoch(tmp_path):
+    with open(tmp_path / "train.log", "w") as log:
+        terminal = _run_in_terminal(tmp_path, stdout=log)
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    history = _history(lines)
+    assert len(lines) == 4 and all(lines[epoch - 1].startswith(_epoch_line(history, epoch, 3))
+                                   for epoch in (1, 2, 3))
+    assert "epoch 3/3:" in terminal and "batch/s" in terminal  # the bar was there
+
+
+@pytest.mark.slow
+def test_a_hook_printing_under_a_terminal_starts_its_line_at_column_0(tmp_path):
+    screen = _screen(_run_in_terminal(tmp_path, "--printer"))
+    for epoch in (1, 2, 3):
+        assert f"hook: step {8 * epoch - 5}" in screen  # loop.print, with the bar live
+        assert f"hook: epoch {epoch} done" in screen  # print at "epoch"
+        assert any(line.startswith(_epoch_line(_history(screen), epoch, 3)) for line in screen)
+
+
+NOTEBOOK_CELL = """
+import json, sys
+sys.path.insert(0, {here!r})
+import torch, loopy
+import torch.nn.functional as F
+torch.manual_seed(0)
+X, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                 epochs=3, val_loader=(X[:64], y[:64]), metrics={{"acc": loopy.accuracy}})
+print("history", json.dumps(loop.history))
+loop
+"""
+
+
+@pytest.mark.slow
+def test_a_notebook_keeps_each_epochs_metrics_as_text_and_shows_the_loop(tmp_path, monkeypatch):
+    nbformat, nbclient = pytest.importorskip("nbformat"), pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        NOTEBOOK_CELL.format(here=HERE))])
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbformat.write(notebook, tmp_path / "saved.ipynb")  # what a reopened notebook holds
+    outputs = nbformat.read(tmp_path / "saved.ipynb", as_version=4).cells[0].outputs
+    stdout = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stdout")
+    history = _history(stdout.splitlines())
+    lines = stdout.splitlines()
+    assert all(lines[epoch - 1].startswith(_epoch_line(history, epoch, 3)) for epoch in (1, 2, 3))
+    (result,) = [o for o in outputs if o.output_type == "execute_result"]
+    values = " - ".join(f"{name} {values[-1]:.4g}" for name, values in history.items())
+    assert result.data["text/plain"] == f"<Loop epoch 3/3, step 24; {values}>"
+    assert "IProgress" not in json.dumps([dict(o) for o in outputs])  # no tqdm warning
+    assert sum(o.output_type == "display_data" for o in outputs) <= 1  # one widget bar at most
+
+
+def test_a_progress_hook_of_your_own_replaces_fits(capsys):
+    train(epochs=2, progress=True, hooks=[loopy.progress(bar=False)])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
 
 
 # --- packaging ---
@@ -1136,6 +2246,185 @@ def test_a_stop_on_the_last_batch_of_a_loader_without_len_resumes_to_the_straigh
     assert same_weights(resumed.model, straight.model) and resumed.history == straight.history
 
 
+def copy_of(model):
+    import copy
+    return copy.deepcopy(model)
+
+
+def frozen_bn_cnn(trainable=True):
+    model = make_cnn()
+    model[1].eval()  # a frozen BatchNorm: its running statistics must not change
+    model[1].requires_grad_(trainable)
+    return model
+
+
+def test_evaluate_predict_and_lr_find_restore_every_submodule_mode():
+    X, y = image_data(32)
+    for call in (lambda m: loopy.evaluate(m, (X, y), F.cross_entropy),
+                 lambda m: loopy.predict(m, X),
+                 lambda m: loopy.lr_find(m, F.cross_entropy, torch.optim.SGD(m.parameters(),
+                                                                             lr=0.1), (X, y),
+                                         num_steps=3)):
+        model = frozen_bn_cnn(trainable=False)
+        modes = [m.training for m in model.modules()]
+        call(model)
+        assert [m.training for m in model.modules()] == modes and not model[1].training
+
+
+def test_a_submodule_in_eval_mode_stays_in_eval_mode_during_fit():
+    X, y = image_data(96)
+    model = frozen_bn_cnn()
+    stats = {name: buffer.clone() for name, buffer in model[1].named_buffers()}
+    # its affine parameters still train: said, since from_pretrained models come in eval mode
+    with pytest.warns(UserWarning, match=r"submodules of the model are in eval mode \(1\).*"
+                                         r"model.train\(\) before fit"):
+        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                  epochs=2, val_loader=(X[:32], y[:32]), progress=False)
+    oracle = frozen_bn_cnn()
+    optimizer = torch.optim.SGD(oracle.parameters(), lr=0.1)
+    for _ in range(2):  # the hand loop re-applies .eval() to the frozen submodule each epoch
+        oracle.train()
+        oracle[1].eval()
+        for x_batch, y_batch in tensor_loader(X, y):
+            F.cross_entropy(oracle(x_batch), y_batch).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert same_weights(model, oracle)
+    assert all(torch.equal(buffer, stats[name]) for name, buffer in model[1].named_buffers())
+    assert model.training and not model[1].training
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a frozen submodule without trainable parameters: quiet
+        model = frozen_bn_cnn(trainable=False)
+        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                  progress=False)
+    assert all(torch.equal(buffer, stats[name]) for name, buffer in model[1].named_buffers())
+    # a model that is entirely in eval mode (left so by the user) trains in train mode, as before
+    model = make_cnn().eval()
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+              progress=False)
+    assert not torch.equal(model[1].running_mean, torch.zeros(4))
+
+
+def test_drop_last_for_in_memory_tensors_gives_the_dataloader_batches():
+    X, y = make_data(100)
+    sizes = []
+
+    def batch_sizes():
+        while True:
+            sizes.append(len((yield "batch").batch[1]))
+
+    model = make_mlp()
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+              epochs=2, batch_size=32, shuffle=True, drop_last=True, seed=0,
+              hooks=[batch_sizes()], progress=False)
+    oracle = make_mlp()
+    torch.manual_seed(0)
+    hand_loop(oracle, torch.optim.SGD(oracle.parameters(), lr=0.1), DataLoader(
+        TensorDataset(X, y), batch_size=32, shuffle=True, drop_last=True), 2)
+    assert same_weights(model, oracle) and sizes == [32] * 6
+    message = fit_error(ValueError, loader=make_data(20), drop_last=True)
+    assert "loader is empty" in message and "drop_last=True" in message
+    message = fit_error(ValueError, loader=tensor_loader(X, y), drop_last=True)
+    assert "drop_last=True applies to in-memory tensors" in message
+    assert "DataLoader(..., drop_last=True)" in message
+    message = fit_error(ValueError, drop_last="yes")
+    assert "drop_last='yes'" in message
+
+
+def test_val_batch_size_batches_in_memory_validation_data():
+    X, y = make_data(100)
+    sizes = []
+
+    def size_of_each_batch(output, target):
+        sizes.append(len(target))
+        return loopy.accuracy(output, target)
+
+    model = make_mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                     (X[:64], y[:64]), val_loader=(X, y), val_batch_size=40,
+                     metrics={"acc": size_of_each_batch}, progress=False)
+    assert sizes == [32, 32, 40, 40, 20]
+    oracle = make_mlp()
+    history = hand_loop(oracle, torch.optim.SGD(oracle.parameters(), lr=0.1),
+                        tensor_loader(X[:64], y[:64]), 1, val_loader=tensor_loader(X, y, 40))
+    assert loop.history["val_loss"] == pytest.approx(history["val_loss"], abs=1e-6)
+    sizes.clear()  # None: batch_size, as before
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+              (X[:64], y[:64]), val_loader=(X, y), metrics={"acc": size_of_each_batch},
+              progress=False)
+    assert sizes == [32, 32, 32, 32, 32, 4]
+    message = fit_error(ValueError, val_batch_size=0, val_loader=(X, y))
+    assert "val_batch_size must be an int >= 1" in message
+    message = fit_error(ValueError, val_batch_size=64, val_loader=tensor_loader(X, y))
+    assert "val_batch_size=64 applies to in-memory tensors" in message
+    assert "DataLoader(..., batch_size=64)" in message
+
+
+def test_epochs_default_is_one_but_unbounded_with_max_steps():
+    X, y = make_data(64)
+    assert train(loader=(X, y)).step == 2  # two batches of 32: one epoch
+    loop = train(loader=(X, y), max_steps=5)
+    model = make_mlp()  # the hand-written loop: 5 steps over the batches in order
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(5):
+        rows = slice(step % 2 * 32, step % 2 * 32 + 32)
+        F.cross_entropy(model(X[rows]), y[rows]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loop.step == 5 and loop.stop_reason == "reached max_steps=5" and loop.epochs is None
+    assert same_weights(loop.model, model) and len(loop.history["loss"]) == 2  # epoch 3 cut short
+    assert "epoch 2, step 5" in repr(loop)
+
+
+def test_a_scheduler_must_be_a_scheduler_of_one_of_the_runs_optimizers():
+    model = make_mlp()
+    other = torch.optim.SGD(make_mlp().parameters(), lr=0.1)
+    message = fit_error(ValueError, model=model, scheduler=torch.optim.lr_scheduler.StepLR(other, 1))
+    assert "scheduler was built for another optimizer" in message and "StepLR(optimizer" in message
+    message = fit_error(TypeError, scheduler="cosine")
+    assert "scheduler must be a learning-rate scheduler" in message and "'cosine'" in message
+    model = torch.nn.ModuleDict({"a": make_mlp(), "b": make_mlp()})
+    optimizers = {name: torch.optim.SGD(model[name].parameters(), lr=0.1) for name in "ab"}
+    schedulers = {"a": torch.optim.lr_scheduler.StepLR(optimizers["a"], 1),
+                  "b": torch.optim.lr_scheduler.StepLR(other, 1)}
+    message = fit_error(ValueError, model=model, optimizer=optimizers, scheduler=schedulers,
+                        step=lambda model, batch, loop: {})
+    assert "scheduler['b'] was built for another optimizer" in message
+
+
+def test_16_reduce_lr_on_plateau_counts_a_nan_as_no_improvement_as_torch_does():
+    X, y = make_data(64)
+    model = make_mlp()
+    nan_epochs = {1, 2}
+
+    def loss_fn(output, target):  # NaN in validation at epochs 2 and 3; training stays finite
+        loss = F.cross_entropy(output, target)
+        return loss * math.nan if not output.requires_grad and len(epochs) in nan_epochs else loss
+
+    epochs = []
+
+    def count_epochs():
+        while True:
+            yield "epoch"
+            epochs.append(0)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=1)
+    loop = loopy.fit(model, loss_fn, optimizer, (X, y), val_loader=(X, y), epochs=5,
+                     scheduler=scheduler, hooks=[count_epochs()], progress=False)
+    # the oracle: torch's own scheduler fed the same values by hand
+    by_hand = torch.optim.SGD(make_mlp().parameters(), lr=1e-6)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(by_hand, factor=0.5, patience=1)
+    lrs = []
+    for value in loop.history["val_loss"]:
+        lrs.append(by_hand.param_groups[0]["lr"])
+        reference.step(value)
+    assert [math.isnan(v) for v in loop.history["val_loss"]] == [False, True, True, False, False]
+    assert loop.history["lr"] == lrs and scheduler.best == reference.best
+    assert math.isfinite(scheduler.best) and lrs[3] == 0.5e-6  # two NaN epochs: one reduction
+
+
 # --- built-in hooks ---
 
 def scripted_score(scores):
@@ -1282,6 +2571,410 @@ def test_lr_find_restores_the_train_or_eval_mode():
     assert not model.training
 
 
+def _recording(records):
+    return lambda metrics, step: records.append((step, metrics))
+
+
+def test_log_to_logs_every_epoch_and_the_running_means_every_n_steps():
+    X, y = make_data(64)  # 4 batches of 16 per epoch
+    records, batches = [], []
+
+    def per_batch():  # the oracle: each batch's loss and accuracy, averaged by hand
+        while True:
+            loop = yield "step"
+            batches.append((float(loop.loss), float(loopy.accuracy(loop.output, loop.batch[1]))))
+
+    model = make_mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                     batch_size=16, epochs=2, val_loader=(X, y), metrics={"acc": loopy.accuracy},
+                     hooks=[per_batch(), loopy.log_to(_recording(records), every=3)],
+                     progress=False)
+
+    def means(first, last):
+        chosen = batches[first:last]
+        return {"loss": pytest.approx(sum(b[0] for b in chosen) / len(chosen), rel=1e-6),
+                "acc": pytest.approx(sum(b[1] for b in chosen) / len(chosen), rel=1e-6)}
+
+    def epoch(index):
+        return {**{name: values[index] for name, values in loop.history.items()},
+                "epoch": index + 1}
+
+    assert records == [(3, means(0, 3)), (4, epoch(0)), (6, means(4, 6)), (8, epoch(1))]
+    assert list(records[1][1]) == [*loop.history, "epoch"]
+
+
+def test_log_to_continues_the_steps_across_a_resume(tmp_path):
+    X, y = make_data(150)  # 10 batches of 16 per epoch
+
+    def run(path, epochs, stop_at_step=None, resume=None):
+        records = []
+        model = make_mlp(dropout=0.2)
+        hooks = [loopy.checkpoint(path), loopy.log_to(_recording(records), every=4)]
+        loopy.fit(model, F.cross_entropy, torch.optim.Adam(model.parameters(), lr=0.01), (X, y),
+                  batch_size=16, shuffle=True, epochs=epochs, val_loader=(X[:50], y[:50]),
+                  seed=None if resume else 7, resume=resume, progress=False,
+                  hooks=hooks + ([stop_when(stop_at_step)] if stop_at_step else []))
+        return records
+
+    straight = run(tmp_path / "straight.pt", epochs=3)
+    before = run(tmp_path / "run.pt", epochs=3, stop_at_step=14)  # in the middle of epoch 2
+    after = run(tmp_path / "run.pt", epochs=3, resume=tmp_path / "run.pt")
+    assert [step for step, _ in straight] == [4, 8, 10, 12, 16, 20, 20, 24, 28, 30]
+    assert before + after == straight
+
+
+def test_log_to_logs_on_rank_0_only_and_checks_its_arguments():
+    records = []
+    hook = loopy.log_to(_recording(records))
+    assert next(hook) == "epoch"
+    with pytest.raises(StopIteration):  # another process: the hook ends, having logged nothing
+        hook.send(types.SimpleNamespace(rank=1, event="epoch", metrics={"loss": 1.0}, epoch=0,
+                                        step=4))
+    assert records == []
+    with pytest.raises(TypeError, match=r"log_to\(log='wandb' .*\): pass a function log\("
+                                        r"metrics, step\), like wandb.log"):
+        _small_fit(hooks=[loopy.log_to("wandb")], progress=False)
+    with pytest.raises(ValueError, match=r"log_to\(every=0\): use None .* or a number of steps"):
+        _small_fit(hooks=[loopy.log_to(print, every=0)], progress=False)
+
+
+@pytest.fixture
+def agg():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")  # no window
+
+
+def test_plot_history_draws_training_against_validation_and_writes_a_png(tmp_path, agg):
+    loop = _small_fit(epochs=3, progress=False)
+    figure = loopy.plot_history(loop, tmp_path / "curves.png")
+    assert [axis.get_title() for axis in figure.axes] == ["loss", "acc"]  # no lr panel
+    for axis, name in zip(figure.axes, ("loss", "acc")):
+        curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                  for line in axis.lines}
+        assert curves == {"training": ([1, 2, 3], loop.history[name]),
+                          "validation": ([1, 2, 3], loop.history["val_" + name])}
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(loopy.plot_history(loop.history).axes) == 2  # the history alone, no file
+    with pytest.raises(ValueError, match=r"plot_history needs a Loop, its history or lr_find's"):
+        loopy.plot_history({})
+
+
+def test_plot_history_draws_lr_finds_loss_against_a_log_scale_learning_rate(agg):
+    X, y = make_data(64)
+    model = make_mlp()
+    found = loopy.lr_find(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                          (X, y), num_steps=20)
+    (axis,) = loopy.plot_history(found).axes
+    curve, suggestion = axis.lines
+    assert axis.get_xscale() == "log" and list(curve.get_xdata()) == found["lr"]
+    assert list(curve.get_ydata()) == found["loss"]
+    assert list(suggestion.get_xdata()) == [found["suggestion"]] * 2
+
+
+def test_live_plot_in_a_notebook_displays_one_figure_and_updates_it_in_place(monkeypatch, agg):
+    display = pytest.importorskip("IPython.display")
+    calls = []
+
+    class Handle:
+        def update(self, figure):
+            calls.append(("update", figure))
+
+    def record_display(figure, display_id=False):
+        calls.append(("display", figure, display_id))
+        return Handle()
+
+    monkeypatch.setattr(display, "display", record_display)
+    monkeypatch.setattr(display, "clear_output", lambda *args, **kwargs: calls.append("clear"))
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))  # a notebook
+    loop = _small_fit(epochs=3, hooks=[loopy.live_plot()], progress=False)
+    assert [call[0] for call in calls] == ["display", "update", "update"] and calls[0][2] is True
+    last = calls[-1][1].axes[0].lines[0]  # the figure of the last epoch holds the whole history
+    assert list(last.get_ydata()) == loop.history["loss"]
+
+
+def test_live_plot_elsewhere_writes_a_png_given_a_path_or_does_nothing(tmp_path, agg):
+    _small_fit(hooks=[loopy.live_plot(tmp_path / "live.png"), loopy.live_plot()], progress=False)
+    assert (tmp_path / "live.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(tmp_path) == ["live.png"]
+
+
+def hand_ema(make_model, data, decay, epochs, formula=False):
+    """The hand-written loop with an EMA kept by hand: torch.lerp, as torch.optim.swa_utils
+    does, or the formula ``decay * average + (1 - decay) * parameter`` in float64."""
+    X, y = data
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dtype = torch.float64 if formula else torch.float32
+    average = [p.detach().clone().to(dtype) for p in model.parameters()]
+    for _ in range(epochs):
+        model.train()
+        for x, target in tensor_loader(X, y, batch_size=16):
+            F.cross_entropy(model(x), target).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            with torch.no_grad():
+                for a, p in zip(average, model.parameters()):
+                    if formula:
+                        a.copy_(decay * a + (1 - decay) * p.double())
+                    else:
+                        a.lerp_(p, 1 - decay)
+    return model, average
+
+
+@pytest.mark.parametrize("make_model, data", [(make_mlp, make_data), (make_cnn, image_data)])
+def test_ema_equals_the_hand_computed_average(make_model, data):
+    X, y = data()
+    decay = 0.9
+    models = []
+    for apply_at_end in (True, False):
+        models.append(make_model())
+        loopy.fit(models[-1], F.cross_entropy, torch.optim.SGD(models[-1].parameters(), lr=0.1),
+                  (X, y), batch_size=16, epochs=2, progress=False,
+                  hooks=[loopy.ema(decay=decay, apply_at_end=apply_at_end)])
+    averaged, raw = models
+    hand_model, hand_average = hand_ema(make_model, (X, y), decay, epochs=2)
+    _, formula_average = hand_ema(make_model, (X, y), decay, epochs=2, formula=True)
+    assert same_weights(raw, hand_model)  # apply_at_end=False: the trained weights
+    for a, hand, formula in zip(averaged.parameters(), hand_average, formula_average):
+        assert torch.equal(a, hand)  # the same lerp, in the same order: bit for bit
+        # the formula in float64: lerp rounds differently in float32, by about 1e-7 per step
+        torch.testing.assert_close(a.double(), formula, rtol=0, atol=1e-6)
+    for name, buffer in averaged.named_buffers():  # buffers: the model's own, not averaged
+        assert torch.equal(buffer, dict(hand_model.named_buffers())[name])
+
+
+@pytest.mark.parametrize("checkpoint_first", [False, True])  # the hooks' order does not matter
+@pytest.mark.parametrize("make_model", [make_mlp, make_cnn])
+def test_ema_stopped_mid_epoch_and_resumed_equals_the_straight_run(tmp_path, checkpoint_first,
+                                                                    make_model):
+    train = shuffled_run(make_model, hooks=lambda: [loopy.ema(decay=0.9)], every=9,
+                         checkpoint_first=checkpoint_first)  # saved at "step", not at "end"
+    (straight, straight_loop), (resumed, resumed_loop) = resumed_pair(tmp_path, train, 9)
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+    assert same_weights(resumed_loop.val_model, straight_loop.val_model)
+
+
+def test_an_average_older_than_the_checkpoints_weights_starts_over(tmp_path):
+    path = tmp_path / "run.pt"
+    train = shuffled_run(epochs=1, hooks=lambda: [loopy.ema(decay=0.9)])
+    train(path, None, [])  # the average is saved at step 10 ...
+    shuffled_run(epochs=2)(path, path, [])  # ... kept, stale, by a resumed run without ema
+    model, loop = shuffled_run(epochs=2, hooks=lambda: [loopy.ema(apply_at_end=False)])(
+        path, path, [])  # nothing left to train: the average is the weights at step 20
+    assert loop.step == 20 and same_weights(loop.val_model, model)
+    assert not same_weights(loop.val_model, make_mlp())
+
+
+def test_validation_runs_with_the_averaged_weights():
+    X, y = make_data(150)
+    val = tensor_loader(X[:50], y[:50], batch_size=16)
+    for apply_at_end in (True, False):
+        model = make_mlp()
+        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5),
+                         (X, y), val_loader=val, epochs=2, progress=False,
+                         hooks=[loopy.ema(decay=0.8, apply_at_end=apply_at_end)])
+        averaged = loopy.evaluate(loop.val_model, val, F.cross_entropy)["loss"]
+        assert loop.history["val_loss"][-1] == averaged
+        assert (loopy.evaluate(model, val, F.cross_entropy)["loss"] == averaged) == apply_at_end
+
+
+def test_ema_with_a_bad_decay_says_what_to_use():
+    X, y = make_data()
+    model = make_mlp()
+    for decay in (1.5, -0.1, "0.9", None):
+        with pytest.raises(ValueError, match=r"ema\(decay=.*\): use a number between 0 and 1"):
+            loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                      (X, y), hooks=[loopy.ema(decay=decay)], progress=False)
+
+
+def test_lr_find_warns_when_the_loss_never_falls_and_explains_a_short_generator():
+    model, (X, y) = make_mlp(), make_data(64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"lr_find found no descent.*lower min_lr"):
+        found = loopy.lr_find(model, F.cross_entropy, optimizer, (X, y), min_lr=100.0,
+                              max_lr=1e4, num_steps=20)
+    assert found["suggestion"] == 100.0
+    batches = ((X[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16))
+    with pytest.raises(ValueError, match=r"ran out after 4 of num_steps=20 batches.*DataLoader"):
+        loopy.lr_find(model, F.cross_entropy, optimizer, batches, num_steps=20)
+    batches = [(X[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    found = loopy.lr_find(model, F.cross_entropy, optimizer, iter(batches * 3), num_steps=10)
+    assert len(found["lr"]) == 10
+
+
+def weights_at_epochs(weights):
+    """A hook that copies the model's weights at every "epoch" into the list ``weights``."""
+    while True:
+        loop = yield "epoch"
+        weights.append({k: v.clone() for k, v in loop.model.state_dict().items()})
+
+
+@pytest.mark.parametrize("early_stopping_first", [True, False])
+def test_restore_best_comes_after_every_hooks_end_so_checkpoints_hold_the_trained_weights(
+        tmp_path, early_stopping_first):
+    path = tmp_path / "run.pt"
+
+    def run(weights, restore_best=True, **options):
+        hooks = [loopy.early_stopping(patience=5, restore_best=restore_best),
+                 loopy.checkpoint(path)]
+        return train(model=make_mlp(), n=128, lr=2.0, epochs=3, shuffle=True, seed=0,
+                     val_loader=make_data(64, seed=1), **options,
+                     hooks=(hooks if early_stopping_first else hooks[::-1]) +
+                     [weights_at_epochs(weights)])
+
+    trained = []
+    straight = run(trained)
+    best = min(range(3), key=straight.history["val_loss"].__getitem__)
+    assert best != 2  # (else restoring the best changes nothing)
+    assert all(torch.equal(v, trained[best][k]) for k, v in straight.model.state_dict().items())
+    saved = torch.load(path, weights_only=True)["model"]  # at "end": the trained weights
+    assert all(torch.equal(v, trained[-1][k]) for k, v in saved.items())
+
+    stopped = run([], max_steps=6)  # stops in epoch 2; its best (epoch 1) is restored at the end
+    assert torch.load(path, weights_only=True)["step"] == 6
+    resumed_weights = []
+    resumed = run(resumed_weights, restore_best=False, resume=path)
+    assert resumed.history == straight.history and stopped.step == 6
+    assert all(torch.equal(v, trained[-1][k]) for k, v in resumed.model.state_dict().items())
+
+
+def test_an_ema_checkpoint_holds_the_trained_weights_and_the_average_it_judged(tmp_path):
+    trained = []
+    X_val, y_val = make_data(64, seed=1)
+    loop = train(lr=0.5, epochs=3, val_loader=(X_val, y_val), val_batch_size=64,
+                 hooks=[loopy.ema(decay=0.9), weights_at_epochs(trained),
+                        loopy.checkpoint(tmp_path / "best.pt", monitor="val_loss")])
+    best = min(range(3), key=loop.history["val_loss"].__getitem__)
+    state = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert all(torch.equal(v, trained[best][k]) for k, v in state["model"].items())
+    model = make_mlp().eval()
+    model.load_state_dict(state["hook_state"]["ema"]["average"], strict=False)
+    with torch.no_grad():
+        judged = F.cross_entropy(model(X_val), y_val).item()  # by hand
+    assert judged == pytest.approx(loop.history["val_loss"][best], rel=1e-6)
+
+
+def test_epoch_cannot_name_a_metric_as_csv_logger_and_log_to_add_it():
+    message = fit_error(ValueError, metrics={"epoch": loopy.accuracy})
+    assert message.startswith("metrics: 'epoch' cannot name a metric") and "pick another" in message
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_of_ema_and_restore_best_the_hook_listed_first_applies_its_weights_last(ema_first):
+    trained, averaged = [], []
+
+    def average_at_end():  # ema's average, as validation used it, read before any teardown
+        loop = yield "end"
+        averaged.append({k: v.clone() for k, v in loop.val_model.state_dict().items()})
+        yield "end"
+
+    hooks = [loopy.ema(decay=0.9), loopy.early_stopping(patience=5, restore_best=True)]
+    loop = train(lr=2.0, n=128, epochs=3, shuffle=True, seed=0, val_loader=make_data(64, seed=1),
+                 hooks=(hooks if ema_first else hooks[::-1]) + [weights_at_epochs(trained),
+                                                                 average_at_end()])
+    best = min(range(3), key=loop.history["val_loss"].__getitem__)
+    expected = averaged[0] if ema_first else trained[best]
+    assert all(torch.equal(v, expected[k]) for k, v in loop.model.state_dict().items())
+    assert not all(torch.equal(v, trained[best][k]) for k, v in averaged[0].items())
+
+
+def scripted(name, values):
+    """A hook adding a made-up metric ``name`` (declared at "start") with scripted values."""
+    loop = yield "start"
+    loop.metric_names.append(name)
+    while True:
+        loop = yield "epoch"
+        loop.metrics[name] = values[loop.epoch]
+        loop.history.setdefault(name, []).append(values[loop.epoch])
+
+
+@pytest.mark.parametrize("name, values, stop_after, best", [
+    ("top1_acc", [0.5, 0.9, 0.7, 0.6, 0.8], 4, 1),  # a score: higher is better
+    ("map_50", [0.5, 0.9, 0.7, 0.6, 0.8], 4, 1),
+    ("val_dice_loss", [0.5, 0.3, 0.4, 0.45, 0.1], 4, 1),  # the last known word decides
+    ("error", [0.5, 0.3, 0.4, 0.45, 0.1], 4, 1),
+    ("f1", [math.nan, 0.5, 0.6, math.nan, 0.55, 0.9], 5, 2),  # a NaN is never the best
+])
+def test_16_early_stopping_auto_mode_and_nan(name, values, stop_after, best):
+    X, y = make_data(64)
+    model = make_mlp()
+    snapshots = []
+
+    def snapshot():
+        while True:
+            loop = yield "epoch"
+            snapshots.append(copy.deepcopy(loop.model.state_dict()))
+
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
+                     epochs=len(values), progress=False,
+                     hooks=[scripted(name, values), snapshot(),
+                            loopy.early_stopping(name, patience=2, restore_best=True)])
+    assert len(loop.history["loss"]) == stop_after
+    assert f"(best {values[best]:.6g})" in loop.stop_reason
+    assert all(torch.equal(snapshots[best][k], v) for k, v in model.state_dict().items())
+
+
+def test_16_checkpoint_keeps_the_best_file_by_auto_mode_never_a_nan(tmp_path):
+    X, y = make_data(64)
+    model = make_mlp()
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
+              epochs=5, progress=False,
+              hooks=[scripted("val_iou", [math.nan, 0.4, 0.7, 0.5, math.nan]),
+                     scripted("val_rmse", [math.nan, 3.0, 2.0, 2.5, math.nan]),
+                     loopy.checkpoint(tmp_path / "iou-{epoch}.pt", monitor="val_iou"),
+                     loopy.checkpoint(tmp_path / "rmse-{epoch}.pt", monitor="val_rmse")])
+    assert sorted(os.listdir(tmp_path)) == ["iou-3.pt", "rmse-3.pt"]
+
+
+def test_16_checkpoint_on_a_real_accuracy_keeps_its_highest_epoch(tmp_path):
+    X, y = make_data(96)
+    model = make_mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.05),
+                     (X, y), val_loader=(X[:48], y[:48]), epochs=6, progress=False,
+                     metrics={"acc": loopy.accuracy},
+                     hooks=[loopy.checkpoint(tmp_path / "best-{epoch}.pt", monitor="val_acc")])
+    accuracies = loop.history["val_acc"]
+    best = accuracies.index(max(accuracies))  # the first epoch with the highest accuracy
+    assert accuracies.index(min(accuracies)) != best  # (the old mode="min" would keep that one)
+    assert os.listdir(tmp_path) == [f"best-{best + 1}.pt"]
+
+
+def test_16_a_monitor_that_cannot_exist_or_be_classified_fails_before_training():
+    X, y = make_data(64)
+    model = make_mlp()
+    before = copy.deepcopy(model.state_dict())
+    log = []
+    for hook, words in ((loopy.early_stopping("val_acc"), ["'val_acc'", "val_loader", "'lr'"]),
+                        (loopy.checkpoint("x.pt", monitor="acc"), ["'acc'", "metric_names"]),
+                        (loopy.early_stopping("lr"), ["mode='auto' cannot tell", "mode='max'"]),
+                        (loopy.early_stopping("val_accc"), ["check its spelling"]),
+                        (loopy.early_stopping(min_delta=-0.05), ["min_delta=-0.05", ">= 0"]),
+                        (loopy.early_stopping(min_delta=math.nan), ["min_delta=nan"]),
+                        (loopy.early_stopping("val_loss", mode="best"), ["mode='best'"])):
+        message = fit_error(ValueError, model=model, hooks=[recorder(log), hook],
+                            optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        assert all(word in message for word in words), message
+    assert "batch" not in [event for _, event, *_ in log]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_16_metric_names_are_known_at_start_and_equal_the_epochs_metrics():
+    torchmetrics = pytest.importorskip("torchmetrics")
+    X, y = make_data(64)
+    model = make_mlp()
+    seen = []
+
+    def names():
+        seen.append(list((yield "start").metric_names))
+        seen.append(list((yield "epoch").metrics))
+
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+              val_loader=(X, y), nonfinite="skip", hooks=[names()], progress=False,
+              metrics={"micro": torchmetrics.classification.MulticlassAccuracy(3),
+                       "acc": loopy.accuracy})
+    assert seen[0] == seen[1]
+
+
 # --- checkpoint and resume: the same run, bit for bit ---
 
 def resumable_run(path=None, epochs=4, stop_at_step=None, resume=None, seed=0, max_steps=None,
@@ -1368,6 +3061,618 @@ def test_torch_compile_trains_and_checkpoints_under_the_original_names(tmp_path)
     compiled_again = torch.compile(make_mlp(seed=4))  # and a plain run's checkpoint resumes compiled
     loop = train(model=compiled_again, epochs=3, resume=path)
     assert loop.step == 6 and not same_weights(compiled_again._orig_mod, make_mlp(seed=4))
+
+
+def resumed_pair(tmp_path, train, stop_at_step):
+    """(straight, resumed): ``train(path, resume, hooks)`` run straight through, and run with a
+    checkpoint, stopped at ``stop_at_step``, then resumed from that checkpoint."""
+    straight = train(None, None, [])
+    path = tmp_path / "run.pt"
+    train(path, None, [stop_when(stop_at_step)])
+    torch.manual_seed(999)  # the resumed run must not depend on the global RNG
+    return straight, train(path, path, [])
+
+
+def shuffled_run(make_model=make_mlp, metrics=None, epochs=3, **options):
+    """A function (path, resume, hooks) -> (model, loop): shuffled, with validation, checkpoints
+    when given a path (``options["every"]``), and ``options["hooks"]()`` (new for each run)."""
+    def train(path, resume, hooks):
+        X, y = make_data(96, features=64) if make_model is make_cnn else make_data(150)
+        X = X.reshape(-1, 1, 8, 8) if make_model is make_cnn else X
+        model = make_model()
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        own = options["hooks"]() if "hooks" in options else []
+        checkpoint = [loopy.checkpoint(path, options.get("every", "epoch"))] if path else []
+        hooks = hooks + (checkpoint + own if options.get("checkpoint_first") else own + checkpoint)
+        loop = loopy.fit(model, F.cross_entropy, optimizer, (X, y), batch_size=16, shuffle=True,
+                         val_loader=(X[:48], y[:48]), metrics=metrics() if metrics else None,
+                         epochs=epochs, seed=None if resume else 123, hooks=hooks, resume=resume,
+                         progress=False)
+        return model, loop
+    return train
+
+
+def test_a_hooks_state_goes_through_a_mid_epoch_checkpoint_and_back(tmp_path):
+    seen = []
+
+    def loss_sum():  # the README's pattern: read your state at your first event
+        loop = yield "start"
+        state = loop.hook_state.setdefault("loss_sum", {"total": torch.zeros(()), "steps": []})
+        seen.append(len(state["steps"]))
+        while True:
+            loop = yield "step"
+            state["total"] += loop.loss
+            state["steps"].append(loop.step)
+
+    train = shuffled_run(hooks=lambda: [loss_sum()])
+    (_, straight), (_, resumed) = resumed_pair(tmp_path, train, stop_at_step=14)  # mid-epoch 2
+    assert seen == [0, 0, 14]  # the resumed hook found the 14 steps at "start"
+    assert resumed.hook_state["loss_sum"]["steps"] == list(range(1, 31))
+    assert torch.equal(resumed.hook_state["loss_sum"]["total"],
+                       straight.hook_state["loss_sum"]["total"])
+    saved = torch.load(tmp_path / "run.pt", weights_only=True)  # plain data
+    assert saved["hook_state"]["loss_sum"]["steps"] == list(range(1, 31))
+
+
+@pytest.mark.parametrize("name", ["MulticlassAccuracy", "MulticlassAUROC"])  # tensor, list states
+def test_a_torchmetrics_metric_across_a_mid_epoch_resume_equals_the_straight_run(tmp_path, name):
+    torchmetrics = pytest.importorskip("torchmetrics")
+    options = {"thresholds": None} if name == "MulticlassAUROC" else {}
+    metric = lambda: {"m": getattr(torchmetrics.classification, name)(3, **options)}
+    train = shuffled_run(metrics=metric)
+    (_, straight), (_, resumed) = resumed_pair(tmp_path, train, stop_at_step=14)
+    assert resumed.history == straight.history  # the oracle: the run that never stopped
+    assert resumed.history["m"][1] != straight.history["m"][0]  # (a real epoch-2 value)
+
+
+class CountCorrect:
+    """An update/compute/reset metric of loopy's own shape, with or without a state_dict."""
+    def __init__(self):
+        self.reset()
+
+    def update(self, output, target):
+        self.correct += int((output.argmax(1) == target).sum())
+        self.count += len(target)
+
+    def compute(self):
+        return self.correct / self.count
+
+    def reset(self):
+        self.correct = self.count = 0
+
+
+class CountCorrectWithState(CountCorrect):
+    def state_dict(self):
+        return {"correct": self.correct, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.correct, self.count = state["correct"], state["count"]
+
+
+def test_a_metric_object_with_a_state_dict_resumes_and_one_without_warns_at_the_save(tmp_path):
+    metrics = lambda: {"with": CountCorrectWithState(), "without": CountCorrect()}
+    train = shuffled_run(metrics=metrics)
+    with pytest.warns(UserWarning) as warned:
+        (_, straight), (_, resumed) = resumed_pair(tmp_path, train, stop_at_step=14)
+    assert resumed.history["with"] == straight.history["with"]
+    assert resumed.history["without"][1] != straight.history["without"][1]  # the documented loss
+    messages = {str(w.message) for w in warned}
+    assert messages == {"metrics['without'] (CountCorrect) has no state_dict(), so a checkpoint "
+                        "in the middle of an epoch cannot hold its state: a run resumed from it "
+                        "counts only the rest of that epoch; give it state_dict() and "
+                        "load_state_dict()"}
+
+
+def test_resuming_with_another_number_of_optimizers_is_refused(tmp_path):
+    path = tmp_path / "gan.pt"
+    gan_run(path, epochs=1)
+    gan = make_gan()
+    with pytest.raises(ValueError, match=r"holds the state of 2 optimizer\(s\), and this run has "
+                                         r"1: resume with the optimizers"):
+        loopy.fit(gan, None, torch.optim.SGD(gan.parameters()), gan_data(), step=gan_step,
+                  resume=path)
+
+
+def preemptible(loader=None, hooks=(), epochs=3, **options):
+    """A run that draws random numbers everywhere (shuffling, dropout): 6 batches per epoch."""
+    X, y = make_data(96)
+    model = make_mlp(dropout=0.2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    in_memory = dict(batch_size=16, shuffle=True) if loader is None else {}  # (else an error)
+    loop = loopy.fit(model, F.cross_entropy, optimizer, (X, y) if loader is None else loader,
+                     list(hooks), epochs=epochs, seed=123, progress=False, **in_memory, **options)
+    return model, loop
+
+
+def same_saved(expected, got):
+    return all(torch.equal(expected["model"][k], v) for k, v in got["model"].items()) and \
+        expected["history"] == got["history"]
+
+
+def test_resume_missing_ok_starts_afresh_and_resumes_once_the_file_exists(tmp_path):
+    straight, straight_loop = preemptible()
+    path = tmp_path / "run.pt"
+    launch = dict(resume=path, resume_missing_ok=True)  # one command line for every launch
+    _, first = preemptible(hooks=[stop_when(8), loopy.checkpoint(path)], **launch)
+    assert first.step == 8 and path.exists()
+    resumed, resumed_loop = preemptible(hooks=[loopy.checkpoint(path)], **launch)
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+    message = fit_error(FileNotFoundError, resume=tmp_path / "missing.pt")  # without it: an error
+    assert "missing.pt" in message and "resume_missing_ok=True" in message
+
+
+@pytest.mark.parametrize("how", ["epochs", "early_stopping", "max_steps"])
+def test_relaunching_a_finished_run_trains_nothing_and_rewrites_nothing(tmp_path, how):
+    path = tmp_path / "run.pt"
+
+    def launch():
+        hooks = [loopy.checkpoint(path)]
+        if how == "early_stopping":  # no epoch after the first improves by 10: stops after 3
+            hooks.insert(0, loopy.early_stopping("loss", patience=2, min_delta=10.0))
+        return preemptible(hooks=hooks, epochs=2 if how == "epochs" else 10, resume=path,
+                           resume_missing_ok=True, max_steps=5 if how == "max_steps" else None)
+
+    model, loop = launch()
+    reason = {"epochs": "all epochs done", "max_steps": "reached max_steps=5",
+              "early_stopping": "early stopping: loss did not improve for 2 epochs"}[how]
+    assert torch.load(path, weights_only=True)["finished"].startswith(reason)
+    content, modified = path.read_bytes(), os.stat(path).st_mtime_ns
+    for _ in range(3):
+        again, loop_again = launch()
+        assert path.read_bytes() == content and os.stat(path).st_mtime_ns == modified
+        assert same_weights(again, model) and loop_again.history == loop.history
+        assert loop_again.step == loop.step == {"epochs": 12, "max_steps": 5,
+                                                 "early_stopping": 18}[how]
+    position = torch.load(path, weights_only=True)["position"]  # kept: 5 of epoch 1's batches
+    assert (position and position["batches"]) == (5 if how == "max_steps" else None)
+
+
+@pytest.mark.parametrize("event", ["batch", "backward"])
+def test_save_from_a_batch_or_backward_hook_resumes_exactly(tmp_path, event):
+    straight, straight_loop = preemptible(accumulate=2)  # 3 steps of 2 batches per epoch
+    path = tmp_path / "run.pt"
+
+    def save_and_stop():
+        while True:
+            loop = yield event
+            if loop.step == 4:  # the batches of step 5 are in flight
+                loop.save(path)
+                loop.stop("saved")
+
+    preemptible(hooks=[save_and_stop()], accumulate=2)
+    saved = torch.load(path, weights_only=True)
+    assert saved["step"] == 5 and saved["position"]["batches"] == 4  # written after its step
+    resumed, resumed_loop = preemptible(accumulate=2, resume=path)
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+
+
+@pytest.mark.parametrize("stop_at", [6, 8])  # an epoch boundary, mid-epoch
+@pytest.mark.parametrize("owner", ["loader", "sampler"])
+def test_a_loaders_or_samplers_own_generator_is_saved_and_restored(tmp_path, stop_at, owner):
+    X, y = make_data(96)
+    dataset = TensorDataset(X, y)
+
+    def loader(seed):
+        generator = torch.Generator().manual_seed(seed)
+        if owner == "loader":
+            return DataLoader(dataset, 16, shuffle=True, generator=generator)
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+        return DataLoader(dataset, 16, sampler=sampler)
+
+    straight, straight_loop = preemptible(loader(7))
+    path = tmp_path / "run.pt"
+    preemptible(loader(7), hooks=[stop_when(stop_at), loopy.checkpoint(path)])
+    resumed, resumed_loop = preemptible(loader(999), resume=path)  # another seed: restored
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+
+
+class StatefulBatches:
+    """A loader that saves its own position, as torchdata's StatefulDataLoader does."""
+
+    def __init__(self, X, y, batch_size=16):
+        self.X, self.y, self.batch_size = X, y, batch_size
+        self.next = self.yielded = 0
+
+    def __len__(self):
+        return -(-len(self.X) // self.batch_size)
+
+    def __iter__(self):
+        start, self.next = self.next, 0  # a loaded state continues there, once
+        for index in range(start, len(self)):
+            self.next, self.yielded = index + 1, self.yielded + 1
+            rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
+            yield self.X[rows], self.y[rows]
+        self.next = 0
+
+    def state_dict(self):
+        return {"next": self.next}
+
+    def load_state_dict(self, state):
+        self.next = state["next"]
+
+
+def test_a_stateful_loader_is_saved_and_restored_through_its_own_state_dict(tmp_path):
+    X, y = make_data(96)
+    straight, straight_loop = preemptible(StatefulBatches(X, y))
+    path = tmp_path / "run.pt"
+    preemptible(StatefulBatches(X, y), hooks=[stop_when(8), loopy.checkpoint(path)])
+    assert torch.load(path, weights_only=True)["loader"] == {"next": 2}
+    loader = StatefulBatches(X, y)
+    resumed, resumed_loop = preemptible(loader, resume=path)
+    assert loader.yielded == 4 + 6  # the rest of epoch 2, then epoch 3: nothing replayed
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+
+
+@pytest.mark.parametrize("stop_at", [6, 8])  # an epoch boundary, mid-epoch
+def test_persistent_workers_resume_exactly_and_warn_about_their_random_state(tmp_path, stop_at):
+    X, y = make_data(96)
+
+    def loader():
+        return DataLoader(TensorDataset(X, y), 16, shuffle=True, num_workers=1,
+                          persistent_workers=True)
+
+    straight, straight_loop = preemptible(loader())
+    path = tmp_path / "run.pt"
+    preemptible(loader(), hooks=[stop_when(stop_at), loopy.checkpoint(path)])
+    with pytest.warns(UserWarning, match="persistent_workers=True.*random augmentation in them"):
+        resumed, resumed_loop = preemptible(loader(), resume=path)
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    def __init__(self, X, y):
+        self.X, self.y, self.loaded = X, y, 0
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, index):
+        self.loaded += 1
+        return self.X[index], self.y[index]
+
+
+def test_a_resume_at_90_percent_of_an_epoch_loads_only_the_last_10_percent(tmp_path):
+    X, y = make_data(100)
+    straight, straight_loop = preemptible(DataLoader(CountingDataset(X, y), 10, shuffle=True),
+                                          epochs=1)
+    path = tmp_path / "run.pt"
+    preemptible(DataLoader(CountingDataset(X, y), 10, shuffle=True), epochs=1,
+                hooks=[stop_when(9), loopy.checkpoint(path)])
+    dataset = CountingDataset(X, y)
+    resumed, resumed_loop = preemptible(DataLoader(dataset, 10, shuffle=True), epochs=1,
+                                        resume=path)
+    assert dataset.loaded == 10  # (a replay of the epoch loaded all 100)
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+
+
+def test_checkpoint_temporary_files_are_unique_short_and_a_dead_saves_are_removed(tmp_path,
+                                                                                 monkeypatch):
+    import fcntl
+    (tmp_path / ".loopy-killed.tmp").write_bytes(b"half a checkpoint")  # a save killed mid-way
+    live = open(tmp_path / ".loopy-live.tmp", "wb")  # another process's save, in progress
+    fcntl.flock(live, fcntl.LOCK_EX)
+    names, save = [], torch.save
+    monkeypatch.setattr(torch, "save", lambda state, file: names.append(
+        os.readlink(f"/proc/self/fd/{file.fileno()}")) or save(state, file))
+    path = tmp_path / ("x" * 245 + ".pt")  # a legal 248-character name
+    preemptible(hooks=[loopy.checkpoint(path)], epochs=2)
+    live.close()
+    assert sorted(os.listdir(tmp_path)) == [".loopy-live.tmp", path.name]
+    assert len(set(names)) == len(names) == 3  # 2 epochs and "end"
+    assert all(os.path.dirname(name) == str(tmp_path) and
+               re.fullmatch(r"\.loopy-\w{8}\.tmp", os.path.basename(name)) for name in names)
+
+
+def test_only_epoch_and_step_are_path_fields_and_keep_holds_across_a_resume(tmp_path):
+    path = tmp_path / "runs{a}" / "ckpt-{epoch}-{epcoh}.pt"  # other braces are literal
+    preemptible(hooks=[loopy.checkpoint(path, keep=2)])
+    directory = tmp_path / "runs{a}"
+    assert sorted(os.listdir(directory)) == ["ckpt-2-{epcoh}.pt", "ckpt-3-{epcoh}.pt"]
+    (directory / "ckpt-best.pt").write_bytes(b"")  # not one of the template's files
+    preemptible(hooks=[loopy.checkpoint(path, keep=2)], epochs=5, resume=directory /
+                "ckpt-3-{epcoh}.pt")
+    assert sorted(os.listdir(directory)) == ["ckpt-4-{epcoh}.pt", "ckpt-5-{epcoh}.pt",
+                                             "ckpt-best.pt"]
+
+
+def test_a_full_disk_names_the_path_and_the_space_and_keeps_the_previous_file(tmp_path,
+                                                                             monkeypatch):
+    import errno
+    path = tmp_path / "run.pt"
+    save = torch.save
+
+    def full_disk_after_the_first(state, file):
+        if path.exists():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(state, file)
+
+    monkeypatch.setattr(torch, "save", full_disk_after_the_first)
+    with pytest.raises(OSError) as raised:
+        preemptible(hooks=[loopy.checkpoint(path)])
+    message = str(raised.value)
+    assert raised.value.errno == errno.ENOSPC and str(path) in message
+    assert re.search(r"needs about [\d,]+ bytes, and [\d,]+ bytes are free", message)
+    assert "previous file is intact" in message and os.listdir(tmp_path) == ["run.pt"]
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("where", ["under a file", "a directory", "a name too long"])
+def test_an_unwritable_or_invalid_checkpoint_path_fails_before_training(tmp_path, where):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "directory").mkdir()
+    path = {"under a file": tmp_path / "file" / "run.pt", "a directory": tmp_path / "directory",
+            "a name too long": tmp_path / ("x" * 300 + ".pt")}[where]
+    steps = []
+
+    def count():
+        while True:
+            steps.append((yield "step").step)
+
+    with pytest.raises(ValueError) as raised:
+        preemptible(hooks=[count(), loopy.checkpoint(path)])
+    message = str(raised.value)
+    assert f"checkpoint(path={str(path)!r}) cannot be written" in message
+    assert "writable directory" in message and steps == []
+
+
+def test_resuming_into_another_optimizer_or_scheduler_or_a_partial_file_says_what_differs(
+        tmp_path):
+    path = tmp_path / "run.pt"
+    preemptible(hooks=[loopy.checkpoint(path)], epochs=1)  # Adam, no scheduler
+    message = fit_error(ValueError, resume=path)  # into SGD
+    assert "holds the state of optimizer Adam, but fit got optimizer=SGD" in message
+    assert "resume with the optimizer the run was saved with" in message
+    X, y = make_data(96)
+    model = make_mlp()
+    optimizer = torch.optim.Adam(model.parameters())
+    message = fit_error(ValueError, model=model, optimizer=optimizer, resume=path,
+                        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1))
+    assert "holds the state of 0 scheduler(s), but fit got scheduler=" in message
+    assert "StepLR" in message and "resume with the scheduler the run was saved with" in message
+    state = torch.load(path, weights_only=True)
+    del state["rng"], state["history"]
+    torch.save(state, tmp_path / "partial.pt")
+    message = fit_error(ValueError, model=model, optimizer=optimizer,
+                        resume=tmp_path / "partial.pt")
+    assert "lacks the entries ['history', 'rng']" in message and "another checkpoint" in message
+
+
+@pytest.mark.parametrize("change", ["batch_size", "fewer batches", "no shuffle", "processes"])
+def test_a_mid_epoch_position_that_no_longer_fits_the_data_is_refused(tmp_path, change):
+    X, y = make_data(96)
+    path = tmp_path / "run.pt"
+    preemptible(hooks=[stop_when(8), loopy.checkpoint(path)])
+    if change == "processes":  # as if saved by 2 processes
+        state = torch.load(path, weights_only=True)
+        state["position"]["data"]["processes"] = 2
+        torch.save(state, path)
+    loader = {"batch_size": DataLoader(TensorDataset(X, y), 32, shuffle=True),
+              "fewer batches": DataLoader(TensorDataset(X[:64], y[:64]), 16, shuffle=True),
+              "no shuffle": DataLoader(TensorDataset(X, y), 16),
+              "processes": (X, y)}[change]
+    with pytest.raises(ValueError) as raised:
+        preemptible(loader, resume=path)
+    message = str(raised.value)
+    assert f"resume={str(path)!r} stopped in the middle of epoch 2, after 2 batches" in message
+    assert {"batch_size": "batch_size 16 then, 32 now", "fewer batches": "batches 6 then, 4 now",
+            "no shuffle": "shuffle True then, False now",
+            "processes": "processes 2 then, 1 now"}[change] in message
+    assert "same loader and number of processes" in message and "between epochs" in message
+
+
+def test_at_an_epoch_boundary_a_new_batch_size_and_more_epochs_keep_working(tmp_path):
+    X, y = make_data(96)
+    path = tmp_path / "run.pt"
+    preemptible(hooks=[loopy.checkpoint(path)], epochs=2)
+    _, loop = preemptible(DataLoader(TensorDataset(X, y), 32, shuffle=True), epochs=4,
+                          resume=path)
+    assert loop.step == 12 + 3 + 3 and len(loop.history["loss"]) == 4
+
+
+def test_fp16_steps_that_the_grad_scaler_skips_are_not_steps(tmp_path):
+    X, y = make_data(96)  # 6 batches per epoch, 2 epochs; batches 2 and 7 get inf gradients
+    batches = [(X[i:i + 16], y[i:i + 16]) for i in range(0, 96, 16)]
+    poisoned = {2, 7}
+
+    def build():
+        model = make_mlp()
+        calls = []
+        model[0].weight.register_hook(lambda grad: grad * math.inf
+                                      if len(calls) in poisoned else grad)
+        model.register_forward_hook(lambda *_: calls.append(1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 3, gamma=0.5)
+
+    # the oracle: the hand-written fp16 loop, stepping the scheduler after applied steps only
+    model, optimizer, scheduler = build()
+    scaler, applied = torch.amp.GradScaler("cpu"), 0
+    for _ in range(2):
+        for x, target in batches:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), target)
+            scaler.scale(loss).backward()
+            before = optimizer.state_dict()["state"], scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+            if scaler.get_scale() >= before[1]:  # the scale drops exactly when a step is skipped
+                applied += 1
+                scheduler.step()
+    assert applied == 10
+
+    got, optimizer, scheduler = build()
+    steps = []
+
+    def count():
+        while True:
+            steps.append((yield "step").step)
+
+    import warnings
+    path = tmp_path / "ckpt-{step}.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when a scheduler steps before the optimizer
+        loop = loopy.fit(got, F.cross_entropy, optimizer, batches, [count(),
+                         loopy.checkpoint(path, every=4, keep=5)], epochs=2, precision="fp16",
+                         scheduler=scheduler, scheduler_interval="step", progress=False)
+    assert same_weights(got, model) and loop.step == 10 and steps == list(range(1, 11))
+    assert scheduler.last_epoch == 10 and optimizer.param_groups[0]["lr"] == 0.1 * 0.5 ** 3
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-10.pt", "ckpt-4.pt", "ckpt-5.pt", "ckpt-8.pt"]
+    model, optimizer, scheduler = build()
+    loop = loopy.fit(model, F.cross_entropy, optimizer, batches, epochs=2, precision="fp16",
+                     max_steps=4, progress=False)
+    assert loop.step == 4 and loop.batch_index == 4  # batches 0-4: one of them was skipped
+
+
+def test_hook_state_that_a_resume_cannot_read_is_refused_at_the_save(tmp_path):
+    import numpy as np
+
+    def keep(value):
+        loop = yield "start"
+        loop.hook_state["mine"] = {"best": value}
+        while True:
+            yield "epoch"
+
+    for value, shown in [(np.float64(0.5), "(type float64)"), (lambda: 1, "function")]:
+        with pytest.raises(TypeError) as raised:
+            train(hooks=[keep(value), loopy.checkpoint(tmp_path / "bad.pt")])
+        message = str(raised.value)
+        assert message.startswith("loop.hook_state['mine']['best'] is ") and shown in message
+        assert "float(x)" in message and not os.path.exists(tmp_path / "bad.pt")
+
+    # what torch.load(weights_only=True) reads back passes, and comes back equal
+    fine = {"t": (1, 2.5, True, None, "s"), "n": [torch.ones(2)], 3: make_mlp().state_dict()}
+    train(hooks=[keep(fine), loopy.checkpoint(tmp_path / "ok.pt")])
+    back = torch.load(tmp_path / "ok.pt", weights_only=True)["hook_state"]["mine"]["best"]
+    assert back["t"] == fine["t"] and torch.equal(back["n"][0], fine["n"][0])
+    assert all(torch.equal(v, fine[3][k]) for k, v in back[3].items())
+
+
+def test_a_hook_listed_before_checkpoint_has_its_state_resumed_exactly(tmp_path):
+    """The README's count_steps, before checkpoint(every=n) as the README says to list it."""
+    def count_steps():
+        loop = yield "start"
+        state = loop.hook_state.setdefault("count_steps", {"steps": 0})
+        while True:
+            loop = yield "step"
+            state["steps"] += 1
+
+    def crash_at(step):
+        while True:
+            if (yield "step").step == step:
+                raise RuntimeError("simulated crash")
+
+    path = tmp_path / "run.pt"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(epochs=3, hooks=[count_steps(), loopy.checkpoint(path, every=5), crash_at(12)],
+              n=128)
+    loop = train(epochs=3, hooks=[count_steps(), loopy.checkpoint(path, every=5)], n=128,
+                 resume=path)
+    assert loop.step == 12 and loop.hook_state["count_steps"]["steps"] == 12  # 3 epochs of 4
+    assert "before `loopy.checkpoint`" in open(README).read()
+
+
+def test_16_a_nonfinite_loss_never_reaches_a_checkpoint_file(tmp_path):
+    X, y = make_data(96)  # batches of 8: 12 steps an epoch; the loss is NaN at step 7
+    calls = []
+
+    def loss_fn(output, target):
+        calls.append(1)
+        loss = F.cross_entropy(output, target)
+        return loss * math.nan if len(calls) == 7 else loss
+
+    model = make_mlp()
+    with pytest.raises(FloatingPointError, match="optimizer step 7"):
+        loopy.fit(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                  batch_size=8, hooks=[loopy.checkpoint(tmp_path / "run.pt", every=2)],
+                  progress=False)
+    by_hand = make_mlp()  # the oracle: six steps by hand, the last save before the NaN
+    optimizer = torch.optim.SGD(by_hand.parameters(), lr=0.1)
+    for _, (x, target) in zip(range(6), tensor_loader(X, y, batch_size=8)):
+        F.cross_entropy(by_hand(x), target).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    saved = torch.load(tmp_path / "run.pt", weights_only=True)
+    assert saved["step"] == 6
+    assert all(torch.equal(saved["model"][k], v) for k, v in by_hand.state_dict().items())
+
+
+def test_16_a_nonfinite_loss_before_a_stop_is_raised_at_the_save_at_end(tmp_path):
+    X, y = make_data(96)
+    calls = []
+
+    def loss_fn(output, target):
+        calls.append(1)
+        loss = F.cross_entropy(output, target)
+        return loss * math.nan if len(calls) == 3 else loss
+
+    def stop_soon():
+        while True:
+            loop = yield "step"
+            if loop.step == 5:
+                loop.stop("enough")
+
+    model = make_mlp()
+    with pytest.raises(FloatingPointError, match="optimizer step 3"):
+        loopy.fit(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                  batch_size=8, hooks=[stop_soon(), loopy.checkpoint(tmp_path / "run.pt")],
+                  progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_16_history_stays_a_table_when_a_resume_adds_or_drops_metrics(tmp_path):
+    X, y = make_data(64)
+    extra = dict(metrics={"acc": loopy.accuracy}, val_loader=(X, y))
+
+    def run(epochs, resume=None, **options):
+        model = make_mlp()
+        return loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                         (X, y), epochs=epochs, resume=resume, progress=False,
+                         hooks=[loopy.checkpoint(tmp_path / f"{epochs}.pt")], **options)
+
+    straight = run(4, **extra).history  # the oracle: metrics and validation change no weights
+    run(2)
+    added = run(4, resume=tmp_path / "2.pt", **extra).history  # adds acc and val_*
+    dropped = run(6, resume=tmp_path / "4.pt").history  # drops them again
+    for history in (added, dropped):
+        assert len({len(values) for values in history.values()}) == 1, history
+    assert set(added) == set(straight) and added["loss"] == straight["loss"]
+    for name in ("acc", "val_loss", "val_acc"):
+        assert all(math.isnan(v) for v in added[name][:2] + dropped[name][4:])
+        assert added[name][2:] == straight[name][2:] == dropped[name][2:4]
+
+
+def test_a_resume_matches_several_optimizers_by_name_not_by_position(tmp_path):
+    X, y = gan_data(96)
+
+    def run(optimizers_of, resume=None, hooks=()):
+        gan = make_gan()
+        optimizers = optimizers_of(gan)
+        loop = loopy.fit(gan, None, optimizers, (X, y), list(hooks), batch_size=16, epochs=2,
+                         step=gan_step, seed=None if resume else 3, resume=resume,
+                         progress=False)
+        return gan, optimizers, loop
+
+    straight, _, _ = run(gan_optimizers)
+    path = tmp_path / "gan.pt"
+    run(gan_optimizers, hooks=[stop_when(4), loopy.checkpoint(path, every=1)])
+    # the same names in the other order: each Adam gets its own moments back
+    reordered = lambda gan: dict(reversed(list(gan_optimizers(gan).items())))
+    resumed, optimizers, _ = run(reordered, resume=path)
+    assert list(optimizers) == ["generator", "discriminator"]
+    assert same_weights(resumed, straight)
+    # other names, or a list of them in another order: refused before training
+    renamed = lambda gan: {"G": gan_optimizers(gan)["generator"],
+                           "D": gan_optimizers(gan)["discriminator"]}
+    with pytest.raises(ValueError) as raised:
+        run(renamed, resume=path)
+    assert "holds optimizers named ['discriminator', 'generator'], but fit got ['G', 'D']" \
+        in str(raised.value)
+    swapped = lambda gan: [gan_optimizers(gan)["generator"], gan_optimizers(gan)["discriminator"]]
+    torch.save(dict(torch.load(path, weights_only=True), optimizer_names=[0, 1]), path)
+    with pytest.raises(ValueError) as raised:
+        run(swapped, resume=path)
+    assert "the saved state of optimizer 0 is for parameters of shape" in str(raised.value)
+    assert "give the optimizers in the order (or with the names) they had" in str(raised.value)
 
 
 # --- a training process killed or interrupted (Ctrl+C) resumes to the straight run ---
@@ -1469,6 +3774,104 @@ def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path, straigh
     expected = straight_training()
     got = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert all(torch.equal(expected["model"][k], v) for k, v in got["model"].items())
+
+
+def test_ctrl_c_in_a_manual_step_stops_after_its_updates_and_resumes_exactly(tmp_path):
+    X, y = gan_data(64)
+    straight = make_gan()
+    loopy.fit(straight, None, gan_optimizers(straight), (X, y), batch_size=16, shuffle=True,
+              epochs=2, step=gan_step, seed=1, progress=False)
+
+    def interrupted_step(model, batch, loop):
+        numbers = gan_step(model, batch, loop)
+        if loop.step == 2 and not (tmp_path / "run.pt").exists():
+            os.kill(os.getpid(), signal.SIGINT)  # during the 3rd batch: it finishes first
+        return numbers
+
+    gan = make_gan()
+    with pytest.warns(UserWarning, match=r"interrupted by Ctrl\+C in epoch 1, after step 3; "
+                                         r"resume with"):
+        loop = loopy.fit(gan, None, gan_optimizers(gan), (X, y),
+                         [loopy.checkpoint(tmp_path / "run.pt")], batch_size=16, shuffle=True,
+                         epochs=2, step=interrupted_step, seed=1, progress=False)
+    assert loop.step == 3 and loop.history == {}
+    gan = make_gan(seed=5)
+    loopy.fit(gan, None, gan_optimizers(gan), (X, y), batch_size=16, shuffle=True, epochs=2,
+              step=gan_step, resume=tmp_path / "run.pt", progress=False)
+    assert same_weights(gan, straight)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_preemption_signal_saves_at_that_step_exits_128_plus_it_and_resumes_exactly(
+        tmp_path, signum, straight_training):
+    path = tmp_path / "run.pt"
+    process = run_training(tmp_path, path, 2, False, tmp_path / "interrupted.pt")
+    wait_for_step(process, 5)
+    process.send_signal(signum)
+    output, errors = process.communicate(timeout=300)
+    assert process.returncode == 128 + signum, errors  # 143 for SIGTERM, 138 for SIGUSR1
+    assert f"training interrupted by {signal.Signals(signum).name}" in errors
+    assert "stop_reason" not in output  # the process ended inside fit
+    last_step = max([5] + [int(line.split()[1]) for line in output.splitlines()
+                           if line[:4] == "step"])  # (wait_for_step read up to step 5)
+    saved = torch.load(path, weights_only=True)  # taken at "end", not at an every=3 step
+    assert saved["step"] == last_step == saved["position"]["batches"] and last_step < 16
+    assert saved["finished"] is None
+    process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt")
+    assert process.wait(timeout=300) == 0, process.stderr.read()
+    assert same_saved(straight_training(), torch.load(tmp_path / "resumed.pt", weights_only=True))
+
+
+def run_torchrun(tmp_path, path, resume, out):
+    """TRAINING_SCRIPT under torchrun with 2 processes (rank 0 writes the result)."""
+    script = tmp_path / "train_ddp.py"
+    script.write_text(TRAINING_SCRIPT.replace("torch.save({", "if loop.rank == 0: torch.save({")
+                      .replace("time.sleep(0.02)", "time.sleep(0.1)"))  # torchrun forwards in time
+    return subprocess.Popen(command(2) + [str(script), str(path), "2",
+                             "resume" if resume else "fresh", str(out)], cwd=HERE,
+                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_once_with_every_ranks_sums_and_resumes_exactly(tmp_path):
+    straight = run_torchrun(tmp_path, "-", False, tmp_path / "straight.pt")
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()[-3000:]
+    path = tmp_path / "run.pt"
+    process = run_torchrun(tmp_path, path, False, tmp_path / "interrupted.pt")
+    wait_for_step(process, 3)
+    process.send_signal(signal.SIGTERM)  # torchrun forwards it to both processes
+    process.communicate(timeout=120)  # no hang
+    assert process.returncode != 0 and not (tmp_path / "interrupted.pt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["run.pt", "straight.pt", "train_ddp.py"]
+    saved = torch.load(path, weights_only=True)
+    position = saved["position"]  # inside the first epoch of 8 batches per process
+    assert 3 <= saved["step"] == position["batches"] < 8 and position["data"]["processes"] == 2
+    sums = [meters["loss"]["values"] for meters in position["meters"]]  # each process's own
+    assert len(sums) == 2 and not all(torch.equal(a, b) for a, b in zip(*sums))
+    resumed = run_torchrun(tmp_path, path, True, tmp_path / "resumed.pt")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    expected = torch.load(tmp_path / "straight.pt", weights_only=True)
+    assert same_saved(expected, torch.load(tmp_path / "resumed.pt", weights_only=True))
+
+
+@pytest.mark.parametrize("exit_on_signal", [True, False])
+def test_sigterm_in_process_stops_after_the_step_then_exits_or_returns(exit_on_signal):
+    def terminate_at_step_3():
+        while True:
+            loop = yield "step"
+            if loop.step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.warns(UserWarning, match="interrupted by SIGTERM in epoch 1, after step 3"):
+        if exit_on_signal:
+            with pytest.raises(SystemExit) as raised:
+                preemptible(hooks=[terminate_at_step_3()], exit_on_signal=True)
+            assert raised.value.code == 143
+        else:
+            _, loop = preemptible(hooks=[terminate_at_step_3()], exit_on_signal=False)
+            assert loop.step == 3 and loop.stop_reason == "interrupted by SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
 
 
 # --- torchrun: multi-process training on torch.distributed (gloo on CPU) ---
@@ -1594,6 +3997,583 @@ def test_an_error_on_one_rank_ends_the_whole_run_instead_of_hanging(distributed_
     code, stderr, seconds = distributed_runs[1]["crash"]
     assert code != 0 and "rank 1 crashed" in stderr
     assert seconds < 120  # torchrun stopped the other process
+
+
+TORCHRUN_13_SCRIPT = """import os, sys, torch, loopy
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset, SubsetRandomSampler
+torch.set_num_threads(1)
+mode, out = sys.argv[1], sys.argv[2]
+rank = int(os.environ.get("RANK", 0))
+X = torch.randn(41, 8, generator=torch.Generator().manual_seed(0))
+y = (X[:, 0] > 0).long()
+data = TensorDataset(X, y)
+result = {}
+
+
+class Errors:  # a plain update/compute/reset metric object
+    def reset(self):
+        self.count = 0
+
+    def update(self, output, target):
+        self.count += int((output.argmax(1) != target).sum())
+
+    def compute(self):
+        return self.count
+
+
+class Seen(torch.nn.Module):  # an MLP that remembers which rows it saw, and an unused layer
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                       torch.nn.Linear(16, 2))
+        self.unused = torch.nn.Linear(8, 2)
+        self.rows = {True: [], False: []}
+
+    def forward(self, x):
+        self.rows[self.training] += x[:, 0].tolist()
+        return self.net(x)
+
+
+def rows_to_indices(rows):
+    return sorted(int((X[:, 0] == value).nonzero()) for value in rows)
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+
+
+if mode == "split":
+    train_idx = [i for i in range(40) if i % 4 != 3]  # 30 samples: 15 on each process
+    val_idx = [i for i in range(41) if i % 4 == 3 or i == 40]  # 11: 6 and 5
+    torch.manual_seed(0)
+    model = Seen()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loop = loopy.fit(model, F.cross_entropy, optimizer,
+                     DataLoader(data, 4, sampler=SubsetRandomSampler(train_idx)),
+                     val_loader=DataLoader(data, 4, sampler=SubsetRandomSampler(val_idx)),
+                     metrics={"errors": Errors()}, epochs=2, progress=False,
+                     ddp_options={"find_unused_parameters": True})
+    result.update(history=loop.history, train_rows=rows_to_indices(model.rows[True]),
+                  val_rows=rows_to_indices(model.rows[False]), train_idx=train_idx,
+                  val_idx=val_idx)
+if mode == "split" and torch.distributed.is_initialized():
+    # a model the user wrapped in DDP, with its own options
+    wrapped = torch.nn.parallel.DistributedDataParallel(Seen(), find_unused_parameters=True)
+    loop = loopy.fit(wrapped, F.cross_entropy, torch.optim.SGD(wrapped.parameters(), lr=0.1),
+                     DataLoader(data, 4, shuffle=True), epochs=1, progress=False)
+    result["wrapped"] = {k: v.clone() for k, v in wrapped.module.state_dict().items()}
+    result["wrapped_step"] = loop.step
+    try:
+        loopy.fit(wrapped, F.cross_entropy, torch.optim.SGD(wrapped.parameters(), lr=0.1),
+                  DataLoader(data, 4), ddp_options={"static_graph": True}, progress=False)
+    except ValueError as error:
+        result["options_refused"] = str(error)
+
+    # a stop at "start" on rank 1 only
+    def stop_at_start():
+        loop = yield "start"
+        if loop.rank == 1:
+            loop.stop("rank 1 stops at start")
+        yield
+    model = mlp()
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                     DataLoader(data, 4), epochs=2, hooks=[stop_at_start()], progress=False)
+    result.update(stop_step=loop.step, stop_reason=loop.stop_reason)
+
+    # a sampler without len() cannot be sharded
+    class Endless(torch.utils.data.Sampler):
+        def __iter__(self):
+            return iter(range(41))
+    try:
+        model = mlp()
+        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                  DataLoader(data, 4, sampler=Endless()), progress=False)
+    except ValueError as error:
+        result["refused"] = str(error)
+
+if mode == "fsdp":  # under torchrun, 1 or 2 processes
+    from torch.distributed.fsdp import fully_shard
+    val = DataLoader(TensorDataset(X[:33], y[:33]), 4)  # uneven: 17 and 16 samples
+
+    def sharded(seed=0):
+        model = mlp(seed)
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        return fully_shard(model)
+
+    def run(model, **options):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        loop = loopy.fit(model, F.cross_entropy, optimizer, DataLoader(data, 4), epochs=2,
+                         val_loader=val, metrics={"acc": loopy.accuracy}, accumulate=2,
+                         clip_grad=1.0, progress=False, **options)
+        return loop
+
+    world = int(os.environ["WORLD_SIZE"])
+    if world == 2:  # loopy's own DDP, the reference
+        loop = run(mlp())
+        result["ddp"] = {k: v.clone() for k, v in loop.model.state_dict().items()}
+        result["ddp_history"] = loop.history
+    model = sharded()
+    loop = run(model)
+    result["grad_norm_type"] = type(loop.grad_norm).__name__
+    result["history"] = loop.history
+    final = loop.state_dict()  # (every process gathers; rank 0 holds the whole state)
+    result["fsdp"] = final["model"] if rank == 0 else None
+
+    def stop_at(step):
+        while True:
+            loop = yield "step"
+            if loop.step == step:
+                loop.stop("preempted")
+    stopped = run(sharded(), hooks=[stop_at(2), loopy.checkpoint(os.path.join(out, "run.pt"))])
+    resumed = run(sharded(), resume=os.path.join(out, "run.pt"))
+    state = resumed.state_dict()
+    result["resumed"] = state["model"] if rank == 0 else None
+    result["resumed_history"] = resumed.history
+    try:  # an optimizer built before fully_shard holds none of the model's parameters
+        model = mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        loopy.fit(model, F.cross_entropy, optimizer, DataLoader(data, 4), progress=False)
+    except ValueError as error:
+        result["early_optimizer"] = str(error)
+
+if mode == "hang":  # rank 1 hangs in a hook; rank 0 waits for it no longer than the timeout
+    import time
+
+    def hang_on_rank_1():
+        loop = yield "step"
+        if loop.rank == 1:
+            time.sleep(10)
+        yield
+    model = mlp()
+    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+              DataLoader(data, 4), hooks=[hang_on_rank_1()], progress=False,
+              process_group_timeout=3)
+
+torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+"""
+
+
+def run_13(tmp_path, mode, processes, expect_failure=False):
+    script = tmp_path / "torchrun13.py"
+    script.write_text(TORCHRUN_13_SCRIPT)
+    out = tmp_path / f"{mode}-{processes}"
+    out.mkdir()
+    launcher = command(processes)
+    result = subprocess.run(launcher + [str(script), mode, str(out)], capture_output=True,
+                            text=True, timeout=300,
+                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
+    if expect_failure:
+        return result
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, [torch.load(out / f"rank{rank}.pt", weights_only=True)
+                 for rank in range(max(processes, 1))]
+
+
+@pytest.fixture(scope="module")
+def split_runs(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("split")
+    return run_13(tmp_path, "split", 2)[1], run_13(tmp_path, "split", 0)[1][0]
+
+
+@pytest.mark.slow
+def test_torchrun_shards_the_users_samplers_instead_of_replacing_them(split_runs):
+    (rank0, rank1), _ = split_runs
+    epochs = 2
+    for rows, split in (("train_rows", "train_idx"), ("val_rows", "val_idx")):
+        assert set(rank0[rows]) <= set(rank0[split]) and set(rank1[rows]) <= set(rank0[split])
+        # together the ranks see each sample of the split once per epoch
+        assert sorted(rank0[rows] + rank1[rows]) == sorted(rank0[split] * epochs)
+    assert len(rank0["val_rows"]) == 6 * epochs and len(rank1["val_rows"]) == 5 * epochs
+
+
+@pytest.mark.slow
+def test_torchrun_metric_objects_are_global_and_equal_one_process(split_runs):
+    (rank0, rank1), single = split_runs
+    assert rank0["history"] == rank1["history"]
+    # a plain update/compute/reset object sees every rank's outputs: the one-process count
+    assert rank0["history"]["errors"] == single["history"]["errors"]
+    assert rank0["history"]["val_errors"] == single["history"]["val_errors"]
+    for name in ("loss", "val_loss"):  # (float sums in another order)
+        assert rank0["history"][name] == pytest.approx(single["history"][name], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_takes_ddp_options_and_a_model_the_user_wrapped(split_runs):
+    (rank0, rank1), _ = split_runs
+    # find_unused_parameters=True through ddp_options made the split run possible at all (its
+    # model has an unused layer); the user's own DDP wrapper trained as given
+    assert rank0["wrapped_step"] == rank1["wrapped_step"] == 6
+    assert all(torch.equal(rank0["wrapped"][k], rank1["wrapped"][k]) for k in rank0["wrapped"])
+    assert rank0["options_refused"] == (
+        "ddp_options={'static_graph': True}, but the model is already wrapped "
+        "(DistributedDataParallel): pass the options where you wrap it")
+
+
+@pytest.mark.slow
+def test_torchrun_a_stop_at_start_on_one_rank_stops_every_rank(split_runs):
+    (rank0, rank1), _ = split_runs
+    assert rank0["stop_step"] == rank1["stop_step"] == 0
+    assert rank1["stop_reason"] == "rank 1 stops at start"
+    assert rank0["stop_reason"] == "stopped by another process"
+
+
+@pytest.mark.slow
+def test_torchrun_a_sampler_without_len_is_refused_with_the_fix(split_runs):
+    (rank0, _), _ = split_runs
+    assert "has none: give it __len__, or build the DataLoader on a " \
+           "torch.utils.data.DistributedSampler yourself" in rank0["refused"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("fsdp")
+    return run_13(tmp_path, "fsdp", 2), run_13(tmp_path, "fsdp", 1)
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_equals_loopys_ddp_and_resumes_exactly(fsdp_runs):
+    (out, (rank0, rank1)), _ = fsdp_runs
+    assert rank0["history"] == rank1["history"] == rank0["ddp_history"]  # uneven validation ran
+    # the interrupted epoch's means too: every rank's running sums were saved and restored
+    assert rank0["resumed_history"] == rank1["resumed_history"] == rank0["history"]
+    for name, weights in rank0["ddp"].items():  # bit-identical with torch 2.13 on CPU
+        assert torch.equal(rank0["fsdp"][name], weights)
+        assert torch.equal(rank0["resumed"][name], weights)  # a mid-epoch stop, then resume
+    assert rank0["grad_norm_type"] == "Tensor"  # not a DTensor
+    # the file is loopy's usual one: it loads into a plain module with weights_only=True
+    saved = torch.load(out / "run.pt", weights_only=True)
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    plain.load_state_dict(saved["model"])
+    assert saved["position"] is not None  # it was a mid-epoch checkpoint
+    assert "before fully_shard replaced its parameters" in rank0["early_optimizer"]
+
+
+@pytest.mark.slow
+def test_fsdp2_on_one_process_is_bit_identical_to_the_plain_loop(fsdp_runs):
+    _, (_, (single,)) = fsdp_runs
+    X = torch.randn(41, 8, generator=torch.Generator().manual_seed(0))
+    y = (X[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loop = loopy.fit(model, F.cross_entropy, optimizer,
+                     torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), 4),
+                     epochs=2, val_loader=torch.utils.data.DataLoader(
+                         torch.utils.data.TensorDataset(X[:33], y[:33]), 4),
+                     metrics={"acc": loopy.accuracy}, accumulate=2, clip_grad=1.0,
+                     progress=False)
+    assert single["history"] == single["resumed_history"] == loop.history
+    for name, weights in model.state_dict().items():
+        assert torch.equal(single["fsdp"][name], weights)
+        assert torch.equal(single["resumed"][name], weights)
+
+
+@pytest.mark.slow
+def test_torchrun_a_hung_rank_fails_the_others_after_process_group_timeout(tmp_path):
+    started = time.monotonic()
+    result = run_13(tmp_path, "hang", 2, expect_failure=True)
+    assert result.returncode != 0 and "Timed out waiting 3000ms" in result.stderr
+    assert time.monotonic() - started < 90
+
+
+LOG_TO_SCRIPT = """
+import json, os, sys, torch, loopy
+import torch.nn.functional as F
+torch.manual_seed(0)
+X, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+model = torch.nn.Linear(8, 2)
+records = []
+loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
+                 batch_size=8, epochs=2, progress=False,
+                 hooks=[loopy.log_to(lambda metrics, step: records.append([step, metrics]))])
+with open(os.path.join(sys.argv[1], f"rank{loop.rank}.json"), "w") as file:
+    json.dump({"records": records, "history": loop.history}, file)
+"""
+
+
+@pytest.mark.slow
+def test_log_to_under_torchrun_logs_on_rank_0_only(tmp_path):
+    script = tmp_path / "log_to.py"
+    script.write_text(LOG_TO_SCRIPT)
+    result = subprocess.run(command(2) + [str(script), str(tmp_path)],
+                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    history = rank0["history"]  # each process takes 4 of the 8 batches: 4 steps per epoch
+    assert rank0["records"] == [[4 * (e + 1), {**{k: v[e] for k, v in history.items()},
+                                                "epoch": e + 1}] for e in (0, 1)]
+    assert rank1["records"] == [] and rank1["history"] == history
+
+
+TORCHRUN_16_SCRIPT = """import os, sys, torch, loopy
+import torch.nn.functional as F
+torch.set_num_threads(1)
+out, batch_size = sys.argv[1], int(sys.argv[2])
+X = torch.randn(100, 8, generator=torch.Generator().manual_seed(0))
+y = (X[:, 0] > 0).long()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+sizes = []
+
+def accuracy_as_a_number(output, target):
+    sizes.append(len(target))
+    return loopy.accuracy(output, target).item()
+
+loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                 (X.numpy(), y.numpy()), batch_size=batch_size, drop_last=True, epochs=2,
+                 val_loader=(X[:30], y[:30]), val_batch_size=7,
+                 metrics={"acc": accuracy_as_a_number}, progress=False)
+torch.save({"model": model.state_dict(), "history": loop.history, "sizes": sizes},
+           os.path.join(out, f"rank{os.environ.get('RANK', 0)}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_numpy_data_with_drop_last_and_a_number_metric_equal_one_process(tmp_path):
+    script = tmp_path / "run16.py"
+    script.write_text(TORCHRUN_16_SCRIPT)
+    results = {}
+    for processes, batch_size in ((2, 16), (1, 32)):  # 100 samples: the last 4 are dropped
+        out = tmp_path / str(processes)
+        out.mkdir()
+        launcher = command(processes if processes > 1 else None)
+        result = subprocess.run(launcher + [str(script), str(out), str(batch_size)],
+                                env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[processes] = [torch.load(out / f"rank{rank}.pt", weights_only=True)
+                              for rank in range(processes)]
+    (rank0, rank1), (single,) = results[2], results[1]
+    assert single["sizes"] == [32, 32, 32, 7, 7, 7, 7, 2] * 2
+    assert rank0["sizes"][:3] == rank1["sizes"][:3] == [16, 16, 16]
+    for name, weights in single["model"].items():  # tolerance: float sums in another order
+        torch.testing.assert_close(rank0["model"][name], weights, rtol=1e-5, atol=1e-6)
+    assert rank0["history"] == rank1["history"]
+    for name in ("loss", "acc", "val_loss", "val_acc"):
+        assert rank0["history"][name] == pytest.approx(single["history"][name], rel=1e-5)
+
+
+EMA_DISTRIBUTED_SCRIPT = """
+import os, sys, torch, loopy
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+torch.set_num_threads(1)
+X = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
+y = (X[:, 0] > 0).long()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                 DataLoader(TensorDataset(X, y), int(sys.argv[2])), epochs=3, progress=False,
+                 val_loader=DataLoader(TensorDataset(X[:30], y[:30]), 7), hooks=[loopy.ema(0.8)])
+result = {"model": model.state_dict(), "history": loop.history}
+if torch.distributed.is_initialized():  # FSDP2 cannot be copied: a clear error
+    from torch.distributed.fsdp import fully_shard
+    sharded = fully_shard(torch.nn.Linear(8, 2))
+    try:
+        loopy.fit(sharded, F.cross_entropy, torch.optim.SGD(sharded.parameters(), lr=0.1),
+                  (X, y), hooks=[loopy.ema()], progress=False)
+    except ValueError as error:
+        result["fsdp"] = str(error)
+torch.save(result, os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', 0)}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_ema_under_torchrun_is_the_same_on_both_ranks_and_matches_one_process(tmp_path):
+    script = tmp_path / "ema.py"
+    script.write_text(EMA_DISTRIBUTED_SCRIPT)
+    results = []
+    for processes, batch_size in ((2, 8), (1, 16)):
+        launcher = command(processes if processes > 1 else None)
+        out = tmp_path / str(processes)
+        out.mkdir()
+        result = subprocess.run(launcher + [str(script), str(out), str(batch_size)],
+                                env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results += [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(processes)]
+    rank0, rank1, single = results
+    assert rank0["history"] == rank1["history"]
+    for name, weights in single["model"].items():  # tolerance: float sums in another order
+        assert torch.equal(rank0["model"][name], rank1["model"][name])
+        torch.testing.assert_close(rank0["model"][name], weights, rtol=1e-5, atol=1e-6)
+    assert rank0["history"]["val_loss"] == pytest.approx(single["history"]["val_loss"], rel=1e-5)
+    assert rank0["fsdp"].startswith("loopy.ema() cannot average a model sharded with FSDP2")
+
+
+GAN_DISTRIBUTED_SCRIPT = """
+import os, sys, torch, loopy
+import torch.nn.functional as F
+torch.set_num_threads(1)
+out, batch_size = sys.argv[2], int(sys.argv[3])
+generator = torch.Generator().manual_seed(0)
+X = torch.randn(96, 8, generator=generator) * 0.5 + 1.0
+Z = torch.randn(96, 4, generator=generator)  # the noise comes with the data, so that two
+                                             # processes of batch B see one's batch of 2B
+rank = int(os.environ.get("RANK", 0))
+torch.manual_seed(rank)  # rank 1's weights differ: the run starts from rank 0's
+gan = torch.nn.ModuleDict({
+    "generator": torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(),
+                                     torch.nn.Linear(16, 8)),
+    "discriminator": torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LeakyReLU(0.2),
+                                         torch.nn.Linear(16, 1))})
+optimizers = {name: torch.optim.Adam(gan[name].parameters(), lr=0.01, betas=(0.5, 0.999))
+              for name in ("discriminator", "generator")}
+
+def step(model, batch, loop):
+    real, noise = batch
+    fake = model["generator"](noise)
+    labels = torch.cat([torch.ones(len(real), 1), torch.zeros(len(real), 1)])
+    loss_d = F.binary_cross_entropy_with_logits(
+        model["discriminator"](torch.cat([real, fake.detach()])), labels)
+    loop.backward(loss_d)
+    loop.step_optimizer("discriminator")
+    loss_g = F.binary_cross_entropy_with_logits(model["discriminator"](fake),
+                                                torch.ones(len(real), 1))
+    loop.backward(loss_g, "generator")
+    loop.step_optimizer("generator")
+    return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
+
+loop = loopy.fit(gan, None, optimizers, (X, Z), batch_size=batch_size, epochs=3, step=step,
+                 val_loader=(X[:30], Z[:30]), progress=False)
+os.makedirs(out, exist_ok=True)
+torch.save({"model": gan.state_dict(), "history": loop.history, "step": loop.step,
+            "world_size": loop.world_size}, os.path.join(out, f"rank{rank}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_a_gan_on_two_processes_of_batch_b_equals_one_process_of_batch_2b(tmp_path, monkeypatch):
+    monkeypatch.setitem(globals(), "DISTRIBUTED_SCRIPT", GAN_DISTRIBUTED_SCRIPT)
+    processes = {name: start_distributed(tmp_path, name, ["gan"], *run)  # both at once
+                 for name, run in {"world-2": (2, 8), "world-1": (1, 16)}.items()}
+    for name, process in processes.items():
+        code, _, stderr = finished(process)
+        assert code == 0, f"{name} failed:\n{stderr[-3000:]}"
+    rank0, rank1, single = (torch.load(tmp_path / name / f"rank{rank}.pt", weights_only=True)
+                            for name, rank in (("world-2", 0), ("world-2", 1), ("world-1", 0)))
+    assert rank0["world_size"] == 2 and rank0["step"] == single["step"] == 3 * 6
+    assert rank0["history"] == rank1["history"]
+    for name, weights in single["model"].items():  # tolerance: float sums in another order
+        torch.testing.assert_close(rank0["model"][name], weights, rtol=1e-5, atol=1e-6)
+        assert torch.equal(rank0["model"][name], rank1["model"][name])
+    for name in ("loss_d", "loss_g", "val_loss_d", "val_loss_g"):
+        assert rank0["history"][name] == pytest.approx(single["history"][name], rel=1e-5)
+
+
+SLICED_DISTRIBUTED_SCRIPT = """
+import os, sys, torch, loopy
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+torch.set_num_threads(1)
+calls, getitem = [], TensorDataset.__getitem__
+TensorDataset.__getitem__ = lambda self, index: calls.append(index) or getitem(self, index)
+results = {}
+for path in ("sliced", "iterated"):
+    if path == "iterated":
+        loopy._sliced = lambda loader: loader
+    X = torch.randn(90, 8, generator=torch.Generator().manual_seed(0))
+    y = (X[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                                torch.nn.Linear(16, 2))
+    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                     DataLoader(TensorDataset(X, y), 8, shuffle=True, drop_last=sys.argv[2] == "1"),
+                     val_loader=DataLoader(TensorDataset(X[:31], y[:31]), 4), epochs=3,
+                     progress=False)
+    results[path] = {"model": model.state_dict(), "history": loop.history, "calls": len(calls),
+                     "rng": torch.get_rng_state()}
+    calls.clear()
+torch.save(results, os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_torchrun_sliced_shards_equal_the_distributed_samplers(tmp_path, drop_last):
+    script = tmp_path / "sliced_ddp.py"
+    script.write_text(SLICED_DISTRIBUTED_SCRIPT)
+    result = subprocess.run(command(2) + [str(script), str(tmp_path), str(int(drop_last))],
+                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        runs = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        sliced, iterated = runs["sliced"], runs["iterated"]
+        assert sliced["calls"] == 0 and iterated["calls"] > 0
+        assert all(torch.equal(sliced["model"][k], v) for k, v in iterated["model"].items())
+        assert sliced["history"] == iterated["history"]
+        assert torch.equal(sliced["rng"], iterated["rng"])
+
+
+ISSUE_16_SCRIPT = """
+import os, sys, torch, loopy
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+torch.set_num_threads(1)
+X = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+y = (X[:, 0] > 0).long()
+torch.manual_seed(0)
+model = torch.nn.Linear(8, 2)
+
+class EmptyIterable:
+    def __iter__(self):
+        return iter(())
+
+results = {}
+try:
+    results["empty"] = loopy.evaluate(model, EmptyIterable(), F.cross_entropy)
+except ValueError as error:
+    results["empty"] = str(error)
+results["all"] = loopy.evaluate(model, DataLoader(TensorDataset(X, y), 4), F.cross_entropy)
+calls = []
+
+def nan_on_rank_1(output, target):  # rank 1's third batch: DDP spreads it to both ranks
+    calls.append(1)
+    loss = F.cross_entropy(output, target)
+    return loss * float("nan") if os.environ["RANK"] == "1" and len(calls) == 3 else loss
+
+torch.manual_seed(0)
+model = torch.nn.Linear(8, 2)
+try:
+    loopy.fit(model, nan_on_rank_1, torch.optim.SGD(model.parameters(), lr=0.1),
+              DataLoader(TensorDataset(X, y), 2), progress=False,
+              hooks=[loopy.checkpoint(os.path.join(sys.argv[1], "nan.pt"), every=1)])
+except FloatingPointError as error:
+    results["nan"] = str(error)
+torch.save(results, os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', 0)}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_16_under_torchrun_an_evaluation_without_batches_is_an_error(tmp_path):
+    script = tmp_path / "empty.py"
+    script.write_text(ISSUE_16_SCRIPT)
+    subprocess.run(command(2) + [str(script), str(tmp_path)], check=True,
+                   env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"), timeout=300)
+    X = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    expected = F.cross_entropy(model(X), (X[:, 0] > 0).long()).item()
+    for rank in (0, 1):
+        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert "loader yielded no batches on any process" in results["empty"]
+        assert results["all"]["loss"] == pytest.approx(expected, rel=1e-6)  # (and it goes on)
+    # a non-finite loss on rank 1 alone: neither process saves step 3, whose weights it spoiled
+    assert "not finite on another process (this is rank 0)" in \
+        torch.load(tmp_path / "rank0.pt", weights_only=True)["nan"]
+    assert "the loss is not finite" in torch.load(tmp_path / "rank1.pt", weights_only=True)["nan"]
+    saved = torch.load(tmp_path / "nan.pt", weights_only=True)
+    assert saved["step"] == 2 and all(v.isfinite().all() for v in saved["model"].values())
 
 
 # --- examples/: each runs (shortened) as a script and reaches its accuracy ---
@@ -1732,6 +4712,20 @@ def test_the_ddp_example_runs_alone_and_under_torchrun_to_the_same_accuracy(exam
         assert output.count("final validation:") == 1  # only rank 0 reports
         accuracies.append(_final_metrics(output)["acc"])
     assert "on 2 process(es)" in stdout and min(accuracies) >= 0.95
+
+
+@pytest.mark.slow
+def test_example_gan_draws_digits_near_real_ones(examples):
+    stdout, plot = example_output(examples, "gan")
+    generated, real, untrained = map(float, re.search(
+        r"generated ([\d.]+), real \(validation\) ([\d.]+), untrained generator ([\d.]+)",
+        stdout).groups())
+    assert generated < (real + untrained) / 2, stdout[-2000:]  # nearer real digits than at start
+    final = _final_metrics(stdout)
+    assert final["d_acc"] <= 0.85, stdout[-2000:]  # the discriminator does not win outright
+    assert final["classes"] == 10, stdout[-2000:]  # every digit drawn: no collapse to a few
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plot.stat().st_size > 1000  # the generated digits were saved
 
 
 # --- README.md: its code runs, its commands match CI, its API reference is complete ---
@@ -2179,1065 +5173,6 @@ def test_cuda_the_sync_check_catches_a_sync_inside_a_step():
               hooks=[reads_the_loss()])
 
 
-# --- issue 13: torchrun keeps the user's samplers and wrappers; global metrics; FSDP2 ---
-
-TORCHRUN_13_SCRIPT = """import os, sys, torch, loopy
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset, SubsetRandomSampler
-torch.set_num_threads(1)
-mode, out = sys.argv[1], sys.argv[2]
-rank = int(os.environ.get("RANK", 0))
-X = torch.randn(41, 8, generator=torch.Generator().manual_seed(0))
-y = (X[:, 0] > 0).long()
-data = TensorDataset(X, y)
-result = {}
-
-
-class Errors:  # a plain update/compute/reset metric object
-    def reset(self):
-        self.count = 0
-
-    def update(self, output, target):
-        self.count += int((output.argmax(1) != target).sum())
-
-    def compute(self):
-        return self.count
-
-
-class Seen(torch.nn.Module):  # an MLP that remembers which rows it saw, and an unused layer
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
-                                       torch.nn.Linear(16, 2))
-        self.unused = torch.nn.Linear(8, 2)
-        self.rows = {True: [], False: []}
-
-    def forward(self, x):
-        self.rows[self.training] += x[:, 0].tolist()
-        return self.net(x)
-
-
-def rows_to_indices(rows):
-    return sorted(int((X[:, 0] == value).nonzero()) for value in rows)
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-
-
-if mode == "split":
-    train_idx = [i for i in range(40) if i % 4 != 3]  # 30 samples: 15 on each process
-    val_idx = [i for i in range(41) if i % 4 == 3 or i == 40]  # 11: 6 and 5
-    torch.manual_seed(0)
-    model = Seen()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    loop = loopy.fit(model, F.cross_entropy, optimizer,
-                     DataLoader(data, 4, sampler=SubsetRandomSampler(train_idx)),
-                     val_loader=DataLoader(data, 4, sampler=SubsetRandomSampler(val_idx)),
-                     metrics={"errors": Errors()}, epochs=2, progress=False,
-                     ddp_options={"find_unused_parameters": True})
-    result.update(history=loop.history, train_rows=rows_to_indices(model.rows[True]),
-                  val_rows=rows_to_indices(model.rows[False]), train_idx=train_idx,
-                  val_idx=val_idx)
-if mode == "split" and torch.distributed.is_initialized():
-    # a model the user wrapped in DDP, with its own options
-    wrapped = torch.nn.parallel.DistributedDataParallel(Seen(), find_unused_parameters=True)
-    loop = loopy.fit(wrapped, F.cross_entropy, torch.optim.SGD(wrapped.parameters(), lr=0.1),
-                     DataLoader(data, 4, shuffle=True), epochs=1, progress=False)
-    result["wrapped"] = {k: v.clone() for k, v in wrapped.module.state_dict().items()}
-    result["wrapped_step"] = loop.step
-    try:
-        loopy.fit(wrapped, F.cross_entropy, torch.optim.SGD(wrapped.parameters(), lr=0.1),
-                  DataLoader(data, 4), ddp_options={"static_graph": True}, progress=False)
-    except ValueError as error:
-        result["options_refused"] = str(error)
-
-    # a stop at "start" on rank 1 only
-    def stop_at_start():
-        loop = yield "start"
-        if loop.rank == 1:
-            loop.stop("rank 1 stops at start")
-        yield
-    model = mlp()
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                     DataLoader(data, 4), epochs=2, hooks=[stop_at_start()], progress=False)
-    result.update(stop_step=loop.step, stop_reason=loop.stop_reason)
-
-    # a sampler without len() cannot be sharded
-    class Endless(torch.utils.data.Sampler):
-        def __iter__(self):
-            return iter(range(41))
-    try:
-        model = mlp()
-        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                  DataLoader(data, 4, sampler=Endless()), progress=False)
-    except ValueError as error:
-        result["refused"] = str(error)
-
-if mode == "fsdp":  # under torchrun, 1 or 2 processes
-    from torch.distributed.fsdp import fully_shard
-    val = DataLoader(TensorDataset(X[:33], y[:33]), 4)  # uneven: 17 and 16 samples
-
-    def sharded(seed=0):
-        model = mlp(seed)
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        return fully_shard(model)
-
-    def run(model, **options):
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        loop = loopy.fit(model, F.cross_entropy, optimizer, DataLoader(data, 4), epochs=2,
-                         val_loader=val, metrics={"acc": loopy.accuracy}, accumulate=2,
-                         clip_grad=1.0, progress=False, **options)
-        return loop
-
-    world = int(os.environ["WORLD_SIZE"])
-    if world == 2:  # loopy's own DDP, the reference
-        loop = run(mlp())
-        result["ddp"] = {k: v.clone() for k, v in loop.model.state_dict().items()}
-        result["ddp_history"] = loop.history
-    model = sharded()
-    loop = run(model)
-    result["grad_norm_type"] = type(loop.grad_norm).__name__
-    result["history"] = loop.history
-    final = loop.state_dict()  # (every process gathers; rank 0 holds the whole state)
-    result["fsdp"] = final["model"] if rank == 0 else None
-
-    def stop_at(step):
-        while True:
-            loop = yield "step"
-            if loop.step == step:
-                loop.stop("preempted")
-    stopped = run(sharded(), hooks=[stop_at(2), loopy.checkpoint(os.path.join(out, "run.pt"))])
-    resumed = run(sharded(), resume=os.path.join(out, "run.pt"))
-    state = resumed.state_dict()
-    result["resumed"] = state["model"] if rank == 0 else None
-    result["resumed_history"] = resumed.history
-    try:  # an optimizer built before fully_shard holds none of the model's parameters
-        model = mlp()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
-        loopy.fit(model, F.cross_entropy, optimizer, DataLoader(data, 4), progress=False)
-    except ValueError as error:
-        result["early_optimizer"] = str(error)
-
-if mode == "hang":  # rank 1 hangs in a hook; rank 0 waits for it no longer than the timeout
-    import time
-
-    def hang_on_rank_1():
-        loop = yield "step"
-        if loop.rank == 1:
-            time.sleep(10)
-        yield
-    model = mlp()
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-              DataLoader(data, 4), hooks=[hang_on_rank_1()], progress=False,
-              process_group_timeout=3)
-
-torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-"""
-
-
-def run_13(tmp_path, mode, processes, expect_failure=False):
-    script = tmp_path / "torchrun13.py"
-    script.write_text(TORCHRUN_13_SCRIPT)
-    out = tmp_path / f"{mode}-{processes}"
-    out.mkdir()
-    launcher = command(processes)
-    result = subprocess.run(launcher + [str(script), mode, str(out)], capture_output=True,
-                            text=True, timeout=300,
-                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
-    if expect_failure:
-        return result
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, [torch.load(out / f"rank{rank}.pt", weights_only=True)
-                 for rank in range(max(processes, 1))]
-
-
-@pytest.fixture(scope="module")
-def split_runs(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("split")
-    return run_13(tmp_path, "split", 2)[1], run_13(tmp_path, "split", 0)[1][0]
-
-
-@pytest.mark.slow
-def test_torchrun_shards_the_users_samplers_instead_of_replacing_them(split_runs):
-    (rank0, rank1), _ = split_runs
-    epochs = 2
-    for rows, split in (("train_rows", "train_idx"), ("val_rows", "val_idx")):
-        assert set(rank0[rows]) <= set(rank0[split]) and set(rank1[rows]) <= set(rank0[split])
-        # together the ranks see each sample of the split once per epoch
-        assert sorted(rank0[rows] + rank1[rows]) == sorted(rank0[split] * epochs)
-    assert len(rank0["val_rows"]) == 6 * epochs and len(rank1["val_rows"]) == 5 * epochs
-
-
-@pytest.mark.slow
-def test_torchrun_metric_objects_are_global_and_equal_one_process(split_runs):
-    (rank0, rank1), single = split_runs
-    assert rank0["history"] == rank1["history"]
-    # a plain update/compute/reset object sees every rank's outputs: the one-process count
-    assert rank0["history"]["errors"] == single["history"]["errors"]
-    assert rank0["history"]["val_errors"] == single["history"]["val_errors"]
-    for name in ("loss", "val_loss"):  # (float sums in another order)
-        assert rank0["history"][name] == pytest.approx(single["history"][name], rel=1e-6)
-
-
-@pytest.mark.slow
-def test_torchrun_takes_ddp_options_and_a_model_the_user_wrapped(split_runs):
-    (rank0, rank1), _ = split_runs
-    # find_unused_parameters=True through ddp_options made the split run possible at all (its
-    # model has an unused layer); the user's own DDP wrapper trained as given
-    assert rank0["wrapped_step"] == rank1["wrapped_step"] == 6
-    assert all(torch.equal(rank0["wrapped"][k], rank1["wrapped"][k]) for k in rank0["wrapped"])
-    assert rank0["options_refused"] == (
-        "ddp_options={'static_graph': True}, but the model is already wrapped "
-        "(DistributedDataParallel): pass the options where you wrap it")
-
-
-@pytest.mark.slow
-def test_torchrun_a_stop_at_start_on_one_rank_stops_every_rank(split_runs):
-    (rank0, rank1), _ = split_runs
-    assert rank0["stop_step"] == rank1["stop_step"] == 0
-    assert rank1["stop_reason"] == "rank 1 stops at start"
-    assert rank0["stop_reason"] == "stopped by another process"
-
-
-@pytest.mark.slow
-def test_torchrun_a_sampler_without_len_is_refused_with_the_fix(split_runs):
-    (rank0, _), _ = split_runs
-    assert "has none: give it __len__, or build the DataLoader on a " \
-           "torch.utils.data.DistributedSampler yourself" in rank0["refused"]
-
-
-@pytest.fixture(scope="module")
-def fsdp_runs(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("fsdp")
-    return run_13(tmp_path, "fsdp", 2), run_13(tmp_path, "fsdp", 1)
-
-
-@pytest.mark.slow
-def test_fsdp2_on_two_processes_equals_loopys_ddp_and_resumes_exactly(fsdp_runs):
-    (out, (rank0, rank1)), _ = fsdp_runs
-    assert rank0["history"] == rank1["history"] == rank0["ddp_history"]  # uneven validation ran
-    # the interrupted epoch's means too: every rank's running sums were saved and restored
-    assert rank0["resumed_history"] == rank1["resumed_history"] == rank0["history"]
-    for name, weights in rank0["ddp"].items():  # bit-identical with torch 2.13 on CPU
-        assert torch.equal(rank0["fsdp"][name], weights)
-        assert torch.equal(rank0["resumed"][name], weights)  # a mid-epoch stop, then resume
-    assert rank0["grad_norm_type"] == "Tensor"  # not a DTensor
-    # the file is loopy's usual one: it loads into a plain module with weights_only=True
-    saved = torch.load(out / "run.pt", weights_only=True)
-    plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    plain.load_state_dict(saved["model"])
-    assert saved["position"] is not None  # it was a mid-epoch checkpoint
-    assert "before fully_shard replaced its parameters" in rank0["early_optimizer"]
-
-
-@pytest.mark.slow
-def test_fsdp2_on_one_process_is_bit_identical_to_the_plain_loop(fsdp_runs):
-    _, (_, (single,)) = fsdp_runs
-    X = torch.randn(41, 8, generator=torch.Generator().manual_seed(0))
-    y = (X[:, 0] > 0).long()
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    loop = loopy.fit(model, F.cross_entropy, optimizer,
-                     torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), 4),
-                     epochs=2, val_loader=torch.utils.data.DataLoader(
-                         torch.utils.data.TensorDataset(X[:33], y[:33]), 4),
-                     metrics={"acc": loopy.accuracy}, accumulate=2, clip_grad=1.0,
-                     progress=False)
-    assert single["history"] == single["resumed_history"] == loop.history
-    for name, weights in model.state_dict().items():
-        assert torch.equal(single["fsdp"][name], weights)
-        assert torch.equal(single["resumed"][name], weights)
-
-
-@pytest.mark.slow
-def test_torchrun_a_hung_rank_fails_the_others_after_process_group_timeout(tmp_path):
-    started = time.monotonic()
-    result = run_13(tmp_path, "hang", 2, expect_failure=True)
-    assert result.returncode != 0 and "Timed out waiting 3000ms" in result.stderr
-    assert time.monotonic() - started < 90
-
-
-# --- issue 15: output people can read everywhere, pictures, trackers ---
-
-def _epoch_line(history, epoch, epochs):
-    """What the progress hook prints for ``epoch`` (1-based), up to the epoch's time."""
-    values = " - ".join(f"{name} {values[epoch - 1]:.4g}" for name, values in history.items())
-    return f"epoch {epoch}/{epochs}: {values} ("
-
-
-def _small_fit(epochs=2, **options):
-    X, y = make_data(64)
-    model = make_mlp()
-    return loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                     batch_size=16, epochs=epochs, val_loader=(X[:32], y[:32]),
-                     metrics={"acc": loopy.accuracy}, **options)
-
-
-@pytest.mark.parametrize("progress, bar, lines", [(True, True, True), ("bar", True, True),
-                                                  ("epoch", False, True), (False, False, False)])
-def test_progress_levels_a_bar_where_a_person_watches_a_line_per_epoch_or_nothing(
-        monkeypatch, capsys, progress, bar, lines):
-    pytest.importorskip("tqdm")
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    loop = _small_fit(progress=progress)
-    captured = capsys.readouterr()
-    expected = [_epoch_line(loop.history, epoch, 2) for epoch in (1, 2)] if lines else []
-    assert [line[:len(start)] for line, start in zip(captured.out.splitlines(), expected)] \
-        == expected and captured.out.count("\n") == len(expected)
-    assert ("epoch 1/2" in captured.err and "batch" in captured.err) == bar
-    assert bar or captured.err == ""
-
-
-def test_progress_rejects_an_unknown_level_before_training():
-    with pytest.raises(ValueError, match=r"progress='loud': use True or 'bar' .* 'epoch' .* False"):
-        _small_fit(progress="loud", hooks=[recorder(log := [])])
-    assert log == []
-
-
-def test_loop_repr_is_one_line_of_epochs_steps_stop_reason_and_metrics():
-    loop = _small_fit(epochs=3, max_steps=9, progress=False)  # 4 steps per epoch: 2 epochs done
-    values = " - ".join(f"{name} {values[-1]:.4g}" for name, values in loop.history.items())
-    assert repr(loop) == f"<Loop epoch 2/3, step 9, stopped: reached max_steps=9; {values}>"
-    assert repr(_small_fit(epochs=1, progress=False)).startswith("<Loop epoch 1/1, step 4; loss ")
-
-
-def test_loop_print_prints_on_rank_0_only(capsys):
-    loop = _small_fit(progress=False)
-    loop.print("a", 1, sep="-")
-    loop.rank = 1
-    loop.print("b")
-    assert capsys.readouterr().out == "a-1\n"
-
-
-TERMINAL_SCRIPT = """
-import json, sys, torch, loopy
-import torch.nn.functional as F
-torch.set_num_threads(1)
-torch.manual_seed(0)
-X, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
-model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
-
-def printer():
-    while True:
-        loop = yield ("step", "epoch")
-        if loop.event == "epoch":
-            print(f"hook: epoch {loop.epoch + 1} done")    # a plain print at "epoch"
-        elif loop.step % 8 == 3:
-            loop.print(f"hook: step {loop.step}")         # mid-epoch, the bar on the screen
-
-loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                 epochs=3, val_loader=(X[:64], y[:64]), metrics={"acc": loopy.accuracy},
-                 hooks=[printer()] if "--printer" in sys.argv else [])
-print("history", json.dumps(loop.history))
-"""
-
-
-def _run_in_terminal(tmp_path, *args, stdout=None):
-    """Run TERMINAL_SCRIPT with stderr (and stdout, unless given) on a pseudo-terminal of 80
-    columns; return all that was written to the terminal."""
-    pty, fcntl, termios, struct = (pytest.importorskip(name) for name in
-                                   ("pty", "fcntl", "termios", "struct"))
-    script = tmp_path / "train.py"
-    script.write_text(TERMINAL_SCRIPT)
-    main, terminal = pty.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    env = {k: v for k, v in cpu_env(PYTHONPATH=HERE).items() if k not in ("COLUMNS", "LINES")}
-    process = subprocess.Popen([sys.executable, str(script), *args], stdin=terminal,
-                               stdout=stdout or terminal, stderr=terminal, env=env)
-    os.close(terminal)
-    chunks = []
-    with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
-        while chunk := os.read(main, 65536):
-            chunks.append(chunk)
-    os.close(main)
-    assert process.wait(timeout=120) == 0, b"".join(chunks).decode(errors="replace")[-3000:]
-    return b"".join(chunks).decode()
-
-
-def _screen(text):
-    """The lines a terminal shows for ``text``: a carriage return goes back to column 0, and
-    what follows overwrites what was there."""
-    lines = []
-    for raw in text.split("\n"):
-        line, column = [], 0
-        for char in raw:
-            if char == "\r":
-                column = 0
-                continue
-            line[column:column + 1] = [char]
-            column += 1
-        lines.append("".join(line).rstrip())
-    return lines
-
-
-def _history(lines):
-    return json.loads(next(line for line in lines if line.startswith("history "))[8:])
-
-
-@pytest.mark.slow
-def test_an_80_column_terminal_shows_every_epochs_validation_metrics(tmp_path):
-    screen = _screen(_run_in_terminal(tmp_path))
-    history = _history(screen)
-    assert set(history) == {"loss", "acc", "val_loss", "val_acc", "lr"}
-    for epoch in (1, 2, 3):  # every metric of every epoch, whatever the bar could fit
-        assert sum(line.startswith(_epoch_line(history, epoch, 3)) for line in screen) == 1
-
-
-@pytest.mark.slow
-def test_stdout_to_a_file_while_stderr_is_a_terminal_gets_one_line_per_epoch(tmp_path):
-    with open(tmp_path / "train.log", "w") as log:
-        terminal = _run_in_terminal(tmp_path, stdout=log)
-    lines = (tmp_path / "train.log").read_text().splitlines()
-    history = _history(lines)
-    assert len(lines) == 4 and all(lines[epoch - 1].startswith(_epoch_line(history, epoch, 3))
-                                   for epoch in (1, 2, 3))
-    assert "epoch 3/3:" in terminal and "batch/s" in terminal  # the bar was there
-
-
-@pytest.mark.slow
-def test_a_hook_printing_under_a_terminal_starts_its_line_at_column_0(tmp_path):
-    screen = _screen(_run_in_terminal(tmp_path, "--printer"))
-    for epoch in (1, 2, 3):
-        assert f"hook: step {8 * epoch - 5}" in screen  # loop.print, with the bar live
-        assert f"hook: epoch {epoch} done" in screen  # print at "epoch"
-        assert any(line.startswith(_epoch_line(_history(screen), epoch, 3)) for line in screen)
-
-
-NOTEBOOK_CELL = """
-import json, sys
-sys.path.insert(0, {here!r})
-import torch, loopy
-import torch.nn.functional as F
-torch.manual_seed(0)
-X, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
-model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
-loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                 epochs=3, val_loader=(X[:64], y[:64]), metrics={{"acc": loopy.accuracy}})
-print("history", json.dumps(loop.history))
-loop
-"""
-
-
-@pytest.mark.slow
-def test_a_notebook_keeps_each_epochs_metrics_as_text_and_shows_the_loop(tmp_path, monkeypatch):
-    nbformat, nbclient = pytest.importorskip("nbformat"), pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        NOTEBOOK_CELL.format(here=HERE))])
-    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    nbformat.write(notebook, tmp_path / "saved.ipynb")  # what a reopened notebook holds
-    outputs = nbformat.read(tmp_path / "saved.ipynb", as_version=4).cells[0].outputs
-    stdout = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stdout")
-    history = _history(stdout.splitlines())
-    lines = stdout.splitlines()
-    assert all(lines[epoch - 1].startswith(_epoch_line(history, epoch, 3)) for epoch in (1, 2, 3))
-    (result,) = [o for o in outputs if o.output_type == "execute_result"]
-    values = " - ".join(f"{name} {values[-1]:.4g}" for name, values in history.items())
-    assert result.data["text/plain"] == f"<Loop epoch 3/3, step 24; {values}>"
-    assert "IProgress" not in json.dumps([dict(o) for o in outputs])  # no tqdm warning
-    assert sum(o.output_type == "display_data" for o in outputs) <= 1  # one widget bar at most
-
-
-def _recording(records):
-    return lambda metrics, step: records.append((step, metrics))
-
-
-def test_log_to_logs_every_epoch_and_the_running_means_every_n_steps():
-    X, y = make_data(64)  # 4 batches of 16 per epoch
-    records, batches = [], []
-
-    def per_batch():  # the oracle: each batch's loss and accuracy, averaged by hand
-        while True:
-            loop = yield "step"
-            batches.append((float(loop.loss), float(loopy.accuracy(loop.output, loop.batch[1]))))
-
-    model = make_mlp()
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                     batch_size=16, epochs=2, val_loader=(X, y), metrics={"acc": loopy.accuracy},
-                     hooks=[per_batch(), loopy.log_to(_recording(records), every=3)],
-                     progress=False)
-
-    def means(first, last):
-        chosen = batches[first:last]
-        return {"loss": pytest.approx(sum(b[0] for b in chosen) / len(chosen), rel=1e-6),
-                "acc": pytest.approx(sum(b[1] for b in chosen) / len(chosen), rel=1e-6)}
-
-    def epoch(index):
-        return {**{name: values[index] for name, values in loop.history.items()},
-                "epoch": index + 1}
-
-    assert records == [(3, means(0, 3)), (4, epoch(0)), (6, means(4, 6)), (8, epoch(1))]
-    assert list(records[1][1]) == [*loop.history, "epoch"]
-
-
-def test_log_to_continues_the_steps_across_a_resume(tmp_path):
-    X, y = make_data(150)  # 10 batches of 16 per epoch
-
-    def run(path, epochs, stop_at_step=None, resume=None):
-        records = []
-        model = make_mlp(dropout=0.2)
-        hooks = [loopy.checkpoint(path), loopy.log_to(_recording(records), every=4)]
-        loopy.fit(model, F.cross_entropy, torch.optim.Adam(model.parameters(), lr=0.01), (X, y),
-                  batch_size=16, shuffle=True, epochs=epochs, val_loader=(X[:50], y[:50]),
-                  seed=None if resume else 7, resume=resume, progress=False,
-                  hooks=hooks + ([stop_when(stop_at_step)] if stop_at_step else []))
-        return records
-
-    straight = run(tmp_path / "straight.pt", epochs=3)
-    before = run(tmp_path / "run.pt", epochs=3, stop_at_step=14)  # in the middle of epoch 2
-    after = run(tmp_path / "run.pt", epochs=3, resume=tmp_path / "run.pt")
-    assert [step for step, _ in straight] == [4, 8, 10, 12, 16, 20, 20, 24, 28, 30]
-    assert before + after == straight
-
-
-def test_log_to_logs_on_rank_0_only_and_checks_its_arguments():
-    records = []
-    hook = loopy.log_to(_recording(records))
-    assert next(hook) == "epoch"
-    with pytest.raises(StopIteration):  # another process: the hook ends, having logged nothing
-        hook.send(types.SimpleNamespace(rank=1, event="epoch", metrics={"loss": 1.0}, epoch=0,
-                                        step=4))
-    assert records == []
-    with pytest.raises(TypeError, match=r"log_to\(log='wandb' .*\): pass a function log\("
-                                        r"metrics, step\), like wandb.log"):
-        _small_fit(hooks=[loopy.log_to("wandb")], progress=False)
-    with pytest.raises(ValueError, match=r"log_to\(every=0\): use None .* or a number of steps"):
-        _small_fit(hooks=[loopy.log_to(print, every=0)], progress=False)
-
-
-LOG_TO_SCRIPT = """
-import json, os, sys, torch, loopy
-import torch.nn.functional as F
-torch.manual_seed(0)
-X, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
-model = torch.nn.Linear(8, 2)
-records = []
-loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                 batch_size=8, epochs=2, progress=False,
-                 hooks=[loopy.log_to(lambda metrics, step: records.append([step, metrics]))])
-with open(os.path.join(sys.argv[1], f"rank{loop.rank}.json"), "w") as file:
-    json.dump({"records": records, "history": loop.history}, file)
-"""
-
-
-@pytest.mark.slow
-def test_log_to_under_torchrun_logs_on_rank_0_only(tmp_path):
-    script = tmp_path / "log_to.py"
-    script.write_text(LOG_TO_SCRIPT)
-    result = subprocess.run(command(2) + [str(script), str(tmp_path)],
-                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    history = rank0["history"]  # each process takes 4 of the 8 batches: 4 steps per epoch
-    assert rank0["records"] == [[4 * (e + 1), {**{k: v[e] for k, v in history.items()},
-                                                "epoch": e + 1}] for e in (0, 1)]
-    assert rank1["records"] == [] and rank1["history"] == history
-
-
-@pytest.fixture
-def agg():
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")  # no window
-
-
-def test_plot_history_draws_training_against_validation_and_writes_a_png(tmp_path, agg):
-    loop = _small_fit(epochs=3, progress=False)
-    figure = loopy.plot_history(loop, tmp_path / "curves.png")
-    assert [axis.get_title() for axis in figure.axes] == ["loss", "acc"]  # no lr panel
-    for axis, name in zip(figure.axes, ("loss", "acc")):
-        curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
-                  for line in axis.lines}
-        assert curves == {"training": ([1, 2, 3], loop.history[name]),
-                          "validation": ([1, 2, 3], loop.history["val_" + name])}
-    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(loopy.plot_history(loop.history).axes) == 2  # the history alone, no file
-    with pytest.raises(ValueError, match=r"plot_history needs a Loop, its history or lr_find's"):
-        loopy.plot_history({})
-
-
-def test_plot_history_draws_lr_finds_loss_against_a_log_scale_learning_rate(agg):
-    X, y = make_data(64)
-    model = make_mlp()
-    found = loopy.lr_find(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                          (X, y), num_steps=20)
-    (axis,) = loopy.plot_history(found).axes
-    curve, suggestion = axis.lines
-    assert axis.get_xscale() == "log" and list(curve.get_xdata()) == found["lr"]
-    assert list(curve.get_ydata()) == found["loss"]
-    assert list(suggestion.get_xdata()) == [found["suggestion"]] * 2
-
-
-def test_live_plot_in_a_notebook_displays_one_figure_and_updates_it_in_place(monkeypatch, agg):
-    display = pytest.importorskip("IPython.display")
-    calls = []
-
-    class Handle:
-        def update(self, figure):
-            calls.append(("update", figure))
-
-    def record_display(figure, display_id=False):
-        calls.append(("display", figure, display_id))
-        return Handle()
-
-    monkeypatch.setattr(display, "display", record_display)
-    monkeypatch.setattr(display, "clear_output", lambda *args, **kwargs: calls.append("clear"))
-    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))  # a notebook
-    loop = _small_fit(epochs=3, hooks=[loopy.live_plot()], progress=False)
-    assert [call[0] for call in calls] == ["display", "update", "update"] and calls[0][2] is True
-    last = calls[-1][1].axes[0].lines[0]  # the figure of the last epoch holds the whole history
-    assert list(last.get_ydata()) == loop.history["loss"]
-
-
-def test_live_plot_elsewhere_writes_a_png_given_a_path_or_does_nothing(tmp_path, agg):
-    _small_fit(hooks=[loopy.live_plot(tmp_path / "live.png"), loopy.live_plot()], progress=False)
-    assert (tmp_path / "live.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert os.listdir(tmp_path) == ["live.png"]
-
-
-# --- issue 16: nothing silently wrong (metrics, argument kinds, modes, devices, predict, batches) ---
-
-def test_accuracy_with_probability_or_one_hot_targets_compares_argmaxes():
-    generator = torch.Generator().manual_seed(0)
-    output = torch.randn(50, 10, generator=generator)
-    probabilities = torch.randn(50, 10, generator=generator).softmax(dim=1)
-    one_hot = F.one_hot(torch.randint(0, 10, (50,), generator=generator), 10).float()
-    for target in (probabilities, one_hot):
-        expected = (output.argmax(1) == target.argmax(1)).float().mean()
-        assert torch.equal(loopy.accuracy(output, target), expected)
-    # a model that predicts nothing (every logit very negative) is not 90% right
-    nothing = torch.full((50, 10), -5.0)
-    assert loopy.accuracy(nothing, one_hot) == (one_hot.argmax(1) == 0).float().mean()
-    # binary outputs, (N,) or (N, 1), against 0/1 targets of either shape, as before
-    logits = torch.randn(50, generator=generator)
-    labels = torch.randint(0, 2, (50,), generator=generator)
-    expected = ((logits > 0) == (labels > 0.5)).float().mean()
-    for out, target in ((logits, labels), (logits[:, None], labels), (logits[:, None],
-                                                                      labels[:, None].float())):
-        assert torch.equal(loopy.accuracy(out, target), expected)
-
-
-def test_fit_with_one_hot_targets_records_the_true_accuracy():
-    X, y = make_data(96)
-    model = make_mlp()
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                     (X, F.one_hot(y, 3).float()), metrics={"acc": loopy.accuracy}, epochs=2,
-                     progress=False)
-    oracle = make_mlp()
-    history = hand_loop(oracle, torch.optim.SGD(oracle.parameters(), lr=0.1),
-                        tensor_loader(X, y), 2, metric=loopy.accuracy)
-    assert loop.history["acc"] == pytest.approx(history["acc"], abs=1e-6)
-
-
-def test_a_metric_returning_a_number_is_recorded_and_a_tensor_of_many_values_is_an_error():
-    numpy = pytest.importorskip("numpy")
-    X, y = make_data(96)
-
-    def run(metric):
-        model = make_mlp()
-        return loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                         (X, y), metrics={"acc": metric}, epochs=2, progress=False,
-                         val_loader=(X, y)).history
-
-    expected = run(loopy.accuracy)
-    as_python = run(lambda output, target: loopy.accuracy(output, target).item())
-    as_numpy = run(lambda output, target: numpy.mean(
-        output.argmax(1).numpy() == target.numpy()))  # a scikit-learn-style metric
-    for history in (as_python, as_numpy):
-        for name in ("acc", "val_acc"):
-            assert history[name] == pytest.approx(expected[name], abs=1e-6)
-    with pytest.raises(TypeError) as raised:
-        run(lambda output, target: (output.argmax(1) == target).float())  # no .mean()
-    message = str(raised.value)
-    assert "metrics['acc'] returned a tensor of shape (32,)" in message and ".mean()" in message
-
-
-def test_classes_instead_of_instances_say_to_create_one():
-    torchmetrics = pytest.importorskip("torchmetrics")
-    message = fit_error(TypeError, loss_fn=torch.nn.CrossEntropyLoss)
-    assert "loss_fn is the class torch.nn.modules.loss.CrossEntropyLoss" in message
-    assert "loss_fn=CrossEntropyLoss(...)" in message
-    model = make_mlp()  # (not through train(), which builds an optimizer given as a class)
-    with pytest.raises(TypeError) as raised:
-        loopy.fit(model, F.cross_entropy, torch.optim.Adam, make_data(), progress=False)
-    assert "optimizer is the class" in str(raised.value)
-    assert "optimizer=Adam(...)" in str(raised.value)
-    with pytest.raises(TypeError) as raised:
-        loopy.fit(torch.nn.Linear, F.cross_entropy, torch.optim.SGD(model.parameters()),
-                  make_data(), progress=False)
-    assert "model is the class" in str(raised.value) and "model=Linear(...)" in str(raised.value)
-    message = fit_error(TypeError, scheduler=torch.optim.lr_scheduler.StepLR)
-    assert "scheduler is the class" in message and "scheduler=StepLR(...)" in message
-    metric = torchmetrics.classification.MulticlassAccuracy
-    message = fit_error(TypeError, metrics={"acc": metric})
-    assert "metrics['acc'] is the class" in message and "MulticlassAccuracy(...)" in message
-    with pytest.raises(TypeError, match="loss_fn is the class"):
-        loopy.evaluate(make_mlp(), make_data(8), torch.nn.CrossEntropyLoss)
-
-
-def test_in_memory_data_in_a_list_instead_of_a_tuple_says_so():
-    X, y = make_data(64)
-    message = fit_error(TypeError, loader=[X, y])  # a list is batches; a tuple is (X, y)
-    assert "cannot unpack this batch" in message and "as the tuple (X, y)" in message
-
-
-def test_numpy_arrays_train_as_tensors_of_the_default_dtype_and_int64():
-    numpy = pytest.importorskip("numpy")
-    X, y = make_data(100)
-    X64, y32 = X.double().numpy(), y.numpy().astype(numpy.int32)  # what scikit-learn hands out
-
-    def run(train, val):
-        model = make_mlp()
-        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                         train, val_loader=val, epochs=2, batch_size=16, shuffle=True, seed=0,
-                         metrics={"acc": loopy.accuracy}, progress=False)
-        return model, loop.history
-
-    model, history = run((X64, y32), (X64, y32))
-    oracle, expected = run((X64.astype(numpy.float32), y32.astype(numpy.int64)), (X, y))
-    assert same_weights(model, oracle) and history == expected
-    # the float64 arrays became float32 exactly as torch rounds them
-    reference = make_mlp()
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-    torch.manual_seed(0)
-    hand_loop(reference, optimizer, tensor_loader(torch.from_numpy(X64).float(),
-                                                  torch.from_numpy(y32).long(), 16, True), 2,
-              val_loader=tensor_loader(X, y, 16))  # (which draws a DataLoader's seed too)
-    assert same_weights(model, reference)
-    assert loopy.evaluate(model, (X64, y32), F.cross_entropy) == \
-        loopy.evaluate(model, (X, y), F.cross_entropy)
-    assert torch.equal(loopy.predict(model, X64[::-1]), loopy.predict(model, X.flip(0)))
-
-
-@pytest.mark.filterwarnings("ignore:Using a target size")  # torch's own warning, before ours
-def test_a_loss_whose_output_and_target_broadcast_is_an_error_at_the_first_step():
-    X = torch.randn(64, 8)
-    y = X.sum(dim=1)  # (N,): the model's output is (N, 1)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(8, 1)
-    before = copy_of(model)
-    with pytest.raises(ValueError) as raised:
-        loopy.fit(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                  progress=False)
-    message = str(raised.value)
-    assert "output of shape (32, 1)" in message and "target of shape (32,)" in message
-    assert "(32, 32)" in message and "squeeze" in message
-    assert same_weights(model, before)  # raised before the first optimizer step
-    with pytest.raises(ValueError, match="output of shape"):
-        loopy.evaluate(model, (X, y), F.mse_loss)
-    # what is fine: equal shapes, and class scores (N, C) with (N,) indices even when C == N
-    loopy.fit(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1), (X, y[:, None]),
-              progress=False)
-    X3, y3 = make_data(30)
-    model = make_mlp()
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X3, y3),
-              batch_size=3, progress=False)
-
-
-def copy_of(model):
-    import copy
-    return copy.deepcopy(model)
-
-
-def frozen_bn_cnn(trainable=True):
-    model = make_cnn()
-    model[1].eval()  # a frozen BatchNorm: its running statistics must not change
-    model[1].requires_grad_(trainable)
-    return model
-
-
-def test_evaluate_predict_and_lr_find_restore_every_submodule_mode():
-    X, y = image_data(32)
-    for call in (lambda m: loopy.evaluate(m, (X, y), F.cross_entropy),
-                 lambda m: loopy.predict(m, X),
-                 lambda m: loopy.lr_find(m, F.cross_entropy, torch.optim.SGD(m.parameters(),
-                                                                             lr=0.1), (X, y),
-                                         num_steps=3)):
-        model = frozen_bn_cnn(trainable=False)
-        modes = [m.training for m in model.modules()]
-        call(model)
-        assert [m.training for m in model.modules()] == modes and not model[1].training
-
-
-def test_a_submodule_in_eval_mode_stays_in_eval_mode_during_fit():
-    X, y = image_data(96)
-    model = frozen_bn_cnn()
-    stats = {name: buffer.clone() for name, buffer in model[1].named_buffers()}
-    # its affine parameters still train: said, since from_pretrained models come in eval mode
-    with pytest.warns(UserWarning, match=r"submodules of the model are in eval mode \(1\).*"
-                                         r"model.train\(\) before fit"):
-        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                  epochs=2, val_loader=(X[:32], y[:32]), progress=False)
-    oracle = frozen_bn_cnn()
-    optimizer = torch.optim.SGD(oracle.parameters(), lr=0.1)
-    for _ in range(2):  # the hand loop re-applies .eval() to the frozen submodule each epoch
-        oracle.train()
-        oracle[1].eval()
-        for x_batch, y_batch in tensor_loader(X, y):
-            F.cross_entropy(oracle(x_batch), y_batch).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    assert same_weights(model, oracle)
-    assert all(torch.equal(buffer, stats[name]) for name, buffer in model[1].named_buffers())
-    assert model.training and not model[1].training
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a frozen submodule without trainable parameters: quiet
-        model = frozen_bn_cnn(trainable=False)
-        loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                  progress=False)
-    assert all(torch.equal(buffer, stats[name]) for name, buffer in model[1].named_buffers())
-    # a model that is entirely in eval mode (left so by the user) trains in train mode, as before
-    model = make_cnn().eval()
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-              progress=False)
-    assert not torch.equal(model[1].running_mean, torch.zeros(4))
-
-
-def test_a_loss_module_moves_with_the_model_and_its_parameters_must_be_optimized():
-    X, y = make_data(64)
-    model = make_mlp()
-    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]))
-    loopy._prepare(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                   device="meta", distributed=False)  # meta stands in for a GPU
-    assert loss_fn.weight.is_meta and next(model.parameters()).is_meta
-
-    class Weighted(torch.nn.Module):  # a learnable multi-task loss (uncertainty weighting)
-        def __init__(self):
-            super().__init__()
-            self.log_var = torch.nn.Parameter(torch.zeros(()))
-
-        def forward(self, output, target):
-            return F.cross_entropy(output, target) * torch.exp(-self.log_var) + self.log_var
-
-    model = make_mlp()
-    message = fit_error(ValueError, model=model, loss_fn=Weighted(),
-                        optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    assert "loss_fn has learnable parameters that the optimizer does not hold (log_var)" in message
-    assert "*loss_fn.parameters()" in message
-    model, loss_fn = make_mlp(), Weighted()
-    loopy.fit(model, loss_fn, torch.optim.SGD([*model.parameters(), *loss_fn.parameters()],
-                                              lr=0.1), (X, y), progress=False)
-    oracle, oracle_loss = make_mlp(), Weighted()
-    optimizer = torch.optim.SGD([*oracle.parameters(), *oracle_loss.parameters()], lr=0.1)
-    for x_batch, y_batch in tensor_loader(X, y):
-        oracle_loss(oracle(x_batch), y_batch).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert same_weights(model, oracle) and torch.equal(loss_fn.log_var, oracle_loss.log_var)
-
-
-class RecordsMoves:
-    """A batch class with its own .to(), as graph data objects have."""
-
-    def __init__(self, x, y, calls):
-        self.x, self.y, self.calls = x, y, calls
-
-    def to(self, device, non_blocking=False):
-        self.calls.append(device)
-        return RecordsMoves(self.x.to(device), self.y.to(device), self.calls)
-
-
-def test_a_batch_with_its_own_to_method_is_moved_by_it():
-    calls = []
-    moved = loopy._to_device(RecordsMoves(torch.ones(2), torch.ones(2), calls),
-                             torch.device("meta"), False)
-    assert calls == [torch.device("meta")] and moved.x.is_meta and moved.y.is_meta
-    # in fit, each batch is moved by its .to() and reaches step= as it returned it
-    X, y = make_data(64)
-    model = make_mlp()
-    loopy.fit(model, None, torch.optim.SGD(model.parameters(), lr=0.1),
-              [RecordsMoves(X[:32], y[:32], calls), RecordsMoves(X[32:], y[32:], calls)],
-              step=lambda m, b: F.cross_entropy(m(b.x), b.y), progress=False)
-    assert calls == [torch.device("meta")] + [torch.device("cpu")] * 2
-    oracle = make_mlp()
-    hand_loop(oracle, torch.optim.SGD(oracle.parameters(), lr=0.1), tensor_loader(X, y), 1)
-    assert same_weights(model, oracle)
-
-
-def test_a_packed_sequence_keeps_its_batch_sizes_on_the_cpu():
-    packed = torch.nn.utils.rnn.pack_sequence([torch.ones(3, 2), torch.ones(2, 2)])
-    moved = loopy._to_device((packed, torch.zeros(2)), torch.device("meta"), False)
-    assert isinstance(moved[0], torch.nn.utils.rnn.PackedSequence)
-    assert moved[0].data.is_meta and moved[0].batch_sizes.device.type == "cpu"
-    assert moved[1].is_meta
-
-
-def test_an_object_holding_tensors_that_cannot_be_moved_is_warned_about():
-    class Opaque:
-        def __init__(self):
-            self.x = torch.ones(2)
-
-    with pytest.warns(UserWarning, match="cannot move a batch of type .*Opaque.* no .to()"):
-        batch = loopy._to_device([Opaque(), torch.ones(2)], torch.device("meta"), False)
-    assert batch[1].is_meta
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # already there: nothing to say
-        loopy._to_device([Opaque(), torch.ones(2)], torch.device("cpu"), False)
-
-
-class Detector(torch.nn.Module):
-    """Returns one dict per sample, as torchvision's detection models do."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear = torch.nn.Linear(8, 4)
-
-    def forward(self, x):
-        return [{"boxes": box.view(1, 4), "scores": box.sum().view(1)} for box in self.linear(x)]
-
-
-def test_predict_joins_per_sample_outputs_as_one_list():
-    X, _ = make_data(10)
-    torch.manual_seed(0)
-    model = Detector()
-    outputs = loopy.predict(model, X, batch_size=4)  # batches of 4, 4 and a short 2
-    with torch.no_grad():
-        expected = [model(X[i:i + 1])[0] for i in range(10)]
-    assert len(outputs) == 10
-    for output, truth in zip(outputs, expected):
-        assert torch.allclose(output["boxes"], truth["boxes"])
-        assert torch.allclose(output["scores"], truth["scores"])
-    # batch-first outputs are joined as before, also in a list of several outputs
-    model = make_mlp()
-    features, logits = loopy.predict(torch.nn.Sequential(model, TwoOutputs()), X, batch_size=4)
-    with torch.no_grad():
-        assert torch.allclose(logits, model.eval()(X)) and torch.allclose(features, logits * 2)
-
-
-class TwoOutputs(torch.nn.Module):
-    def forward(self, x):
-        return [x * 2, x]
-
-
-def test_predict_outputs_that_cannot_be_joined_are_a_clear_error():
-    class VariableLength(torch.nn.Module):
-        def forward(self, x):
-            return x[:, :int(x.shape[0])]  # (batch, batch): the width varies with the batch
-
-    X, _ = make_data(10)
-    with pytest.raises(TypeError) as raised:
-        loopy.predict(VariableLength(), X, batch_size=4)
-    message = str(raised.value)
-    assert "predict cannot join the model's outputs" in message and "(4, 4)" in message
-    assert "batch-first tensors" in message and "one item per sample" in message
-
-
-def test_drop_last_for_in_memory_tensors_gives_the_dataloader_batches():
-    X, y = make_data(100)
-    sizes = []
-
-    def batch_sizes():
-        while True:
-            sizes.append(len((yield "batch").batch[1]))
-
-    model = make_mlp()
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-              epochs=2, batch_size=32, shuffle=True, drop_last=True, seed=0,
-              hooks=[batch_sizes()], progress=False)
-    oracle = make_mlp()
-    torch.manual_seed(0)
-    hand_loop(oracle, torch.optim.SGD(oracle.parameters(), lr=0.1), DataLoader(
-        TensorDataset(X, y), batch_size=32, shuffle=True, drop_last=True), 2)
-    assert same_weights(model, oracle) and sizes == [32] * 6
-    message = fit_error(ValueError, loader=make_data(20), drop_last=True)
-    assert "loader is empty" in message and "drop_last=True" in message
-    message = fit_error(ValueError, loader=tensor_loader(X, y), drop_last=True)
-    assert "drop_last=True applies to in-memory tensors" in message
-    assert "DataLoader(..., drop_last=True)" in message
-    message = fit_error(ValueError, drop_last="yes")
-    assert "drop_last='yes'" in message
-
-
-def test_val_batch_size_batches_in_memory_validation_data():
-    X, y = make_data(100)
-    sizes = []
-
-    def size_of_each_batch(output, target):
-        sizes.append(len(target))
-        return loopy.accuracy(output, target)
-
-    model = make_mlp()
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                     (X[:64], y[:64]), val_loader=(X, y), val_batch_size=40,
-                     metrics={"acc": size_of_each_batch}, progress=False)
-    assert sizes == [32, 32, 40, 40, 20]
-    oracle = make_mlp()
-    history = hand_loop(oracle, torch.optim.SGD(oracle.parameters(), lr=0.1),
-                        tensor_loader(X[:64], y[:64]), 1, val_loader=tensor_loader(X, y, 40))
-    assert loop.history["val_loss"] == pytest.approx(history["val_loss"], abs=1e-6)
-    sizes.clear()  # None: batch_size, as before
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-              (X[:64], y[:64]), val_loader=(X, y), metrics={"acc": size_of_each_batch},
-              progress=False)
-    assert sizes == [32, 32, 32, 32, 32, 4]
-    message = fit_error(ValueError, val_batch_size=0, val_loader=(X, y))
-    assert "val_batch_size must be an int >= 1" in message
-    message = fit_error(ValueError, val_batch_size=64, val_loader=tensor_loader(X, y))
-    assert "val_batch_size=64 applies to in-memory tensors" in message
-    assert "DataLoader(..., batch_size=64)" in message
-
-
-TORCHRUN_16_SCRIPT = """import os, sys, torch, loopy
-import torch.nn.functional as F
-torch.set_num_threads(1)
-out, batch_size = sys.argv[1], int(sys.argv[2])
-X = torch.randn(100, 8, generator=torch.Generator().manual_seed(0))
-y = (X[:, 0] > 0).long()
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-sizes = []
-
-def accuracy_as_a_number(output, target):
-    sizes.append(len(target))
-    return loopy.accuracy(output, target).item()
-
-loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                 (X.numpy(), y.numpy()), batch_size=batch_size, drop_last=True, epochs=2,
-                 val_loader=(X[:30], y[:30]), val_batch_size=7,
-                 metrics={"acc": accuracy_as_a_number}, progress=False)
-torch.save({"model": model.state_dict(), "history": loop.history, "sizes": sizes},
-           os.path.join(out, f"rank{os.environ.get('RANK', 0)}.pt"))
-"""
-
-
-@pytest.mark.slow
-def test_torchrun_numpy_data_with_drop_last_and_a_number_metric_equal_one_process(tmp_path):
-    script = tmp_path / "run16.py"
-    script.write_text(TORCHRUN_16_SCRIPT)
-    results = {}
-    for processes, batch_size in ((2, 16), (1, 32)):  # 100 samples: the last 4 are dropped
-        out = tmp_path / str(processes)
-        out.mkdir()
-        launcher = command(processes if processes > 1 else None)
-        result = subprocess.run(launcher + [str(script), str(out), str(batch_size)],
-                                env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        results[processes] = [torch.load(out / f"rank{rank}.pt", weights_only=True)
-                              for rank in range(processes)]
-    (rank0, rank1), (single,) = results[2], results[1]
-    assert single["sizes"] == [32, 32, 32, 7, 7, 7, 7, 2] * 2
-    assert rank0["sizes"][:3] == rank1["sizes"][:3] == [16, 16, 16]
-    for name, weights in single["model"].items():  # tolerance: float sums in another order
-        torch.testing.assert_close(rank0["model"][name], weights, rtol=1e-5, atol=1e-6)
-    assert rank0["history"] == rank1["history"]
-    for name in ("loss", "acc", "val_loss", "val_acc"):
-        assert rank0["history"][name] == pytest.approx(single["history"][name], rel=1e-5)
-
-
 @pytest.mark.cuda
 def test_cuda_a_loss_module_a_number_metric_and_a_packed_sequence_on_the_gpu():
     X, y = make_data(64)
@@ -3259,1525 +5194,6 @@ def test_cuda_a_loss_module_a_number_metric_and_a_packed_sequence_on_the_gpu():
     assert moved.data.is_cuda and moved.batch_sizes.device.type == "cpu"
 
 
-# --- issue 14: state that survives a resume: hook state, metric objects, EMA weights ---
-
-def resumed_pair(tmp_path, train, stop_at_step):
-    """(straight, resumed): ``train(path, resume, hooks)`` run straight through, and run with a
-    checkpoint, stopped at ``stop_at_step``, then resumed from that checkpoint."""
-    straight = train(None, None, [])
-    path = tmp_path / "run.pt"
-    train(path, None, [stop_when(stop_at_step)])
-    torch.manual_seed(999)  # the resumed run must not depend on the global RNG
-    return straight, train(path, path, [])
-
-
-def shuffled_run(make_model=make_mlp, metrics=None, epochs=3, **options):
-    """A function (path, resume, hooks) -> (model, loop): shuffled, with validation, checkpoints
-    when given a path (``options["every"]``), and ``options["hooks"]()`` (new for each run)."""
-    def train(path, resume, hooks):
-        X, y = make_data(96, features=64) if make_model is make_cnn else make_data(150)
-        X = X.reshape(-1, 1, 8, 8) if make_model is make_cnn else X
-        model = make_model()
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-        own = options["hooks"]() if "hooks" in options else []
-        checkpoint = [loopy.checkpoint(path, options.get("every", "epoch"))] if path else []
-        hooks = hooks + (checkpoint + own if options.get("checkpoint_first") else own + checkpoint)
-        loop = loopy.fit(model, F.cross_entropy, optimizer, (X, y), batch_size=16, shuffle=True,
-                         val_loader=(X[:48], y[:48]), metrics=metrics() if metrics else None,
-                         epochs=epochs, seed=None if resume else 123, hooks=hooks, resume=resume,
-                         progress=False)
-        return model, loop
-    return train
-
-
-def test_a_hooks_state_goes_through_a_mid_epoch_checkpoint_and_back(tmp_path):
-    seen = []
-
-    def loss_sum():  # the README's pattern: read your state at your first event
-        loop = yield "start"
-        state = loop.hook_state.setdefault("loss_sum", {"total": torch.zeros(()), "steps": []})
-        seen.append(len(state["steps"]))
-        while True:
-            loop = yield "step"
-            state["total"] += loop.loss
-            state["steps"].append(loop.step)
-
-    train = shuffled_run(hooks=lambda: [loss_sum()])
-    (_, straight), (_, resumed) = resumed_pair(tmp_path, train, stop_at_step=14)  # mid-epoch 2
-    assert seen == [0, 0, 14]  # the resumed hook found the 14 steps at "start"
-    assert resumed.hook_state["loss_sum"]["steps"] == list(range(1, 31))
-    assert torch.equal(resumed.hook_state["loss_sum"]["total"],
-                       straight.hook_state["loss_sum"]["total"])
-    saved = torch.load(tmp_path / "run.pt", weights_only=True)  # plain data
-    assert saved["hook_state"]["loss_sum"]["steps"] == list(range(1, 31))
-
-
-@pytest.mark.parametrize("name", ["MulticlassAccuracy", "MulticlassAUROC"])  # tensor, list states
-def test_a_torchmetrics_metric_across_a_mid_epoch_resume_equals_the_straight_run(tmp_path, name):
-    torchmetrics = pytest.importorskip("torchmetrics")
-    options = {"thresholds": None} if name == "MulticlassAUROC" else {}
-    metric = lambda: {"m": getattr(torchmetrics.classification, name)(3, **options)}
-    train = shuffled_run(metrics=metric)
-    (_, straight), (_, resumed) = resumed_pair(tmp_path, train, stop_at_step=14)
-    assert resumed.history == straight.history  # the oracle: the run that never stopped
-    assert resumed.history["m"][1] != straight.history["m"][0]  # (a real epoch-2 value)
-
-
-class CountCorrect:
-    """An update/compute/reset metric of loopy's own shape, with or without a state_dict."""
-    def __init__(self):
-        self.reset()
-
-    def update(self, output, target):
-        self.correct += int((output.argmax(1) == target).sum())
-        self.count += len(target)
-
-    def compute(self):
-        return self.correct / self.count
-
-    def reset(self):
-        self.correct = self.count = 0
-
-
-class CountCorrectWithState(CountCorrect):
-    def state_dict(self):
-        return {"correct": self.correct, "count": self.count}
-
-    def load_state_dict(self, state):
-        self.correct, self.count = state["correct"], state["count"]
-
-
-def test_a_metric_object_with_a_state_dict_resumes_and_one_without_warns_at_the_save(tmp_path):
-    metrics = lambda: {"with": CountCorrectWithState(), "without": CountCorrect()}
-    train = shuffled_run(metrics=metrics)
-    with pytest.warns(UserWarning) as warned:
-        (_, straight), (_, resumed) = resumed_pair(tmp_path, train, stop_at_step=14)
-    assert resumed.history["with"] == straight.history["with"]
-    assert resumed.history["without"][1] != straight.history["without"][1]  # the documented loss
-    messages = {str(w.message) for w in warned}
-    assert messages == {"metrics['without'] (CountCorrect) has no state_dict(), so a checkpoint "
-                        "in the middle of an epoch cannot hold its state: a run resumed from it "
-                        "counts only the rest of that epoch; give it state_dict() and "
-                        "load_state_dict()"}
-
-
-def hand_ema(make_model, data, decay, epochs, formula=False):
-    """The hand-written loop with an EMA kept by hand: torch.lerp, as torch.optim.swa_utils
-    does, or the formula ``decay * average + (1 - decay) * parameter`` in float64."""
-    X, y = data
-    model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    dtype = torch.float64 if formula else torch.float32
-    average = [p.detach().clone().to(dtype) for p in model.parameters()]
-    for _ in range(epochs):
-        model.train()
-        for x, target in tensor_loader(X, y, batch_size=16):
-            F.cross_entropy(model(x), target).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            with torch.no_grad():
-                for a, p in zip(average, model.parameters()):
-                    if formula:
-                        a.copy_(decay * a + (1 - decay) * p.double())
-                    else:
-                        a.lerp_(p, 1 - decay)
-    return model, average
-
-
-@pytest.mark.parametrize("make_model, data", [(make_mlp, make_data), (make_cnn, image_data)])
-def test_ema_equals_the_hand_computed_average(make_model, data):
-    X, y = data()
-    decay = 0.9
-    models = []
-    for apply_at_end in (True, False):
-        models.append(make_model())
-        loopy.fit(models[-1], F.cross_entropy, torch.optim.SGD(models[-1].parameters(), lr=0.1),
-                  (X, y), batch_size=16, epochs=2, progress=False,
-                  hooks=[loopy.ema(decay=decay, apply_at_end=apply_at_end)])
-    averaged, raw = models
-    hand_model, hand_average = hand_ema(make_model, (X, y), decay, epochs=2)
-    _, formula_average = hand_ema(make_model, (X, y), decay, epochs=2, formula=True)
-    assert same_weights(raw, hand_model)  # apply_at_end=False: the trained weights
-    for a, hand, formula in zip(averaged.parameters(), hand_average, formula_average):
-        assert torch.equal(a, hand)  # the same lerp, in the same order: bit for bit
-        # the formula in float64: lerp rounds differently in float32, by about 1e-7 per step
-        torch.testing.assert_close(a.double(), formula, rtol=0, atol=1e-6)
-    for name, buffer in averaged.named_buffers():  # buffers: the model's own, not averaged
-        assert torch.equal(buffer, dict(hand_model.named_buffers())[name])
-
-
-@pytest.mark.parametrize("checkpoint_first", [False, True])  # the hooks' order does not matter
-@pytest.mark.parametrize("make_model", [make_mlp, make_cnn])
-def test_ema_stopped_mid_epoch_and_resumed_equals_the_straight_run(tmp_path, checkpoint_first,
-                                                                    make_model):
-    train = shuffled_run(make_model, hooks=lambda: [loopy.ema(decay=0.9)], every=9,
-                         checkpoint_first=checkpoint_first)  # saved at "step", not at "end"
-    (straight, straight_loop), (resumed, resumed_loop) = resumed_pair(tmp_path, train, 9)
-    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
-    assert same_weights(resumed_loop.val_model, straight_loop.val_model)
-
-
-def test_an_average_older_than_the_checkpoints_weights_starts_over(tmp_path):
-    path = tmp_path / "run.pt"
-    train = shuffled_run(epochs=1, hooks=lambda: [loopy.ema(decay=0.9)])
-    train(path, None, [])  # the average is saved at step 10 ...
-    shuffled_run(epochs=2)(path, path, [])  # ... kept, stale, by a resumed run without ema
-    model, loop = shuffled_run(epochs=2, hooks=lambda: [loopy.ema(apply_at_end=False)])(
-        path, path, [])  # nothing left to train: the average is the weights at step 20
-    assert loop.step == 20 and same_weights(loop.val_model, model)
-    assert not same_weights(loop.val_model, make_mlp())
-
-
-def test_validation_runs_with_the_averaged_weights():
-    X, y = make_data(150)
-    val = tensor_loader(X[:50], y[:50], batch_size=16)
-    for apply_at_end in (True, False):
-        model = make_mlp()
-        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5),
-                         (X, y), val_loader=val, epochs=2, progress=False,
-                         hooks=[loopy.ema(decay=0.8, apply_at_end=apply_at_end)])
-        averaged = loopy.evaluate(loop.val_model, val, F.cross_entropy)["loss"]
-        assert loop.history["val_loss"][-1] == averaged
-        assert (loopy.evaluate(model, val, F.cross_entropy)["loss"] == averaged) == apply_at_end
-
-
-def test_ema_with_a_bad_decay_says_what_to_use():
-    X, y = make_data()
-    model = make_mlp()
-    for decay in (1.5, -0.1, "0.9", None):
-        with pytest.raises(ValueError, match=r"ema\(decay=.*\): use a number between 0 and 1"):
-            loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                      (X, y), hooks=[loopy.ema(decay=decay)], progress=False)
-
-
-EMA_DISTRIBUTED_SCRIPT = """
-import os, sys, torch, loopy
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
-torch.set_num_threads(1)
-X = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
-y = (X[:, 0] > 0).long()
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                 DataLoader(TensorDataset(X, y), int(sys.argv[2])), epochs=3, progress=False,
-                 val_loader=DataLoader(TensorDataset(X[:30], y[:30]), 7), hooks=[loopy.ema(0.8)])
-result = {"model": model.state_dict(), "history": loop.history}
-if torch.distributed.is_initialized():  # FSDP2 cannot be copied: a clear error
-    from torch.distributed.fsdp import fully_shard
-    sharded = fully_shard(torch.nn.Linear(8, 2))
-    try:
-        loopy.fit(sharded, F.cross_entropy, torch.optim.SGD(sharded.parameters(), lr=0.1),
-                  (X, y), hooks=[loopy.ema()], progress=False)
-    except ValueError as error:
-        result["fsdp"] = str(error)
-torch.save(result, os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', 0)}.pt"))
-"""
-
-
-@pytest.mark.slow
-def test_ema_under_torchrun_is_the_same_on_both_ranks_and_matches_one_process(tmp_path):
-    script = tmp_path / "ema.py"
-    script.write_text(EMA_DISTRIBUTED_SCRIPT)
-    results = []
-    for processes, batch_size in ((2, 8), (1, 16)):
-        launcher = command(processes if processes > 1 else None)
-        out = tmp_path / str(processes)
-        out.mkdir()
-        result = subprocess.run(launcher + [str(script), str(out), str(batch_size)],
-                                env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        results += [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(processes)]
-    rank0, rank1, single = results
-    assert rank0["history"] == rank1["history"]
-    for name, weights in single["model"].items():  # tolerance: float sums in another order
-        assert torch.equal(rank0["model"][name], rank1["model"][name])
-        torch.testing.assert_close(rank0["model"][name], weights, rtol=1e-5, atol=1e-6)
-    assert rank0["history"]["val_loss"] == pytest.approx(single["history"]["val_loss"], rel=1e-5)
-    assert rank0["fsdp"].startswith("loopy.ema() cannot average a model sharded with FSDP2")
-
-
-# --- issue 18: custom update rules: several optimizers, a manual step, a GAN ---
-
-def make_gan(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.ModuleDict({
-        "generator": torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(),
-                                         torch.nn.Linear(16, 8)),
-        "discriminator": torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LeakyReLU(0.2),
-                                             torch.nn.Linear(16, 1))})
-
-
-def gan_optimizers(gan):
-    return {name: torch.optim.Adam(gan[name].parameters(), lr=0.01, betas=(0.5, 0.999))
-            for name in ("discriminator", "generator")}
-
-
-def gan_losses(gan, real, noise):
-    """The discriminator's loss (real against generated points), then the generator's."""
-    fake = gan["generator"](noise)
-    labels = torch.cat([torch.ones(len(real), 1), torch.zeros(len(real), 1)])
-    loss_d = F.binary_cross_entropy_with_logits(
-        gan["discriminator"](torch.cat([real, fake.detach()])), labels)
-    yield loss_d
-    yield F.binary_cross_entropy_with_logits(gan["discriminator"](fake), torch.ones(len(real), 1))
-
-
-def gan_step(model, batch, loop):
-    real, _ = batch
-    losses = gan_losses(model, real, torch.randn(len(real), 4))
-    loss_d = next(losses)
-    loop.backward(loss_d)
-    loop.step_optimizer("discriminator")
-    loss_g = next(losses)  # after the discriminator's step, as in the hand-written loop
-    loop.backward(loss_g, "generator")  # the discriminator's gradients stay untouched
-    loop.step_optimizer("generator")
-    return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
-
-
-def hand_gan(gan, optimizers, loader, epochs, val_loader=None, precision=None, accumulate=1):
-    """The GAN loop that a manual step replaces, written out (precision and accumulation too)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
-    history = collections.defaultdict(list)
-    for _ in range(epochs):
-        gan.train()
-        sums, count = collections.Counter(), 0
-        for i, (real, _) in enumerate(loader):
-            last = (i + 1) % accumulate == 0
-            with autocast:
-                losses = gan_losses(gan, real, torch.randn(len(real), 4))
-                loss_d = next(losses)
-            scaler.scale(loss_d / accumulate if accumulate > 1 else loss_d).backward()
-            if last:
-                scaler.step(optimizers["discriminator"])
-                optimizers["discriminator"].zero_grad()
-            with autocast:
-                loss_g = next(losses)
-            scaler.scale(loss_g / accumulate if accumulate > 1 else loss_g).backward(
-                inputs=list(gan["generator"].parameters()))
-            if last:
-                scaler.step(optimizers["generator"])
-                optimizers["generator"].zero_grad()
-                scaler.update()
-            sums.update(loss_d=loss_d.item() * len(real), loss_g=loss_g.item() * len(real))
-            count += len(real)
-        for name, total in sums.items():
-            history[name].append(total / count)
-        if val_loader is not None:
-            gan.eval()
-            sums, count = collections.Counter(), 0
-            with torch.no_grad():
-                for real, _ in val_loader:
-                    with autocast:
-                        loss_d, loss_g = gan_losses(gan, real, torch.randn(len(real), 4))
-                    sums.update(val_loss_d=loss_d.item() * len(real),
-                                val_loss_g=loss_g.item() * len(real))
-                    count += len(real)
-            for name, total in sums.items():
-                history[name].append(total / count)
-    return history
-
-
-def gan_data(n=128):
-    X, y = make_data(n)
-    return X * 0.5 + 1.0, y  # the "real" points: a shifted, squeezed Gaussian
-
-
-def same_states(a, b):
-    """Two state_dicts (of optimizers, schedulers) hold equal tensors and values."""
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same_states(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_states(x, y) for x, y in zip(a, b))
-    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-
-
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_a_gan_step_with_two_optimizers_is_bit_identical_to_the_hand_written_loop(shuffle):
-    X, y = gan_data()
-    expected_gan = make_gan()
-    torch.manual_seed(7)
-    expected = hand_gan(expected_gan, gan_optimizers(expected_gan),
-                        tensor_loader(X, y, 16, shuffle), 3,
-                        val_loader=tensor_loader(X[:40], y[:40], 16))
-    gan = make_gan()
-    loop = loopy.fit(gan, None, gan_optimizers(gan), (X, y), batch_size=16, shuffle=shuffle,
-                     epochs=3, step=gan_step, val_loader=(X[:40], y[:40]), seed=7, progress=False)
-    assert same_weights(gan, expected_gan)
-    assert loop.step == 3 * 8  # a manual step's steps count batches
-    assert sorted(loop.history) == ["loss_d", "loss_g", "lr", "val_loss_d", "val_loss_g"]
-    for name, values in expected.items():
-        assert loop.history[name] == pytest.approx(values, rel=1e-6)
-    results = loopy.evaluate(gan, (X[:40], y[:40]), step=gan_step)  # validation's no-op helpers
-    assert sorted(results) == ["loss_d", "loss_g"]
-
-
-def gan_run(path=None, stop_at_step=None, resume=None, epochs=3, seed=0):
-    """A GAN with shuffling, per-step schedulers for both optimizers and a checkpoint."""
-    X, y = gan_data(120)  # 8 batches of 16 a epoch, the last one of 8
-    gan = make_gan(seed)
-    optimizers = gan_optimizers(gan)
-    schedulers = [torch.optim.lr_scheduler.StepLR(optimizers["discriminator"], 3, gamma=0.8),
-                  torch.optim.lr_scheduler.ExponentialLR(optimizers["generator"], gamma=0.97)]
-    hooks = [loopy.checkpoint(path, every=1)] if path else []
-    if stop_at_step:
-        hooks.insert(0, stop_when(stop_at_step))
-    loop = loopy.fit(gan, None, optimizers, (X, y), hooks, batch_size=16, shuffle=True,
-                     epochs=epochs, step=gan_step, scheduler=schedulers,
-                     scheduler_interval="step", val_loader=(X[:30], y[:30]),
-                     seed=None if resume else 123, resume=resume, progress=False)
-    return gan, optimizers, schedulers, loop
-
-
-def test_a_gan_resumed_mid_epoch_equals_the_straight_run_with_both_optimizers(tmp_path):
-    straight, optimizers, schedulers, straight_loop = gan_run()
-    path = tmp_path / "gan.pt"
-    _, _, _, stopped = gan_run(path, stop_at_step=11)  # the 3rd batch of the 2nd epoch
-    assert stopped.step == 11 and len(stopped.history["loss_d"]) == 1
-    saved = torch.load(path, weights_only=True)
-    assert len(saved["optimizers"]) == len(saved["schedulers"]) == 2
-    torch.manual_seed(999)  # the resumed run must not depend on the global RNG
-    resumed, resumed_optimizers, resumed_schedulers, resumed_loop = gan_run(path, resume=path,
-                                                                            seed=5)
-    assert same_weights(resumed, straight) and resumed_loop.step == 3 * 8
-    assert resumed_loop.history == straight_loop.history
-    for name in optimizers:
-        assert same_states(resumed_optimizers[name].state_dict(), optimizers[name].state_dict())
-    for resumed_scheduler, scheduler in zip(resumed_schedulers, schedulers):
-        assert resumed_scheduler.state_dict() == scheduler.state_dict()
-
-
-@pytest.mark.parametrize("precision, accumulate", [("bf16", 1), ("fp16", 1), (None, 2),
-                                                    ("fp16", 2)])
-def test_gan_precision_and_accumulation_through_the_helpers_equal_the_hand_loop(precision,
-                                                                                 accumulate):
-    X, y = gan_data()  # 8 batches: whole groups of 2
-    expected_gan = make_gan()
-    torch.manual_seed(7)
-    expected = hand_gan(expected_gan, gan_optimizers(expected_gan), tensor_loader(X, y, 16), 2,
-                        precision=precision, accumulate=accumulate)
-    gan = make_gan()
-    loop = loopy.fit(gan, None, gan_optimizers(gan), (X, y), batch_size=16, epochs=2,
-                     step=gan_step, precision=precision, accumulate=accumulate, seed=7,
-                     device="cpu", progress=False)
-    # the same operations in the same order: equal bit for bit, fp16's scaler included
-    assert same_weights(gan, expected_gan)
-    assert loop.step == 2 * 8 // accumulate
-    if precision == "fp16":
-        assert loop.scaler.get_scale() == 2.0 ** 16  # it stepped (no inf), updated once a step
-    for name, values in expected.items():
-        assert loop.history[name] == pytest.approx(values, rel=1e-6)
-
-
-def test_a_manual_step_sends_backward_per_optimizer_step_and_step_per_batch():
-    X, y = gan_data(64)
-    events = []
-
-    def watch():
-        while True:
-            loop = yield ("backward", "step")
-            events.append((loop.event, loop.step, loop.grad_norm is not None))
-
-    gan = make_gan()
-    loop = loopy.fit(gan, None, gan_optimizers(gan), (X, y), [watch()], batch_size=16, epochs=2,
-                     step=gan_step, clip_grad=1.0, max_steps=3, progress=False)
-    # "backward": before each optimizer's step, gradients clipped; "step": after each batch
-    assert events == [("backward", 0, True), ("backward", 0, True), ("step", 1, True),
-                      ("backward", 1, True), ("backward", 1, True), ("step", 2, True),
-                      ("backward", 2, True), ("backward", 2, True), ("step", 3, True)]
-    assert loop.stop_reason == "reached max_steps=3"
-
-
-def test_manual_step_errors_name_the_cause_and_the_fix():
-    X, y = gan_data(64)
-    gan = make_gan()
-
-    def fit(**options):
-        arguments = dict(model=gan, loss_fn=None, optimizer=gan_optimizers(gan),
-                         loader=(X, y), step=gan_step, progress=False)
-        arguments.update(options)
-        return loopy.fit(**arguments)
-
-    def with_graph(model, batch, loop):
-        return {"loss": model["discriminator"](batch[0]).mean()}
-    with pytest.raises(TypeError, match=r"'loss'.* with a graph: .*loss.detach\(\).*"
-                                        r"step\(model, batch\)"):
-        fit(step=with_graph)
-    with pytest.raises(TypeError, match=r"must return a dict of the numbers to record"):
-        fit(step=lambda model, batch, loop: model["discriminator"](batch[0]).mean().detach())
-    with pytest.raises(ValueError, match=r"optimizer is 2 optimizers.*step=fn\(model, batch, "
-                                         r"loop\).*loop.step_optimizer\(name\)"):
-        fit(step=lambda model, batch: model["discriminator"](batch[0]).mean())
-    other = torch.nn.Linear(8, 1)
-    with pytest.raises(ValueError, match=r"optimizer\['critic'\] holds none of the model's "
-                                         r"parameters.*ModuleDict"):
-        fit(optimizer={**gan_optimizers(gan), "critic": torch.optim.SGD(other.parameters())})
-    with pytest.raises(TypeError, match=r"(?s)model must be a torch.nn.Module; got \{.*"
-                                        r"ModuleDict"):
-        fit(model={"generator": gan["generator"]})
-    with pytest.raises(ValueError, match=r"nonfinite='skip' cannot undo a manual step"):
-        fit(nonfinite="skip")
-    with pytest.raises(ValueError, match=r"accumulate=2 with a manual step needs a loader with "
-                                         r"a len\(\)"):
-        fit(loader=iter([(X, y)]), accumulate=2)
-
-    def misnamed(model, batch, loop):
-        loop.step_optimizer("gen")
-    with pytest.raises(ValueError, match=r"no optimizer is named 'gen': this run's are "
-                                         r"'discriminator', 'generator'"):
-        fit(step=misnamed)
-
-
-def test_resuming_with_another_number_of_optimizers_is_refused(tmp_path):
-    path = tmp_path / "gan.pt"
-    gan_run(path, epochs=1)
-    gan = make_gan()
-    with pytest.raises(ValueError, match=r"holds the state of 2 optimizer\(s\), and this run has "
-                                         r"1: resume with the optimizers"):
-        loopy.fit(gan, None, torch.optim.SGD(gan.parameters()), gan_data(), step=gan_step,
-                  resume=path)
-
-
-GAN_DISTRIBUTED_SCRIPT = """
-import os, sys, torch, loopy
-import torch.nn.functional as F
-torch.set_num_threads(1)
-out, batch_size = sys.argv[2], int(sys.argv[3])
-generator = torch.Generator().manual_seed(0)
-X = torch.randn(96, 8, generator=generator) * 0.5 + 1.0
-Z = torch.randn(96, 4, generator=generator)  # the noise comes with the data, so that two
-                                             # processes of batch B see one's batch of 2B
-rank = int(os.environ.get("RANK", 0))
-torch.manual_seed(rank)  # rank 1's weights differ: the run starts from rank 0's
-gan = torch.nn.ModuleDict({
-    "generator": torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(),
-                                     torch.nn.Linear(16, 8)),
-    "discriminator": torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LeakyReLU(0.2),
-                                         torch.nn.Linear(16, 1))})
-optimizers = {name: torch.optim.Adam(gan[name].parameters(), lr=0.01, betas=(0.5, 0.999))
-              for name in ("discriminator", "generator")}
-
-def step(model, batch, loop):
-    real, noise = batch
-    fake = model["generator"](noise)
-    labels = torch.cat([torch.ones(len(real), 1), torch.zeros(len(real), 1)])
-    loss_d = F.binary_cross_entropy_with_logits(
-        model["discriminator"](torch.cat([real, fake.detach()])), labels)
-    loop.backward(loss_d)
-    loop.step_optimizer("discriminator")
-    loss_g = F.binary_cross_entropy_with_logits(model["discriminator"](fake),
-                                                torch.ones(len(real), 1))
-    loop.backward(loss_g, "generator")
-    loop.step_optimizer("generator")
-    return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
-
-loop = loopy.fit(gan, None, optimizers, (X, Z), batch_size=batch_size, epochs=3, step=step,
-                 val_loader=(X[:30], Z[:30]), progress=False)
-os.makedirs(out, exist_ok=True)
-torch.save({"model": gan.state_dict(), "history": loop.history, "step": loop.step,
-            "world_size": loop.world_size}, os.path.join(out, f"rank{rank}.pt"))
-"""
-
-
-@pytest.mark.slow
-def test_a_gan_on_two_processes_of_batch_b_equals_one_process_of_batch_2b(tmp_path, monkeypatch):
-    monkeypatch.setitem(globals(), "DISTRIBUTED_SCRIPT", GAN_DISTRIBUTED_SCRIPT)
-    processes = {name: start_distributed(tmp_path, name, ["gan"], *run)  # both at once
-                 for name, run in {"world-2": (2, 8), "world-1": (1, 16)}.items()}
-    for name, process in processes.items():
-        code, _, stderr = finished(process)
-        assert code == 0, f"{name} failed:\n{stderr[-3000:]}"
-    rank0, rank1, single = (torch.load(tmp_path / name / f"rank{rank}.pt", weights_only=True)
-                            for name, rank in (("world-2", 0), ("world-2", 1), ("world-1", 0)))
-    assert rank0["world_size"] == 2 and rank0["step"] == single["step"] == 3 * 6
-    assert rank0["history"] == rank1["history"]
-    for name, weights in single["model"].items():  # tolerance: float sums in another order
-        torch.testing.assert_close(rank0["model"][name], weights, rtol=1e-5, atol=1e-6)
-        assert torch.equal(rank0["model"][name], rank1["model"][name])
-    for name in ("loss_d", "loss_g", "val_loss_d", "val_loss_g"):
-        assert rank0["history"][name] == pytest.approx(single["history"][name], rel=1e-5)
-
-
-@pytest.mark.slow
-def test_example_gan_draws_digits_near_real_ones(examples):
-    stdout, plot = example_output(examples, "gan")
-    generated, real, untrained = map(float, re.search(
-        r"generated ([\d.]+), real \(validation\) ([\d.]+), untrained generator ([\d.]+)",
-        stdout).groups())
-    assert generated < (real + untrained) / 2, stdout[-2000:]  # nearer real digits than at start
-    final = _final_metrics(stdout)
-    assert final["d_acc"] <= 0.85, stdout[-2000:]  # the discriminator does not win outright
-    assert final["classes"] == 10, stdout[-2000:]  # every digit drawn: no collapse to a few
-    if importlib.util.find_spec("matplotlib") is not None:
-        assert plot.stat().st_size > 1000  # the generated digits were saved
-
-
-def test_a_manual_step_with_one_optimizer_equals_the_automatic_step():
-    """The helpers do what loopy's own step does: clipping, accumulation with a last partial
-    group, metrics from (numbers, output, target), validation; bit for bit."""
-    X, y = make_data()  # 7 batches of 32: groups of 2, 2, 2 and 1
-
-    def manual(model, batch, loop):
-        x, target = batch
-        output = model(x)
-        loss = F.cross_entropy(output, target)
-        loop.backward(loss)
-        loop.step_optimizer(0)
-        return {"loss": loss.detach()}, output, target
-
-    runs = []
-    for step in (None, manual):
-        model = make_mlp()
-        loss_fn = None if step else F.cross_entropy  # (a loss_fn beside step= is an error)
-        loop = loopy.fit(model, loss_fn, torch.optim.Adam(model.parameters(), lr=0.01),
-                         (X, y), epochs=2, step=step, accumulate=2, clip_grad=0.5,
-                         val_loader=(X[:50], y[:50]), metrics={"acc": loopy.accuracy},
-                         seed=3, progress=False)
-        runs.append((model, loop))
-    (automatic, auto_loop), (manual_model, manual_loop) = runs
-    assert same_weights(manual_model, automatic)
-    assert manual_loop.history == auto_loop.history and manual_loop.step == auto_loop.step == 8
-
-
-def test_ctrl_c_in_a_manual_step_stops_after_its_updates_and_resumes_exactly(tmp_path):
-    X, y = gan_data(64)
-    straight = make_gan()
-    loopy.fit(straight, None, gan_optimizers(straight), (X, y), batch_size=16, shuffle=True,
-              epochs=2, step=gan_step, seed=1, progress=False)
-
-    def interrupted_step(model, batch, loop):
-        numbers = gan_step(model, batch, loop)
-        if loop.step == 2 and not (tmp_path / "run.pt").exists():
-            os.kill(os.getpid(), signal.SIGINT)  # during the 3rd batch: it finishes first
-        return numbers
-
-    gan = make_gan()
-    with pytest.warns(UserWarning, match=r"interrupted by Ctrl\+C in epoch 1, after step 3; "
-                                         r"resume with"):
-        loop = loopy.fit(gan, None, gan_optimizers(gan), (X, y),
-                         [loopy.checkpoint(tmp_path / "run.pt")], batch_size=16, shuffle=True,
-                         epochs=2, step=interrupted_step, seed=1, progress=False)
-    assert loop.step == 3 and loop.history == {}
-    gan = make_gan(seed=5)
-    loopy.fit(gan, None, gan_optimizers(gan), (X, y), batch_size=16, shuffle=True, epochs=2,
-              step=gan_step, resume=tmp_path / "run.pt", progress=False)
-    assert same_weights(gan, straight)
-
-
-# --- issue 12: preemption-proof runs ---
-
-def preemptible(loader=None, hooks=(), epochs=3, **options):
-    """A run that draws random numbers everywhere (shuffling, dropout): 6 batches per epoch."""
-    X, y = make_data(96)
-    model = make_mlp(dropout=0.2)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    in_memory = dict(batch_size=16, shuffle=True) if loader is None else {}  # (else an error)
-    loop = loopy.fit(model, F.cross_entropy, optimizer, (X, y) if loader is None else loader,
-                     list(hooks), epochs=epochs, seed=123, progress=False, **in_memory, **options)
-    return model, loop
-
-
-def same_saved(expected, got):
-    return all(torch.equal(expected["model"][k], v) for k, v in got["model"].items()) and \
-        expected["history"] == got["history"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_preemption_signal_saves_at_that_step_exits_128_plus_it_and_resumes_exactly(
-        tmp_path, signum, straight_training):
-    path = tmp_path / "run.pt"
-    process = run_training(tmp_path, path, 2, False, tmp_path / "interrupted.pt")
-    wait_for_step(process, 5)
-    process.send_signal(signum)
-    output, errors = process.communicate(timeout=300)
-    assert process.returncode == 128 + signum, errors  # 143 for SIGTERM, 138 for SIGUSR1
-    assert f"training interrupted by {signal.Signals(signum).name}" in errors
-    assert "stop_reason" not in output  # the process ended inside fit
-    last_step = max([5] + [int(line.split()[1]) for line in output.splitlines()
-                           if line[:4] == "step"])  # (wait_for_step read up to step 5)
-    saved = torch.load(path, weights_only=True)  # taken at "end", not at an every=3 step
-    assert saved["step"] == last_step == saved["position"]["batches"] and last_step < 16
-    assert saved["finished"] is None
-    process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt")
-    assert process.wait(timeout=300) == 0, process.stderr.read()
-    assert same_saved(straight_training(), torch.load(tmp_path / "resumed.pt", weights_only=True))
-
-
-def run_torchrun(tmp_path, path, resume, out):
-    """TRAINING_SCRIPT under torchrun with 2 processes (rank 0 writes the result)."""
-    script = tmp_path / "train_ddp.py"
-    script.write_text(TRAINING_SCRIPT.replace("torch.save({", "if loop.rank == 0: torch.save({")
-                      .replace("time.sleep(0.02)", "time.sleep(0.1)"))  # torchrun forwards in time
-    return subprocess.Popen(command(2) + [str(script), str(path), "2",
-                             "resume" if resume else "fresh", str(out)], cwd=HERE,
-                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-@pytest.mark.slow
-def test_sigterm_to_torchrun_saves_once_with_every_ranks_sums_and_resumes_exactly(tmp_path):
-    straight = run_torchrun(tmp_path, "-", False, tmp_path / "straight.pt")
-    assert straight.wait(timeout=300) == 0, straight.stderr.read()[-3000:]
-    path = tmp_path / "run.pt"
-    process = run_torchrun(tmp_path, path, False, tmp_path / "interrupted.pt")
-    wait_for_step(process, 3)
-    process.send_signal(signal.SIGTERM)  # torchrun forwards it to both processes
-    process.communicate(timeout=120)  # no hang
-    assert process.returncode != 0 and not (tmp_path / "interrupted.pt").exists()
-    assert sorted(os.listdir(tmp_path)) == ["run.pt", "straight.pt", "train_ddp.py"]
-    saved = torch.load(path, weights_only=True)
-    position = saved["position"]  # inside the first epoch of 8 batches per process
-    assert 3 <= saved["step"] == position["batches"] < 8 and position["data"]["processes"] == 2
-    sums = [meters["loss"]["values"] for meters in position["meters"]]  # each process's own
-    assert len(sums) == 2 and not all(torch.equal(a, b) for a, b in zip(*sums))
-    resumed = run_torchrun(tmp_path, path, True, tmp_path / "resumed.pt")
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
-    expected = torch.load(tmp_path / "straight.pt", weights_only=True)
-    assert same_saved(expected, torch.load(tmp_path / "resumed.pt", weights_only=True))
-
-
-@pytest.mark.parametrize("exit_on_signal", [True, False])
-def test_sigterm_in_process_stops_after_the_step_then_exits_or_returns(exit_on_signal):
-    def terminate_at_step_3():
-        while True:
-            loop = yield "step"
-            if loop.step == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-    with pytest.warns(UserWarning, match="interrupted by SIGTERM in epoch 1, after step 3"):
-        if exit_on_signal:
-            with pytest.raises(SystemExit) as raised:
-                preemptible(hooks=[terminate_at_step_3()], exit_on_signal=True)
-            assert raised.value.code == 143
-        else:
-            _, loop = preemptible(hooks=[terminate_at_step_3()], exit_on_signal=False)
-            assert loop.step == 3 and loop.stop_reason == "interrupted by SIGTERM"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
-
-
-def test_resume_missing_ok_starts_afresh_and_resumes_once_the_file_exists(tmp_path):
-    straight, straight_loop = preemptible()
-    path = tmp_path / "run.pt"
-    launch = dict(resume=path, resume_missing_ok=True)  # one command line for every launch
-    _, first = preemptible(hooks=[stop_when(8), loopy.checkpoint(path)], **launch)
-    assert first.step == 8 and path.exists()
-    resumed, resumed_loop = preemptible(hooks=[loopy.checkpoint(path)], **launch)
-    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
-    message = fit_error(FileNotFoundError, resume=tmp_path / "missing.pt")  # without it: an error
-    assert "missing.pt" in message and "resume_missing_ok=True" in message
-
-
-@pytest.mark.parametrize("how", ["epochs", "early_stopping", "max_steps"])
-def test_relaunching_a_finished_run_trains_nothing_and_rewrites_nothing(tmp_path, how):
-    path = tmp_path / "run.pt"
-
-    def launch():
-        hooks = [loopy.checkpoint(path)]
-        if how == "early_stopping":  # no epoch after the first improves by 10: stops after 3
-            hooks.insert(0, loopy.early_stopping("loss", patience=2, min_delta=10.0))
-        return preemptible(hooks=hooks, epochs=2 if how == "epochs" else 10, resume=path,
-                           resume_missing_ok=True, max_steps=5 if how == "max_steps" else None)
-
-    model, loop = launch()
-    reason = {"epochs": "all epochs done", "max_steps": "reached max_steps=5",
-              "early_stopping": "early stopping: loss did not improve for 2 epochs"}[how]
-    assert torch.load(path, weights_only=True)["finished"].startswith(reason)
-    content, modified = path.read_bytes(), os.stat(path).st_mtime_ns
-    for _ in range(3):
-        again, loop_again = launch()
-        assert path.read_bytes() == content and os.stat(path).st_mtime_ns == modified
-        assert same_weights(again, model) and loop_again.history == loop.history
-        assert loop_again.step == loop.step == {"epochs": 12, "max_steps": 5,
-                                                 "early_stopping": 18}[how]
-    position = torch.load(path, weights_only=True)["position"]  # kept: 5 of epoch 1's batches
-    assert (position and position["batches"]) == (5 if how == "max_steps" else None)
-
-
-@pytest.mark.parametrize("event", ["batch", "backward"])
-def test_save_from_a_batch_or_backward_hook_resumes_exactly(tmp_path, event):
-    straight, straight_loop = preemptible(accumulate=2)  # 3 steps of 2 batches per epoch
-    path = tmp_path / "run.pt"
-
-    def save_and_stop():
-        while True:
-            loop = yield event
-            if loop.step == 4:  # the batches of step 5 are in flight
-                loop.save(path)
-                loop.stop("saved")
-
-    preemptible(hooks=[save_and_stop()], accumulate=2)
-    saved = torch.load(path, weights_only=True)
-    assert saved["step"] == 5 and saved["position"]["batches"] == 4  # written after its step
-    resumed, resumed_loop = preemptible(accumulate=2, resume=path)
-    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
-
-
-@pytest.mark.parametrize("stop_at", [6, 8])  # an epoch boundary, mid-epoch
-@pytest.mark.parametrize("owner", ["loader", "sampler"])
-def test_a_loaders_or_samplers_own_generator_is_saved_and_restored(tmp_path, stop_at, owner):
-    X, y = make_data(96)
-    dataset = TensorDataset(X, y)
-
-    def loader(seed):
-        generator = torch.Generator().manual_seed(seed)
-        if owner == "loader":
-            return DataLoader(dataset, 16, shuffle=True, generator=generator)
-        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
-        return DataLoader(dataset, 16, sampler=sampler)
-
-    straight, straight_loop = preemptible(loader(7))
-    path = tmp_path / "run.pt"
-    preemptible(loader(7), hooks=[stop_when(stop_at), loopy.checkpoint(path)])
-    resumed, resumed_loop = preemptible(loader(999), resume=path)  # another seed: restored
-    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
-
-
-class StatefulBatches:
-    """A loader that saves its own position, as torchdata's StatefulDataLoader does."""
-
-    def __init__(self, X, y, batch_size=16):
-        self.X, self.y, self.batch_size = X, y, batch_size
-        self.next = self.yielded = 0
-
-    def __len__(self):
-        return -(-len(self.X) // self.batch_size)
-
-    def __iter__(self):
-        start, self.next = self.next, 0  # a loaded state continues there, once
-        for index in range(start, len(self)):
-            self.next, self.yielded = index + 1, self.yielded + 1
-            rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
-            yield self.X[rows], self.y[rows]
-        self.next = 0
-
-    def state_dict(self):
-        return {"next": self.next}
-
-    def load_state_dict(self, state):
-        self.next = state["next"]
-
-
-def test_a_stateful_loader_is_saved_and_restored_through_its_own_state_dict(tmp_path):
-    X, y = make_data(96)
-    straight, straight_loop = preemptible(StatefulBatches(X, y))
-    path = tmp_path / "run.pt"
-    preemptible(StatefulBatches(X, y), hooks=[stop_when(8), loopy.checkpoint(path)])
-    assert torch.load(path, weights_only=True)["loader"] == {"next": 2}
-    loader = StatefulBatches(X, y)
-    resumed, resumed_loop = preemptible(loader, resume=path)
-    assert loader.yielded == 4 + 6  # the rest of epoch 2, then epoch 3: nothing replayed
-    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
-
-
-@pytest.mark.parametrize("stop_at", [6, 8])  # an epoch boundary, mid-epoch
-def test_persistent_workers_resume_exactly_and_warn_about_their_random_state(tmp_path, stop_at):
-    X, y = make_data(96)
-
-    def loader():
-        return DataLoader(TensorDataset(X, y), 16, shuffle=True, num_workers=1,
-                          persistent_workers=True)
-
-    straight, straight_loop = preemptible(loader())
-    path = tmp_path / "run.pt"
-    preemptible(loader(), hooks=[stop_when(stop_at), loopy.checkpoint(path)])
-    with pytest.warns(UserWarning, match="persistent_workers=True.*random augmentation in them"):
-        resumed, resumed_loop = preemptible(loader(), resume=path)
-    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
-
-
-class CountingDataset(torch.utils.data.Dataset):
-    def __init__(self, X, y):
-        self.X, self.y, self.loaded = X, y, 0
-
-    def __len__(self):
-        return len(self.X)
-
-    def __getitem__(self, index):
-        self.loaded += 1
-        return self.X[index], self.y[index]
-
-
-def test_a_resume_at_90_percent_of_an_epoch_loads_only_the_last_10_percent(tmp_path):
-    X, y = make_data(100)
-    straight, straight_loop = preemptible(DataLoader(CountingDataset(X, y), 10, shuffle=True),
-                                          epochs=1)
-    path = tmp_path / "run.pt"
-    preemptible(DataLoader(CountingDataset(X, y), 10, shuffle=True), epochs=1,
-                hooks=[stop_when(9), loopy.checkpoint(path)])
-    dataset = CountingDataset(X, y)
-    resumed, resumed_loop = preemptible(DataLoader(dataset, 10, shuffle=True), epochs=1,
-                                        resume=path)
-    assert dataset.loaded == 10  # (a replay of the epoch loaded all 100)
-    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
-
-
-def test_checkpoint_temporary_files_are_unique_short_and_a_dead_saves_are_removed(tmp_path,
-                                                                                 monkeypatch):
-    import fcntl
-    (tmp_path / ".loopy-killed.tmp").write_bytes(b"half a checkpoint")  # a save killed mid-way
-    live = open(tmp_path / ".loopy-live.tmp", "wb")  # another process's save, in progress
-    fcntl.flock(live, fcntl.LOCK_EX)
-    names, save = [], torch.save
-    monkeypatch.setattr(torch, "save", lambda state, file: names.append(
-        os.readlink(f"/proc/self/fd/{file.fileno()}")) or save(state, file))
-    path = tmp_path / ("x" * 245 + ".pt")  # a legal 248-character name
-    preemptible(hooks=[loopy.checkpoint(path)], epochs=2)
-    live.close()
-    assert sorted(os.listdir(tmp_path)) == [".loopy-live.tmp", path.name]
-    assert len(set(names)) == len(names) == 3  # 2 epochs and "end"
-    assert all(os.path.dirname(name) == str(tmp_path) and
-               re.fullmatch(r"\.loopy-\w{8}\.tmp", os.path.basename(name)) for name in names)
-
-
-def test_only_epoch_and_step_are_path_fields_and_keep_holds_across_a_resume(tmp_path):
-    path = tmp_path / "runs{a}" / "ckpt-{epoch}-{epcoh}.pt"  # other braces are literal
-    preemptible(hooks=[loopy.checkpoint(path, keep=2)])
-    directory = tmp_path / "runs{a}"
-    assert sorted(os.listdir(directory)) == ["ckpt-2-{epcoh}.pt", "ckpt-3-{epcoh}.pt"]
-    (directory / "ckpt-best.pt").write_bytes(b"")  # not one of the template's files
-    preemptible(hooks=[loopy.checkpoint(path, keep=2)], epochs=5, resume=directory /
-                "ckpt-3-{epcoh}.pt")
-    assert sorted(os.listdir(directory)) == ["ckpt-4-{epcoh}.pt", "ckpt-5-{epcoh}.pt",
-                                             "ckpt-best.pt"]
-
-
-def test_a_full_disk_names_the_path_and_the_space_and_keeps_the_previous_file(tmp_path,
-                                                                             monkeypatch):
-    import errno
-    path = tmp_path / "run.pt"
-    save = torch.save
-
-    def full_disk_after_the_first(state, file):
-        if path.exists():
-            raise OSError(errno.ENOSPC, "No space left on device")
-        save(state, file)
-
-    monkeypatch.setattr(torch, "save", full_disk_after_the_first)
-    with pytest.raises(OSError) as raised:
-        preemptible(hooks=[loopy.checkpoint(path)])
-    message = str(raised.value)
-    assert raised.value.errno == errno.ENOSPC and str(path) in message
-    assert re.search(r"needs about [\d,]+ bytes, and [\d,]+ bytes are free", message)
-    assert "previous file is intact" in message and os.listdir(tmp_path) == ["run.pt"]
-    assert torch.load(path, weights_only=True)["epoch"] == 1
-
-
-@pytest.mark.parametrize("where", ["under a file", "a directory", "a name too long"])
-def test_an_unwritable_or_invalid_checkpoint_path_fails_before_training(tmp_path, where):
-    (tmp_path / "file").write_text("")
-    (tmp_path / "directory").mkdir()
-    path = {"under a file": tmp_path / "file" / "run.pt", "a directory": tmp_path / "directory",
-            "a name too long": tmp_path / ("x" * 300 + ".pt")}[where]
-    steps = []
-
-    def count():
-        while True:
-            steps.append((yield "step").step)
-
-    with pytest.raises(ValueError) as raised:
-        preemptible(hooks=[count(), loopy.checkpoint(path)])
-    message = str(raised.value)
-    assert f"checkpoint(path={str(path)!r}) cannot be written" in message
-    assert "writable directory" in message and steps == []
-
-
-def test_resuming_into_another_optimizer_or_scheduler_or_a_partial_file_says_what_differs(
-        tmp_path):
-    path = tmp_path / "run.pt"
-    preemptible(hooks=[loopy.checkpoint(path)], epochs=1)  # Adam, no scheduler
-    message = fit_error(ValueError, resume=path)  # into SGD
-    assert "holds the state of optimizer Adam, but fit got optimizer=SGD" in message
-    assert "resume with the optimizer the run was saved with" in message
-    X, y = make_data(96)
-    model = make_mlp()
-    optimizer = torch.optim.Adam(model.parameters())
-    message = fit_error(ValueError, model=model, optimizer=optimizer, resume=path,
-                        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1))
-    assert "holds the state of 0 scheduler(s), but fit got scheduler=" in message
-    assert "StepLR" in message and "resume with the scheduler the run was saved with" in message
-    state = torch.load(path, weights_only=True)
-    del state["rng"], state["history"]
-    torch.save(state, tmp_path / "partial.pt")
-    message = fit_error(ValueError, model=model, optimizer=optimizer,
-                        resume=tmp_path / "partial.pt")
-    assert "lacks the entries ['history', 'rng']" in message and "another checkpoint" in message
-
-
-@pytest.mark.parametrize("change", ["batch_size", "fewer batches", "no shuffle", "processes"])
-def test_a_mid_epoch_position_that_no_longer_fits_the_data_is_refused(tmp_path, change):
-    X, y = make_data(96)
-    path = tmp_path / "run.pt"
-    preemptible(hooks=[stop_when(8), loopy.checkpoint(path)])
-    if change == "processes":  # as if saved by 2 processes
-        state = torch.load(path, weights_only=True)
-        state["position"]["data"]["processes"] = 2
-        torch.save(state, path)
-    loader = {"batch_size": DataLoader(TensorDataset(X, y), 32, shuffle=True),
-              "fewer batches": DataLoader(TensorDataset(X[:64], y[:64]), 16, shuffle=True),
-              "no shuffle": DataLoader(TensorDataset(X, y), 16),
-              "processes": (X, y)}[change]
-    with pytest.raises(ValueError) as raised:
-        preemptible(loader, resume=path)
-    message = str(raised.value)
-    assert f"resume={str(path)!r} stopped in the middle of epoch 2, after 2 batches" in message
-    assert {"batch_size": "batch_size 16 then, 32 now", "fewer batches": "batches 6 then, 4 now",
-            "no shuffle": "shuffle True then, False now",
-            "processes": "processes 2 then, 1 now"}[change] in message
-    assert "same loader and number of processes" in message and "between epochs" in message
-
-
-def test_at_an_epoch_boundary_a_new_batch_size_and_more_epochs_keep_working(tmp_path):
-    X, y = make_data(96)
-    path = tmp_path / "run.pt"
-    preemptible(hooks=[loopy.checkpoint(path)], epochs=2)
-    _, loop = preemptible(DataLoader(TensorDataset(X, y), 32, shuffle=True), epochs=4,
-                          resume=path)
-    assert loop.step == 12 + 3 + 3 and len(loop.history["loss"]) == 4
-
-
-def test_fp16_steps_that_the_grad_scaler_skips_are_not_steps(tmp_path):
-    X, y = make_data(96)  # 6 batches per epoch, 2 epochs; batches 2 and 7 get inf gradients
-    batches = [(X[i:i + 16], y[i:i + 16]) for i in range(0, 96, 16)]
-    poisoned = {2, 7}
-
-    def build():
-        model = make_mlp()
-        calls = []
-        model[0].weight.register_hook(lambda grad: grad * math.inf
-                                      if len(calls) in poisoned else grad)
-        model.register_forward_hook(lambda *_: calls.append(1))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 3, gamma=0.5)
-
-    # the oracle: the hand-written fp16 loop, stepping the scheduler after applied steps only
-    model, optimizer, scheduler = build()
-    scaler, applied = torch.amp.GradScaler("cpu"), 0
-    for _ in range(2):
-        for x, target in batches:
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = F.cross_entropy(model(x), target)
-            scaler.scale(loss).backward()
-            before = optimizer.state_dict()["state"], scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad()
-            if scaler.get_scale() >= before[1]:  # the scale drops exactly when a step is skipped
-                applied += 1
-                scheduler.step()
-    assert applied == 10
-
-    got, optimizer, scheduler = build()
-    steps = []
-
-    def count():
-        while True:
-            steps.append((yield "step").step)
-
-    import warnings
-    path = tmp_path / "ckpt-{step}.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch warns when a scheduler steps before the optimizer
-        loop = loopy.fit(got, F.cross_entropy, optimizer, batches, [count(),
-                         loopy.checkpoint(path, every=4, keep=5)], epochs=2, precision="fp16",
-                         scheduler=scheduler, scheduler_interval="step", progress=False)
-    assert same_weights(got, model) and loop.step == 10 and steps == list(range(1, 11))
-    assert scheduler.last_epoch == 10 and optimizer.param_groups[0]["lr"] == 0.1 * 0.5 ** 3
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-10.pt", "ckpt-4.pt", "ckpt-5.pt", "ckpt-8.pt"]
-    model, optimizer, scheduler = build()
-    loop = loopy.fit(model, F.cross_entropy, optimizer, batches, epochs=2, precision="fp16",
-                     max_steps=4, progress=False)
-    assert loop.step == 4 and loop.batch_index == 4  # batches 0-4: one of them was skipped
-
-
-# --- issue 16: argument faults a fresh user met (epochs with max_steps, schedulers, nesting) ---
-
-def test_epochs_default_is_one_but_unbounded_with_max_steps():
-    X, y = make_data(64)
-    assert train(loader=(X, y)).step == 2  # two batches of 32: one epoch
-    loop = train(loader=(X, y), max_steps=5)
-    model = make_mlp()  # the hand-written loop: 5 steps over the batches in order
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(5):
-        rows = slice(step % 2 * 32, step % 2 * 32 + 32)
-        F.cross_entropy(model(X[rows]), y[rows]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert loop.step == 5 and loop.stop_reason == "reached max_steps=5" and loop.epochs is None
-    assert same_weights(loop.model, model) and len(loop.history["loss"]) == 2  # epoch 3 cut short
-    assert "epoch 2, step 5" in repr(loop)
-
-
-def test_a_scheduler_must_be_a_scheduler_of_one_of_the_runs_optimizers():
-    model = make_mlp()
-    other = torch.optim.SGD(make_mlp().parameters(), lr=0.1)
-    message = fit_error(ValueError, model=model, scheduler=torch.optim.lr_scheduler.StepLR(other, 1))
-    assert "scheduler was built for another optimizer" in message and "StepLR(optimizer" in message
-    message = fit_error(TypeError, scheduler="cosine")
-    assert "scheduler must be a learning-rate scheduler" in message and "'cosine'" in message
-    model = torch.nn.ModuleDict({"a": make_mlp(), "b": make_mlp()})
-    optimizers = {name: torch.optim.SGD(model[name].parameters(), lr=0.1) for name in "ab"}
-    schedulers = {"a": torch.optim.lr_scheduler.StepLR(optimizers["a"], 1),
-                  "b": torch.optim.lr_scheduler.StepLR(other, 1)}
-    message = fit_error(ValueError, model=model, optimizer=optimizers, scheduler=schedulers,
-                        step=lambda model, batch, loop: {})
-    assert "scheduler['b'] was built for another optimizer" in message
-
-
-def test_evaluate_checks_its_loss_fn_and_speaks_for_itself():
-    model, (X, y) = make_mlp(), make_data(32)
-    with pytest.raises(TypeError) as raised:
-        loopy.evaluate(model, (X, y), {"acc": loopy.accuracy})
-    assert "loss_fn must be callable" in str(raised.value) and "metrics=" in str(raised.value)
-    with pytest.raises(TypeError) as raised:
-        loopy.evaluate(model, X, metrics={"acc": loopy.accuracy})
-    assert "fit expects" not in str(raised.value) and "(inputs, target)" in str(raised.value)
-
-
-class TwoInputs(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b = torch.nn.Linear(8, 3), torch.nn.Linear(2, 3)
-
-    def forward(self, x, z):
-        return self.a(x) + self.b(z)
-
-
-def test_nested_in_memory_inputs_are_refused_with_a_dataloader_that_works():
-    (X, y), Z = make_data(64), torch.randn(64, 2)
-    for data, where in ((((X, Z), y), "loader"), (({"x": X}, y), "loader")):
-        message = fit_error(TypeError, model=TwoInputs(), loader=data)
-        assert message.startswith(f"{where}: in-memory data is flat tensors")
-    message = fit_error(TypeError, model=TwoInputs(), loader=DataLoader(list(zip(zip(X, Z), y))),
-                        val_loader=((X, Z), y))
-    assert message.startswith("val_loader: in-memory data is flat tensors")
-    model = TwoInputs()  # the message's fix trains as the hand-written loop does
-    loop = train(model=model, loader=DataLoader(list(zip(zip(X, Z), y)), batch_size=32))
-    expected = TwoInputs()
-    optimizer = torch.optim.SGD(expected.parameters(), lr=0.1)
-    for rows in (slice(0, 32), slice(32, 64)):
-        F.cross_entropy(expected(X[rows], Z[rows]), y[rows]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert same_weights(model, expected) and loop.step == 2
-    with pytest.raises(TypeError) as raised:
-        loopy.predict(model, (X, Z))
-    assert "DataLoader(list(zip(zip(X, Z)))" in "".join(raised.value.__notes__)
-    predicted = loopy.predict(model, DataLoader(list(zip(zip(X, Z))), batch_size=32))
-    assert torch.allclose(predicted, model(X, Z))
-
-
-def test_per_sample_lists_of_target_dicts_weigh_the_epoch_mean_by_sample_count():
-    images = [torch.full((3, 4, 4), float(i)) for i in range(5)]
-    targets = [{"boxes": torch.zeros(k, 4)} for k in (7, 1, 2, 9, 1)]
-    batches = [(images[0:2], targets[0:2]), (images[2:4], targets[2:4]), (images[4:], targets[4:])]
-    model = torch.nn.Linear(1, 1)
-
-    def step(model, batch):
-        means = torch.stack([image.mean() for image in batch[0]])
-        return means.mean() + 0 * model.weight.sum(), means, batch[1]
-
-    for each in (step, lambda model, batch: step(model, batch)[0]):
-        loop = loopy.fit(model, None, torch.optim.SGD(model.parameters(), lr=0.0), batches,
-                         step=each, progress=False)
-        assert loop.history["loss"] == [pytest.approx((0 + 1 + 2 + 3 + 4) / 5)]  # per sample
-
-
-def test_numpy_bool_labels_become_floats_for_a_bce_loss():
-    X, y = make_data(64)
-    labels = (y > 0).numpy()
-
-    def bce(output, target):
-        return F.binary_cross_entropy_with_logits(output[:, 0], target)
-
-    got = train(loader=(X.numpy(), labels), loss_fn=bce)
-    expected = train(loader=(X, torch.from_numpy(labels).float()), loss_fn=bce)
-    assert same_weights(got.model, expected.model)
-    assert got.history["loss"] == expected.history["loss"]
-
-
-def test_lr_find_warns_when_the_loss_never_falls_and_explains_a_short_generator():
-    model, (X, y) = make_mlp(), make_data(64)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.warns(UserWarning, match=r"lr_find found no descent.*lower min_lr"):
-        found = loopy.lr_find(model, F.cross_entropy, optimizer, (X, y), min_lr=100.0,
-                              max_lr=1e4, num_steps=20)
-    assert found["suggestion"] == 100.0
-    batches = ((X[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16))
-    with pytest.raises(ValueError, match=r"ran out after 4 of num_steps=20 batches.*DataLoader"):
-        loopy.lr_find(model, F.cross_entropy, optimizer, batches, num_steps=20)
-    batches = [(X[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
-    found = loopy.lr_find(model, F.cross_entropy, optimizer, iter(batches * 3), num_steps=10)
-    assert len(found["lr"]) == 10
-
-
-# --- issue 14/16 follow-ups (a fresh user's faults): hook order, hook_state, progress, names ---
-
-def weights_at_epochs(weights):
-    """A hook that copies the model's weights at every "epoch" into the list ``weights``."""
-    while True:
-        loop = yield "epoch"
-        weights.append({k: v.clone() for k, v in loop.model.state_dict().items()})
-
-
-@pytest.mark.parametrize("early_stopping_first", [True, False])
-def test_restore_best_comes_after_every_hooks_end_so_checkpoints_hold_the_trained_weights(
-        tmp_path, early_stopping_first):
-    path = tmp_path / "run.pt"
-
-    def run(weights, restore_best=True, **options):
-        hooks = [loopy.early_stopping(patience=5, restore_best=restore_best),
-                 loopy.checkpoint(path)]
-        return train(model=make_mlp(), n=128, lr=2.0, epochs=3, shuffle=True, seed=0,
-                     val_loader=make_data(64, seed=1), **options,
-                     hooks=(hooks if early_stopping_first else hooks[::-1]) +
-                     [weights_at_epochs(weights)])
-
-    trained = []
-    straight = run(trained)
-    best = min(range(3), key=straight.history["val_loss"].__getitem__)
-    assert best != 2  # (else restoring the best changes nothing)
-    assert all(torch.equal(v, trained[best][k]) for k, v in straight.model.state_dict().items())
-    saved = torch.load(path, weights_only=True)["model"]  # at "end": the trained weights
-    assert all(torch.equal(v, trained[-1][k]) for k, v in saved.items())
-
-    stopped = run([], max_steps=6)  # stops in epoch 2; its best (epoch 1) is restored at the end
-    assert torch.load(path, weights_only=True)["step"] == 6
-    resumed_weights = []
-    resumed = run(resumed_weights, restore_best=False, resume=path)
-    assert resumed.history == straight.history and stopped.step == 6
-    assert all(torch.equal(v, trained[-1][k]) for k, v in resumed.model.state_dict().items())
-
-
-def test_hook_state_that_a_resume_cannot_read_is_refused_at_the_save(tmp_path):
-    import numpy as np
-
-    def keep(value):
-        loop = yield "start"
-        loop.hook_state["mine"] = {"best": value}
-        while True:
-            yield "epoch"
-
-    for value, shown in [(np.float64(0.5), "(type float64)"), (lambda: 1, "function")]:
-        with pytest.raises(TypeError) as raised:
-            train(hooks=[keep(value), loopy.checkpoint(tmp_path / "bad.pt")])
-        message = str(raised.value)
-        assert message.startswith("loop.hook_state['mine']['best'] is ") and shown in message
-        assert "float(x)" in message and not os.path.exists(tmp_path / "bad.pt")
-
-    # what torch.load(weights_only=True) reads back passes, and comes back equal
-    fine = {"t": (1, 2.5, True, None, "s"), "n": [torch.ones(2)], 3: make_mlp().state_dict()}
-    train(hooks=[keep(fine), loopy.checkpoint(tmp_path / "ok.pt")])
-    back = torch.load(tmp_path / "ok.pt", weights_only=True)["hook_state"]["mine"]["best"]
-    assert back["t"] == fine["t"] and torch.equal(back["n"][0], fine["n"][0])
-    assert all(torch.equal(v, fine[3][k]) for k, v in back[3].items())
-
-
-def test_a_hook_listed_before_checkpoint_has_its_state_resumed_exactly(tmp_path):
-    """The README's count_steps, before checkpoint(every=n) as the README says to list it."""
-    def count_steps():
-        loop = yield "start"
-        state = loop.hook_state.setdefault("count_steps", {"steps": 0})
-        while True:
-            loop = yield "step"
-            state["steps"] += 1
-
-    def crash_at(step):
-        while True:
-            if (yield "step").step == step:
-                raise RuntimeError("simulated crash")
-
-    path = tmp_path / "run.pt"
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(epochs=3, hooks=[count_steps(), loopy.checkpoint(path, every=5), crash_at(12)],
-              n=128)
-    loop = train(epochs=3, hooks=[count_steps(), loopy.checkpoint(path, every=5)], n=128,
-                 resume=path)
-    assert loop.step == 12 and loop.hook_state["count_steps"]["steps"] == 12  # 3 epochs of 4
-    assert "before `loopy.checkpoint`" in open(README).read()
-
-
-def test_an_ema_checkpoint_holds_the_trained_weights_and_the_average_it_judged(tmp_path):
-    trained = []
-    X_val, y_val = make_data(64, seed=1)
-    loop = train(lr=0.5, epochs=3, val_loader=(X_val, y_val), val_batch_size=64,
-                 hooks=[loopy.ema(decay=0.9), weights_at_epochs(trained),
-                        loopy.checkpoint(tmp_path / "best.pt", monitor="val_loss")])
-    best = min(range(3), key=loop.history["val_loss"].__getitem__)
-    state = torch.load(tmp_path / "best.pt", weights_only=True)
-    assert all(torch.equal(v, trained[best][k]) for k, v in state["model"].items())
-    model = make_mlp().eval()
-    model.load_state_dict(state["hook_state"]["ema"]["average"], strict=False)
-    with torch.no_grad():
-        judged = F.cross_entropy(model(X_val), y_val).item()  # by hand
-    assert judged == pytest.approx(loop.history["val_loss"][best], rel=1e-6)
-
-
-def test_a_progress_hook_of_your_own_replaces_fits(capsys):
-    train(epochs=2, progress=True, hooks=[loopy.progress(bar=False)])
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
-
-
-def test_epoch_cannot_name_a_metric_as_csv_logger_and_log_to_add_it():
-    message = fit_error(ValueError, metrics={"epoch": loopy.accuracy})
-    assert message.startswith("metrics: 'epoch' cannot name a metric") and "pick another" in message
-
-
-@pytest.mark.parametrize("ema_first", [True, False])
-def test_of_ema_and_restore_best_the_hook_listed_first_applies_its_weights_last(ema_first):
-    trained, averaged = [], []
-
-    def average_at_end():  # ema's average, as validation used it, read before any teardown
-        loop = yield "end"
-        averaged.append({k: v.clone() for k, v in loop.val_model.state_dict().items()})
-        yield "end"
-
-    hooks = [loopy.ema(decay=0.9), loopy.early_stopping(patience=5, restore_best=True)]
-    loop = train(lr=2.0, n=128, epochs=3, shuffle=True, seed=0, val_loader=make_data(64, seed=1),
-                 hooks=(hooks if ema_first else hooks[::-1]) + [weights_at_epochs(trained),
-                                                                 average_at_end()])
-    best = min(range(3), key=loop.history["val_loss"].__getitem__)
-    expected = averaged[0] if ema_first else trained[best]
-    assert all(torch.equal(v, expected[k]) for k, v in loop.model.state_dict().items())
-    assert not all(torch.equal(v, trained[best][k]) for k, v in averaged[0].items())
-
-
-# --- issue 17: a DataLoader over a TensorDataset is sliced, bit-identically ---
-
-def issue17_loaders():
-    """Loader factories (a fresh generator each call, so every run starts from the same one)."""
-    def with_generator(**options):
-        return lambda data: DataLoader(data, 32, generator=torch.Generator().manual_seed(7),
-                                       **options)
-
-    def with_sampler(replacement, num_samples, seeded=False):
-        return lambda data: DataLoader(data, 32, sampler=torch.utils.data.RandomSampler(
-            data, replacement, num_samples,
-            torch.Generator().manual_seed(3) if seeded else None))
-    return {
-        "no shuffle, partial last batch": lambda data: DataLoader(data, 32),
-        "shuffle": lambda data: DataLoader(data, 32, shuffle=True),
-        "shuffle, the loader's own generator": with_generator(shuffle=True),
-        "drop_last": lambda data: DataLoader(data, 32, shuffle=True, drop_last=True),
-        "drop_last, own generator": with_generator(shuffle=True, drop_last=True),
-        "with replacement": with_sampler(True, 150),
-        "with replacement, own generator": with_sampler(True, 64, seeded=True),
-        "more samples than data, own generator": with_sampler(False, 250, seeded=True),
-    }
-
-
-def getitem_calls(monkeypatch, dataset_class=TensorDataset):
-    """Count the calls of dataset_class.__getitem__: none when loopy slices the tensors."""
-    calls = []
-    original = dataset_class.__getitem__
-
-    def counted(self, index):
-        calls.append(index)
-        return original(self, index)
-    monkeypatch.setattr(dataset_class, "__getitem__", counted)
-    return calls
-
-
-def generator_state(loader):
-    generator = loader.generator or getattr(loader.sampler, "generator", None)
-    return None if generator is None else generator.get_state()
-
-
-@pytest.mark.parametrize("name", list(issue17_loaders()))
-def test_a_sliced_dataloader_trains_bit_identically_to_the_hand_loop_on_it(monkeypatch, name):
-    make_loader = issue17_loaders()[name]
-    X, y = make_data(203)  # 6 full batches of 32 and one of 11
-    Xv, yv = make_data(45, seed=1)
-
-    def run(by_hand):
-        model = make_mlp(dropout=0.3)  # dropout: the global RNG after the shuffle matters too
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        loader, val_loader = make_loader(TensorDataset(X, y)), DataLoader(TensorDataset(Xv, yv), 7)
-        torch.manual_seed(1)
-        if by_hand:
-            history = hand_loop(model, optimizer, loader, 3, val_loader, metric=loopy.accuracy)
-        else:
-            loop = loopy.fit(model, F.cross_entropy, optimizer, loader, epochs=3,
-                             val_loader=val_loader, metrics={"acc": loopy.accuracy},
-                             progress=False)
-            assert loop.loader is loader and loop.val_loader is val_loader
-            history = loop.history
-        return model, history, torch.get_rng_state(), generator_state(loader)
-
-    expected = run(by_hand=True)
-    calls = getitem_calls(monkeypatch)
-    sliced = run(by_hand=False)
-    assert calls == []  # it sliced: no sample was fetched one by one
-    monkeypatch.setattr(loopy, "_sliced", lambda loader: loader)  # the DataLoader path
-    iterated = run(by_hand=False)
-    assert calls  # (the counter works)
-    assert same_weights(sliced[0], expected[0]) and same_weights(iterated[0], expected[0])
-    assert sliced[1] == iterated[1]  # the history, bit for bit
-    for metric in ("loss", "acc", "val_loss", "val_acc"):
-        assert sliced[1][metric] == pytest.approx(expected[1][metric], rel=1e-6, abs=1e-7)
-    assert torch.equal(sliced[2], expected[2])  # the global RNG after training
-    assert (sliced[3] is None) == (expected[3] is None)  # the loader's generator after it
-    assert sliced[3] is None or torch.equal(sliced[3], expected[3])
-
-
-def issue17_samplers():
-    sampler, distributed = torch.utils.data.RandomSampler, torch.utils.data.DistributedSampler
-    return {
-        "sequential": lambda data, g: DataLoader(data, 7),
-        "sequential, drop_last": lambda data, g: DataLoader(data, 8, drop_last=True),
-        "one batch, larger than the data": lambda data, g: DataLoader(data, 40),
-        "shuffle": lambda data, g: DataLoader(data, 7, shuffle=True),
-        "shuffle, drop_last": lambda data, g: DataLoader(data, 9, shuffle=True, drop_last=True),
-        "shuffle, generator": lambda data, g: DataLoader(data, 8, shuffle=True, generator=g),
-        "replacement": lambda data, g: DataLoader(data, 6, sampler=sampler(data, True, 70)),
-        "replacement, generator": lambda data, g: DataLoader(data, 32,
-                                                             sampler=sampler(data, True, 64, g)),
-        "generator, more than the data": lambda data, g: DataLoader(
-            data, 6, sampler=sampler(data, False, 45, g)),
-        "generator, twice the data": lambda data, g: DataLoader(
-            data, 10, sampler=sampler(data, False, 60, g)),
-        "a range": lambda data, g: DataLoader(data, 4, sampler=range(2, 30, 3)),
-        "distributed": lambda data, g: DataLoader(
-            data, 4, sampler=distributed(data, 4, 1, shuffle=True, seed=2)),
-        "distributed, drop_last": lambda data, g: DataLoader(
-            data, 3, sampler=distributed(data, 4, 3, shuffle=False, drop_last=True)),
-    }
-
-
-@pytest.mark.parametrize("name", list(issue17_samplers()))
-@pytest.mark.parametrize("stop_after", [None, 1, 2, 3, 4])
-def test_sliced_batches_and_random_draws_equal_the_dataloaders(name, stop_after):
-    """PyTorch as the oracle: the same batches, and the global RNG and the generator in the
-    same state after a full pass or a pass cut short (random numbers drawn between batches)."""
-    X, y = make_data(30)
-    results = []
-    for sliced in (False, True):
-        generator = torch.Generator().manual_seed(11)
-        loader = issue17_samplers()[name](TensorDataset(X, y), generator)
-        batches = loopy._sliced(loader) if sliced else loader
-        assert (batches is not loader) == sliced and len(batches) == len(loader)
-        torch.manual_seed(0)
-        got = []
-        for batch in batches:
-            got.append(batch)
-            if len(got) == stop_after:
-                break
-            torch.rand(1)
-        results.append((got, torch.get_rng_state(), generator.get_state()))
-    (expected, rng, generator), (got, sliced_rng, sliced_generator) = results
-    assert len(got) == len(expected) and all(
-        type(a) is type(b) and len(a) == len(b) and all(torch.equal(s, t) and s.dtype == t.dtype
-                                                        for s, t in zip(a, b))
-        for a, b in zip(got, expected))
-    assert torch.equal(sliced_rng, rng) and torch.equal(sliced_generator, generator)
-
-
-def test_a_mid_epoch_resume_on_a_sliced_dataloader_equals_the_straight_run(monkeypatch, tmp_path):
-    X, y = make_data(150)
-
-    def run(path=None, stop_at_step=None, resume=None, epochs=3):
-        model = make_mlp(dropout=0.2)
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-        hooks = [stop_when(stop_at_step)] if stop_at_step else []
-        loop = loopy.fit(model, F.cross_entropy, optimizer,
-                         DataLoader(TensorDataset(X, y), 16, shuffle=True),
-                         hooks + ([loopy.checkpoint(path)] if path else []), epochs=epochs,
-                         seed=None if resume else 123, resume=resume, progress=False)
-        return model, loop
-
-    straight, straight_loop = run()
-    by_hand = make_mlp(dropout=0.2)
-    optimizer = torch.optim.Adam(by_hand.parameters(), lr=0.01)
-    torch.manual_seed(123)
-    hand_loop(by_hand, optimizer, DataLoader(TensorDataset(X, y), 16, shuffle=True), 3)
-    assert same_weights(straight, by_hand)
-    _, stopped = run(tmp_path / "sliced.pt", stop_at_step=14)  # batch 4 of epoch 2
-    with monkeypatch.context() as patch:
-        patch.setattr(loopy, "_sliced", lambda loader: loader)
-        run(tmp_path / "iterated.pt", stop_at_step=14)
-    saved = [torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("sliced", "iterated")]
-    assert saved[0]["position"]["batches"] == 4 and saved[0]["step"] == 14
-    assert torch.equal(saved[0]["rng"]["torch"], saved[1]["rng"]["torch"])
-    assert torch.equal(saved[0]["position"]["epoch_rng"], saved[1]["position"]["epoch_rng"])
-    assert all(torch.equal(a, b) for a, b in zip(saved[0]["model"].values(),
-                                                 saved[1]["model"].values()))
-    torch.manual_seed(999)  # the resumed run must not depend on the global RNG
-    resumed, resumed_loop = run(resume=tmp_path / "sliced.pt")
-    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
-
-
-def test_evaluate_predict_and_lr_find_on_a_sliced_dataloader_equal_the_dataloader_path(
-        monkeypatch):
-    X, y = make_data(100)
-    model = make_mlp()
-
-    def run():
-        loader = DataLoader(TensorDataset(X, y), 16, shuffle=True,
-                            generator=torch.Generator().manual_seed(5))
-        results = loopy.evaluate(model, DataLoader(TensorDataset(X, y), 24), F.cross_entropy,
-                                 {"acc": loopy.accuracy})
-        outputs = loopy.predict(model, DataLoader(TensorDataset(X), 24))
-        found = loopy.lr_find(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                              loader, num_steps=10)  # stops inside the second epoch
-        return results, outputs, found, loader.generator.get_state()
-
-    calls = getitem_calls(monkeypatch)
-    sliced = run()
-    assert calls == []
-    monkeypatch.setattr(loopy, "_sliced", lambda loader: loader)
-    iterated = run()
-    assert sliced[0] == iterated[0] and torch.equal(sliced[1], iterated[1])
-    assert sliced[2] == iterated[2] and torch.equal(sliced[3], iterated[3])
-    with torch.no_grad():
-        assert torch.equal(sliced[1], torch.cat([model(X[i:i + 24]) for i in range(0, 100, 24)]))
-
-
-class TensorDatasetSubclass(TensorDataset):
-    pass
-
-
-@pytest.mark.parametrize("fallback", ["a TensorDataset subclass", "a custom collate_fn",
-                                      "workers", "a DataLoader subclass", "a weighted sampler"])
-def test_dataloaders_loopy_cannot_reproduce_are_iterated_as_they_are(monkeypatch, fallback):
-    X, y = make_data(70)
-    collated = []
-
-    def collate(samples):
-        collated.append(len(samples))
-        return torch.utils.data.default_collate(samples)
-
-    def make_loader():
-        data = (TensorDatasetSubclass if fallback == "a TensorDataset subclass" else TensorDataset)(X, y)
-        options = {"a custom collate_fn": dict(collate_fn=collate),
-                   "workers": dict(num_workers=2),
-                   "a weighted sampler": dict(sampler=torch.utils.data.WeightedRandomSampler(
-                       torch.ones(70), 70))}.get(fallback, dict(shuffle=True))
-        loader_class = type("Loader", (DataLoader,), {}) if fallback == "a DataLoader subclass" \
-            else DataLoader
-        return loader_class(data, 16, **options)
-
-    calls = getitem_calls(monkeypatch, TensorDatasetSubclass)
-    assert type(loopy._sliced(make_loader())) is not loopy._TensorBatches
-    by_hand = make_mlp()
-    optimizer = torch.optim.SGD(by_hand.parameters(), lr=0.1)
-    torch.manual_seed(1)
-    hand_loop(by_hand, optimizer, make_loader(), 2)
-    model = make_mlp()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    torch.manual_seed(1)
-    collated.clear(), calls.clear()
-    loopy.fit(model, F.cross_entropy, optimizer, make_loader(), epochs=2, progress=False)
-    assert same_weights(model, by_hand)
-    if fallback == "a TensorDataset subclass":
-        assert len(calls) == 2 * 70  # its own __getitem__ fetched every sample
-    if fallback == "a custom collate_fn":
-        assert collated == [16, 16, 16, 16, 6] * 2
-
-
 @pytest.mark.cuda
 def test_cuda_a_sliced_pinned_dataloader_trains_like_the_dataloader(monkeypatch):
     X, y = make_data(203)
@@ -4793,437 +5209,3 @@ def test_cuda_a_sliced_pinned_dataloader_trains_like_the_dataloader(monkeypatch)
     sliced = run()
     monkeypatch.setattr(loopy, "_sliced", lambda loader: loader)
     assert same_weights(sliced, run())
-
-
-SLICED_DISTRIBUTED_SCRIPT = """
-import os, sys, torch, loopy
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
-torch.set_num_threads(1)
-calls, getitem = [], TensorDataset.__getitem__
-TensorDataset.__getitem__ = lambda self, index: calls.append(index) or getitem(self, index)
-results = {}
-for path in ("sliced", "iterated"):
-    if path == "iterated":
-        loopy._sliced = lambda loader: loader
-    X = torch.randn(90, 8, generator=torch.Generator().manual_seed(0))
-    y = (X[:, 0] > 0).long()
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2),
-                                torch.nn.Linear(16, 2))
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                     DataLoader(TensorDataset(X, y), 8, shuffle=True, drop_last=sys.argv[2] == "1"),
-                     val_loader=DataLoader(TensorDataset(X[:31], y[:31]), 4), epochs=3,
-                     progress=False)
-    results[path] = {"model": model.state_dict(), "history": loop.history, "calls": len(calls),
-                     "rng": torch.get_rng_state()}
-    calls.clear()
-torch.save(results, os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("drop_last", [False, True])
-def test_torchrun_sliced_shards_equal_the_distributed_samplers(tmp_path, drop_last):
-    script = tmp_path / "sliced_ddp.py"
-    script.write_text(SLICED_DISTRIBUTED_SCRIPT)
-    result = subprocess.run(command(2) + [str(script), str(tmp_path), str(int(drop_last))],
-                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for rank in (0, 1):
-        runs = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        sliced, iterated = runs["sliced"], runs["iterated"]
-        assert sliced["calls"] == 0 and iterated["calls"] > 0
-        assert all(torch.equal(sliced["model"][k], v) for k, v in iterated["model"].items())
-        assert sliced["history"] == iterated["history"]
-        assert torch.equal(sliced["rng"], iterated["rng"])
-
-
-# --- issue 16: nothing silently wrong (empty passes, ignored options, monitors, NaN, history) ---
-
-def scripted(name, values):
-    """A hook adding a made-up metric ``name`` (declared at "start") with scripted values."""
-    loop = yield "start"
-    loop.metric_names.append(name)
-    while True:
-        loop = yield "epoch"
-        loop.metrics[name] = values[loop.epoch]
-        loop.history.setdefault(name, []).append(values[loop.epoch])
-
-
-class EmptyIterable:
-    """Re-iterable, without len(), yielding nothing (an exhausted source, a filter too strict)."""
-    def __iter__(self):
-        return iter(())
-
-
-def test_16_an_evaluation_pass_without_batches_is_an_error_naming_the_argument():
-    X, y = make_data(64)
-    message = fit_error(ValueError, val_loader=EmptyIterable(), epochs=2)
-    assert "val_loader yielded no batches" in message and "DataLoader" in message
-    message = fit_error(ValueError, val_loader=iter([]))  # one pass, but an empty one
-    assert "val_loader yielded no batches" in message
-    with pytest.raises(ValueError, match="loader yielded no batches"):
-        loopy.evaluate(make_mlp(), iter([]), F.cross_entropy)
-    with pytest.raises(ValueError, match="loader yielded no batches"):
-        loopy.evaluate(make_mlp(), EmptyIterable(), metrics={"acc": loopy.accuracy})
-
-
-@pytest.mark.parametrize("argument", ["loader", "val_loader"])
-def test_16_a_one_shot_iterator_for_several_passes_is_refused_before_training(argument):
-    X, y = make_data(64)
-    batches = list(tensor_loader(X, y))
-    log = []
-    message = fit_error(ValueError, epochs=2, hooks=[recorder(log)],
-                        **{argument: (batch for batch in batches)})
-    assert f"{argument} is a one-shot iterator" in message and "epochs=2" in message
-    assert "DataLoader" in message and log == []
-
-
-def test_16_a_one_shot_iterator_for_one_pass_trains_like_a_list():
-    X, y = make_data(64)
-    batches = list(tensor_loader(X, y, batch_size=16))
-    runs = []
-    for wrap in (list, iter):
-        model = make_mlp()
-        loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                         wrap(batches), val_loader=wrap(batches), progress=False)
-        runs.append((model, loop.history))
-    assert same_weights(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
-    assert math.isfinite(runs[1][1]["val_loss"][0])
-
-
-ISSUE_16_SCRIPT = """
-import os, sys, torch, loopy
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
-torch.set_num_threads(1)
-X = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
-y = (X[:, 0] > 0).long()
-torch.manual_seed(0)
-model = torch.nn.Linear(8, 2)
-
-class EmptyIterable:
-    def __iter__(self):
-        return iter(())
-
-results = {}
-try:
-    results["empty"] = loopy.evaluate(model, EmptyIterable(), F.cross_entropy)
-except ValueError as error:
-    results["empty"] = str(error)
-results["all"] = loopy.evaluate(model, DataLoader(TensorDataset(X, y), 4), F.cross_entropy)
-calls = []
-
-def nan_on_rank_1(output, target):  # rank 1's third batch: DDP spreads it to both ranks
-    calls.append(1)
-    loss = F.cross_entropy(output, target)
-    return loss * float("nan") if os.environ["RANK"] == "1" and len(calls) == 3 else loss
-
-torch.manual_seed(0)
-model = torch.nn.Linear(8, 2)
-try:
-    loopy.fit(model, nan_on_rank_1, torch.optim.SGD(model.parameters(), lr=0.1),
-              DataLoader(TensorDataset(X, y), 2), progress=False,
-              hooks=[loopy.checkpoint(os.path.join(sys.argv[1], "nan.pt"), every=1)])
-except FloatingPointError as error:
-    results["nan"] = str(error)
-torch.save(results, os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', 0)}.pt"))
-"""
-
-
-@pytest.mark.slow
-def test_16_under_torchrun_an_evaluation_without_batches_is_an_error(tmp_path):
-    script = tmp_path / "empty.py"
-    script.write_text(ISSUE_16_SCRIPT)
-    subprocess.run(command(2) + [str(script), str(tmp_path)], check=True,
-                   env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"), timeout=300)
-    X = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    model = torch.nn.Linear(8, 2)
-    expected = F.cross_entropy(model(X), (X[:, 0] > 0).long()).item()
-    for rank in (0, 1):
-        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert "loader yielded no batches on any process" in results["empty"]
-        assert results["all"]["loss"] == pytest.approx(expected, rel=1e-6)  # (and it goes on)
-    # a non-finite loss on rank 1 alone: neither process saves step 3, whose weights it spoiled
-    assert "not finite on another process (this is rank 0)" in \
-        torch.load(tmp_path / "rank0.pt", weights_only=True)["nan"]
-    assert "the loss is not finite" in torch.load(tmp_path / "rank1.pt", weights_only=True)["nan"]
-    saved = torch.load(tmp_path / "nan.pt", weights_only=True)
-    assert saved["step"] == 2 and all(v.isfinite().all() for v in saved["model"].values())
-
-
-def test_16_batch_size_and_shuffle_given_for_a_dataloader_are_errors():
-    X, y = make_data(64)
-    loader = tensor_loader(X, y)
-    message = fit_error(ValueError, loader=loader, shuffle=True, batch_size=128)
-    assert "batch_size=128 applies to in-memory tensors" in message
-    assert "DataLoader(..., batch_size=128)" in message
-    message = fit_error(ValueError, loader=loader, shuffle=False)
-    assert "shuffle=False" in message and "in-memory tensors" in message
-    for call in (lambda: loopy.evaluate(make_mlp(), loader, F.cross_entropy, batch_size=8),
-                 lambda: loopy.predict(make_mlp(), loader, batch_size=8),
-                 lambda: loopy.lr_find(make_mlp(), F.cross_entropy, torch.optim.SGD(
-                     make_mlp().parameters(), lr=0.1), loader, batch_size=8)):
-        with pytest.raises(ValueError, match="batch_size=8 applies to in-memory tensors"):
-            call()
-
-
-def test_16_batch_size_applies_to_in_memory_validation_data_beside_a_dataloader():
-    X, y = make_data(64)
-    model = make_mlp()
-    sizes = {"n": lambda output, target: torch.tensor(float(len(target)))}
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                     tensor_loader(X, y), val_loader=(X, y), batch_size=20, metrics=sizes,
-                     progress=False)
-    assert loop.history["n"] == [32.0]  # the DataLoader's own batches
-    assert loop.history["val_n"] == [(20 * 20 * 3 + 4 * 4) / 64]  # batches of 20, 20, 20, 4
-
-
-def test_16_every_other_option_that_would_be_ignored_is_an_error():
-    X, y = make_data(64)
-    model = make_mlp()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    step = lambda m, b: F.cross_entropy(m(b[0]), b[1])
-    message = fit_error(ValueError, step=step)  # loss_fn=F.cross_entropy as well
-    assert "loss_fn=" in message and "would be ignored" in message and "step=" in message
-    message = fit_error(ValueError, scheduler_interval="step")
-    assert "scheduler_interval='step'" in message and "no scheduler=" in message
-    message = fit_error(ValueError, model=model, optimizer=optimizer, scheduler_monitor="loss",
-                        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1))
-    assert "scheduler_monitor='loss'" in message and "ReduceLROnPlateau" in message
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
-    message = fit_error(ValueError, model=model, optimizer=optimizer, scheduler=plateau,
-                        scheduler_monitor="val_loss")  # (no val_loader: was the training loss)
-    assert "scheduler_monitor='val_loss'" in message and "val_loader" in message
-    with pytest.raises(ValueError, match=r"checkpoint\(mode='max'\) would be ignored.*monitor="):
-        next(loopy.checkpoint("run.pt", mode="max"))
-    with pytest.raises(ValueError, match=r"checkpoint\(keep=3\) would be ignored.*\{epoch\}"):
-        next(loopy.checkpoint("run.pt", keep=3))
-    with pytest.raises(ValueError, match=r"every=5, monitor='val_loss'.*every='epoch'"):
-        next(loopy.checkpoint("run-{step}.pt", every=5, monitor="val_loss"))
-
-
-@pytest.mark.parametrize("name, values, stop_after, best", [
-    ("top1_acc", [0.5, 0.9, 0.7, 0.6, 0.8], 4, 1),  # a score: higher is better
-    ("map_50", [0.5, 0.9, 0.7, 0.6, 0.8], 4, 1),
-    ("val_dice_loss", [0.5, 0.3, 0.4, 0.45, 0.1], 4, 1),  # the last known word decides
-    ("error", [0.5, 0.3, 0.4, 0.45, 0.1], 4, 1),
-    ("f1", [math.nan, 0.5, 0.6, math.nan, 0.55, 0.9], 5, 2),  # a NaN is never the best
-])
-def test_16_early_stopping_auto_mode_and_nan(name, values, stop_after, best):
-    X, y = make_data(64)
-    model = make_mlp()
-    snapshots = []
-
-    def snapshot():
-        while True:
-            loop = yield "epoch"
-            snapshots.append(copy.deepcopy(loop.model.state_dict()))
-
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
-                     epochs=len(values), progress=False,
-                     hooks=[scripted(name, values), snapshot(),
-                            loopy.early_stopping(name, patience=2, restore_best=True)])
-    assert len(loop.history["loss"]) == stop_after
-    assert f"(best {values[best]:.6g})" in loop.stop_reason
-    assert all(torch.equal(snapshots[best][k], v) for k, v in model.state_dict().items())
-
-
-def test_16_checkpoint_keeps_the_best_file_by_auto_mode_never_a_nan(tmp_path):
-    X, y = make_data(64)
-    model = make_mlp()
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
-              epochs=5, progress=False,
-              hooks=[scripted("val_iou", [math.nan, 0.4, 0.7, 0.5, math.nan]),
-                     scripted("val_rmse", [math.nan, 3.0, 2.0, 2.5, math.nan]),
-                     loopy.checkpoint(tmp_path / "iou-{epoch}.pt", monitor="val_iou"),
-                     loopy.checkpoint(tmp_path / "rmse-{epoch}.pt", monitor="val_rmse")])
-    assert sorted(os.listdir(tmp_path)) == ["iou-3.pt", "rmse-3.pt"]
-
-
-def test_16_checkpoint_on_a_real_accuracy_keeps_its_highest_epoch(tmp_path):
-    X, y = make_data(96)
-    model = make_mlp()
-    loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.05),
-                     (X, y), val_loader=(X[:48], y[:48]), epochs=6, progress=False,
-                     metrics={"acc": loopy.accuracy},
-                     hooks=[loopy.checkpoint(tmp_path / "best-{epoch}.pt", monitor="val_acc")])
-    accuracies = loop.history["val_acc"]
-    best = accuracies.index(max(accuracies))  # the first epoch with the highest accuracy
-    assert accuracies.index(min(accuracies)) != best  # (the old mode="min" would keep that one)
-    assert os.listdir(tmp_path) == [f"best-{best + 1}.pt"]
-
-
-def test_16_a_monitor_that_cannot_exist_or_be_classified_fails_before_training():
-    X, y = make_data(64)
-    model = make_mlp()
-    before = copy.deepcopy(model.state_dict())
-    log = []
-    for hook, words in ((loopy.early_stopping("val_acc"), ["'val_acc'", "val_loader", "'lr'"]),
-                        (loopy.checkpoint("x.pt", monitor="acc"), ["'acc'", "metric_names"]),
-                        (loopy.early_stopping("lr"), ["mode='auto' cannot tell", "mode='max'"]),
-                        (loopy.early_stopping("val_accc"), ["check its spelling"]),
-                        (loopy.early_stopping(min_delta=-0.05), ["min_delta=-0.05", ">= 0"]),
-                        (loopy.early_stopping(min_delta=math.nan), ["min_delta=nan"]),
-                        (loopy.early_stopping("val_loss", mode="best"), ["mode='best'"])):
-        message = fit_error(ValueError, model=model, hooks=[recorder(log), hook],
-                            optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-        assert all(word in message for word in words), message
-    assert "batch" not in [event for _, event, *_ in log]
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-def test_16_metric_names_are_known_at_start_and_equal_the_epochs_metrics():
-    torchmetrics = pytest.importorskip("torchmetrics")
-    X, y = make_data(64)
-    model = make_mlp()
-    seen = []
-
-    def names():
-        seen.append(list((yield "start").metric_names))
-        seen.append(list((yield "epoch").metrics))
-
-    loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-              val_loader=(X, y), nonfinite="skip", hooks=[names()], progress=False,
-              metrics={"micro": torchmetrics.classification.MulticlassAccuracy(3),
-                       "acc": loopy.accuracy})
-    assert seen[0] == seen[1]
-
-
-def test_16_reduce_lr_on_plateau_counts_a_nan_as_no_improvement_as_torch_does():
-    X, y = make_data(64)
-    model = make_mlp()
-    nan_epochs = {1, 2}
-
-    def loss_fn(output, target):  # NaN in validation at epochs 2 and 3; training stays finite
-        loss = F.cross_entropy(output, target)
-        return loss * math.nan if not output.requires_grad and len(epochs) in nan_epochs else loss
-
-    epochs = []
-
-    def count_epochs():
-        while True:
-            yield "epoch"
-            epochs.append(0)
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=1)
-    loop = loopy.fit(model, loss_fn, optimizer, (X, y), val_loader=(X, y), epochs=5,
-                     scheduler=scheduler, hooks=[count_epochs()], progress=False)
-    # the oracle: torch's own scheduler fed the same values by hand
-    by_hand = torch.optim.SGD(make_mlp().parameters(), lr=1e-6)
-    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(by_hand, factor=0.5, patience=1)
-    lrs = []
-    for value in loop.history["val_loss"]:
-        lrs.append(by_hand.param_groups[0]["lr"])
-        reference.step(value)
-    assert [math.isnan(v) for v in loop.history["val_loss"]] == [False, True, True, False, False]
-    assert loop.history["lr"] == lrs and scheduler.best == reference.best
-    assert math.isfinite(scheduler.best) and lrs[3] == 0.5e-6  # two NaN epochs: one reduction
-
-
-def test_16_a_nonfinite_loss_never_reaches_a_checkpoint_file(tmp_path):
-    X, y = make_data(96)  # batches of 8: 12 steps an epoch; the loss is NaN at step 7
-    calls = []
-
-    def loss_fn(output, target):
-        calls.append(1)
-        loss = F.cross_entropy(output, target)
-        return loss * math.nan if len(calls) == 7 else loss
-
-    model = make_mlp()
-    with pytest.raises(FloatingPointError, match="optimizer step 7"):
-        loopy.fit(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                  batch_size=8, hooks=[loopy.checkpoint(tmp_path / "run.pt", every=2)],
-                  progress=False)
-    by_hand = make_mlp()  # the oracle: six steps by hand, the last save before the NaN
-    optimizer = torch.optim.SGD(by_hand.parameters(), lr=0.1)
-    for _, (x, target) in zip(range(6), tensor_loader(X, y, batch_size=8)):
-        F.cross_entropy(by_hand(x), target).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    saved = torch.load(tmp_path / "run.pt", weights_only=True)
-    assert saved["step"] == 6
-    assert all(torch.equal(saved["model"][k], v) for k, v in by_hand.state_dict().items())
-
-
-def test_16_a_nonfinite_loss_before_a_stop_is_raised_at_the_save_at_end(tmp_path):
-    X, y = make_data(96)
-    calls = []
-
-    def loss_fn(output, target):
-        calls.append(1)
-        loss = F.cross_entropy(output, target)
-        return loss * math.nan if len(calls) == 3 else loss
-
-    def stop_soon():
-        while True:
-            loop = yield "step"
-            if loop.step == 5:
-                loop.stop("enough")
-
-    model = make_mlp()
-    with pytest.raises(FloatingPointError, match="optimizer step 3"):
-        loopy.fit(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), (X, y),
-                  batch_size=8, hooks=[stop_soon(), loopy.checkpoint(tmp_path / "run.pt")],
-                  progress=False)
-    assert os.listdir(tmp_path) == []
-
-
-def test_16_history_stays_a_table_when_a_resume_adds_or_drops_metrics(tmp_path):
-    X, y = make_data(64)
-    extra = dict(metrics={"acc": loopy.accuracy}, val_loader=(X, y))
-
-    def run(epochs, resume=None, **options):
-        model = make_mlp()
-        return loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
-                         (X, y), epochs=epochs, resume=resume, progress=False,
-                         hooks=[loopy.checkpoint(tmp_path / f"{epochs}.pt")], **options)
-
-    straight = run(4, **extra).history  # the oracle: metrics and validation change no weights
-    run(2)
-    added = run(4, resume=tmp_path / "2.pt", **extra).history  # adds acc and val_*
-    dropped = run(6, resume=tmp_path / "4.pt").history  # drops them again
-    for history in (added, dropped):
-        assert len({len(values) for values in history.values()}) == 1, history
-    assert set(added) == set(straight) and added["loss"] == straight["loss"]
-    for name in ("acc", "val_loss", "val_acc"):
-        assert all(math.isnan(v) for v in added[name][:2] + dropped[name][4:])
-        assert added[name][2:] == straight[name][2:] == dropped[name][2:4]
-
-
-def test_a_resume_matches_several_optimizers_by_name_not_by_position(tmp_path):
-    X, y = gan_data(96)
-
-    def run(optimizers_of, resume=None, hooks=()):
-        gan = make_gan()
-        optimizers = optimizers_of(gan)
-        loop = loopy.fit(gan, None, optimizers, (X, y), list(hooks), batch_size=16, epochs=2,
-                         step=gan_step, seed=None if resume else 3, resume=resume,
-                         progress=False)
-        return gan, optimizers, loop
-
-    straight, _, _ = run(gan_optimizers)
-    path = tmp_path / "gan.pt"
-    run(gan_optimizers, hooks=[stop_when(4), loopy.checkpoint(path, every=1)])
-    # the same names in the other order: each Adam gets its own moments back
-    reordered = lambda gan: dict(reversed(list(gan_optimizers(gan).items())))
-    resumed, optimizers, _ = run(reordered, resume=path)
-    assert list(optimizers) == ["generator", "discriminator"]
-    assert same_weights(resumed, straight)
-    # other names, or a list of them in another order: refused before training
-    renamed = lambda gan: {"G": gan_optimizers(gan)["generator"],
-                           "D": gan_optimizers(gan)["discriminator"]}
-    with pytest.raises(ValueError) as raised:
-        run(renamed, resume=path)
-    assert "holds optimizers named ['discriminator', 'generator'], but fit got ['G', 'D']" \
-        in str(raised.value)
-    swapped = lambda gan: [gan_optimizers(gan)["generator"], gan_optimizers(gan)["discriminator"]]
-    torch.save(dict(torch.load(path, weights_only=True), optimizer_names=[0, 1]), path)
-    with pytest.raises(ValueError) as raised:
-        run(swapped, resume=path)
-    assert "the saved state of optimizer 0 is for parameters of shape" in str(raised.value)
-    assert "give the optimizers in the order (or with the names) they had" in str(raised.value)
