@@ -288,8 +288,6 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
     if not 0 < min_lr < max_lr or num_steps < 2:
         raise ValueError(f"lr_find needs 0 < min_lr < max_lr and num_steps >= 2; got min_lr="
                          f"{min_lr}, max_lr={max_lr}, num_steps={num_steps}")
-    saved = copy.deepcopy((_unwrap(model).state_dict(), optimizer.state_dict())), _rng_state()
-    modes = _modes(model)
     lrs, losses = [], []
 
     def sweep():
@@ -310,28 +308,15 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
     _check_in_memory(batch_size=(batch_size, loader, isinstance(batches, _TensorBatches)))
     once = iter(batches) is batches  # a generator: one pass
     epochs = 1 if once else num_steps // _length(batches) + 1 if _length(batches) else None
-    try:
+    with _restoring(model, optimizer):
         fit(model, loss_fn, optimizer, batches, [sweep()], epochs=epochs, progress=False,
             step=step, nonfinite="ignore", device=device, max_steps=None if epochs else num_steps)
-    finally:
-        _unwrap(model).load_state_dict(saved[0][0])
-        optimizer.load_state_dict(saved[0][1])
-        _set_rng_state(saved[1])
-        for module, training in modes:
-            module.training = training
     if once and len(lrs) < num_steps and losses[-1] < diverge * min(losses):
         raise ValueError(f"lr_find: the loader, {_describe(loader)}, ran out after {len(lrs)} of "
                          f"num_steps={num_steps} batches, and a one-shot iterator cannot be "
                          f"re-iterated: pass a DataLoader or a list, or lower num_steps")
-    lowest = min(range(len(losses)), key=losses.__getitem__)
-    if lowest == 0:
-        warnings.warn(f"lr_find found no descent: the smoothed loss never fell below its "
-                      f"value at the first step (min_lr={min_lr:g}), so the suggestion means "
-                      f"nothing; lower min_lr, raise num_steps (it was {num_steps}), or check "
-                      f"that the model and loss_fn train at a small learning rate", stacklevel=2)
-    candidates = range(len(losses) // 10, max(lowest, len(losses) // 10 + 1))
-    best = min(candidates, key=lambda i: losses[min(i + 1, len(losses) - 1)] - losses[i])
-    return {"lr": lrs, "loss": losses, "suggestion": lrs[best]}
+    return {"lr": lrs, "loss": losses, "suggestion": _suggestion(lrs, losses, min_lr, num_steps)}
+
 
 
 def plot_history(history, path=None):
@@ -351,22 +336,9 @@ def plot_history(history, path=None):
         raise ValueError(f"plot_history needs a Loop, its history or lr_find's result, with at "
                          f"least one epoch recorded; got {_describe(history)}")
     if "suggestion" in history:  # lr_find's result
-        figure, axis = plt.subplots(figsize=(5, 3.5))
-        axis.plot(history["lr"], history["loss"], label="loss (smoothed)")
-        axis.axvline(history["suggestion"], color="gray", linestyle="--",
-                     label=f"suggestion {history['suggestion']:.3g}")
-        axis.set(xscale="log", xlabel="learning rate")
-        axes = [axis]
+        figure, axes = _plot_lr_find(plt, history)
     else:
-        names = dict.fromkeys(name.removeprefix("val_") for name in history
-                              if name not in ("lr", "skipped"))
-        figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
-        axes = axes[0]
-        for axis, name in zip(axes, names):
-            for key, label in ((name, "training"), ("val_" + name, "validation")):
-                if key in history:
-                    axis.plot(range(1, len(history[key]) + 1), history[key], label=label)
-            axis.set(title=name, xlabel="epoch")
+        figure, axes = _plot_curves(plt, history)
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend()
@@ -389,10 +361,10 @@ class Loop:
     manual step's dict), ``grad_norm`` (with ``clip_grad``), ``metrics`` (the last epoch's
     floats), ``metric_names`` (the names that ``metrics`` will have, known at ``"start"``; a
     hook that adds its own metric appends its name there; None with a manual step), ``history``
-    (a list of floats per epoch for each name, NaN in the epochs without that value), ``event`` (the current event),
-    ``stop_reason``, ``rank`` and ``world_size`` (under torchrun; 0 and 1 otherwise),
-    ``scheduler``, ``scaler``, ``val_loader``, ``dry_run``, ``val_model`` (the module that
-    validation runs: ``model``, unless a hook sets another, as :func:`ema` does),
+    (a list of floats per epoch for each name, NaN in the epochs without that value), ``event``
+    (the current event), ``stop_reason``, ``rank`` and ``world_size`` (under torchrun; 0 and 1
+    otherwise), ``scheduler``, ``scaler``, ``val_loader``, ``dry_run``, ``val_model`` (the module
+    that validation runs: ``model``, unless a hook sets another, as :func:`ema` does),
     ``hook_state`` (a dict that checkpoints save and a resume restores before the hooks' first
     event: tensors, Python numbers, strings, None, lists, tuples and dicts, checked at each save;
     tensors come back on the CPU; a hook that changes it must come before :func:`checkpoint`).
@@ -581,9 +553,7 @@ def early_stopping(monitor="val_loss", patience=3, mode="auto", min_delta=0.0, r
     best_weights = None
     try:
         while True:
-            loop = yield ("epoch", "end")
-            if loop.event == "end":
-                continue
+            loop = yield "epoch"
             _check_monitor(loop, monitor, "early_stopping",
                            loop.metric_names is None and loop.metrics)
             value = loop.metrics.get(monitor, math.nan)
@@ -611,9 +581,9 @@ def checkpoint(path, every="epoch", monitor=None, mode="auto", keep=1):
     """Save the full training state (see ``fit(resume=...)``) atomically to ``path`` after every
     epoch, every ``every`` optimizer steps when it is a number, and when training ends, stops or
     is interrupted; with ``monitor``, only epochs that improve it. ``path`` may contain
-    ``{epoch}`` and ``{step}``; then the ``keep`` newest (or best) files are kept (``mode`` as in :func:`early_stopping`). Nothing is saved
-    after a non-finite loss (see ``nonfinite``). Hooks that
-    keep state in ``loop.hook_state`` come before it in ``hooks``, to be in its saves.
+    ``{epoch}`` and ``{step}``; then the ``keep`` newest (or best) files are kept (``mode`` as
+    in :func:`early_stopping`). Nothing is saved after a non-finite loss (see ``nonfinite``).
+    Hooks that keep state in ``loop.hook_state`` come before it in ``hooks``, to be in its saves.
 
         >>> loopy.fit(..., hooks=[loopy.checkpoint("run.pt")])
         >>> loopy.fit(..., epochs=20, resume="run.pt")      # continues the same run exactly
@@ -688,20 +658,21 @@ def tensorboard(log_dir=None, every=50):
     except ImportError as error:
         raise ImportError("loopy.tensorboard needs the tensorboard package: "
                           "pip install tensorboard") from error
-    loop = yield ("step", "epoch", "end")
+    loop = yield "start"
     if loop.rank != 0:
         return
     writer = SummaryWriter(log_dir)
     try:
         while True:
-            if loop.event == "step" and loop.step % every == 0:
+            loop = yield ("step", "epoch")
+            if loop.event == "epoch":
+                for name, value in loop.metrics.items():
+                    writer.add_scalar(f"epoch/{name}", value, loop.epoch + 1)
+            elif loop.step % every == 0:
                 losses = loop.loss if isinstance(loop.loss, dict) else {"loss": loop.loss}
                 for name, value in losses.items():
                     writer.add_scalar(f"step/{name}", float(value), loop.step)
                 writer.add_scalar("step/lr", loop.optimizer.param_groups[0]["lr"], loop.step)
-            for name, value in loop.metrics.items() if loop.event == "epoch" else ():
-                writer.add_scalar(f"epoch/{name}", value, loop.epoch + 1)
-            loop = yield ("step", "epoch", "end")
     finally:
         writer.close()
 
@@ -720,17 +691,17 @@ def log_to(log, every=None):
         raise TypeError(f"log_to(log={_describe(log)}): pass a function log(metrics, step), like "
                         f"wandb.log or mlflow.log_metrics")
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ValueError(f"log_to(every={every!r}): use None (epochs only) or a number of steps > 0")
+        raise ValueError(f"log_to(every={every!r}): use None (epochs only) or a number of "
+                         f"steps > 0")
     events = ("step", "epoch") if every else "epoch"
-    loop = yield events
-    if loop.rank != 0:
-        return
     while True:
+        loop = yield events
+        if loop.rank != 0:
+            return
         if loop.event == "epoch":
             log({**loop.metrics, "epoch": loop.epoch + 1}, loop.step)
         elif loop.step % every == 0:
             log(loop.averages(), loop.step)
-        loop = yield events
 
 
 def live_plot(path=None):
@@ -786,12 +757,11 @@ def ema(decay=0.999, apply_at_end=True):
     state["average"] = {name: p.detach() for name, p in averaged.named_parameters()}  # live
     try:
         while True:
-            loop = yield ("step", "end")
-            if loop.event == "step":
-                torch._foreach_lerp_(averages, parameters, 1 - decay)  # as torch.optim.swa_utils
-                state["step"] = loop.step
-                if buffers:
-                    torch._foreach_copy_(copies, buffers)
+            loop = yield "step"
+            torch._foreach_lerp_(averages, parameters, 1 - decay)  # as torch.optim.swa_utils
+            state["step"] = loop.step
+            if buffers:
+                torch._foreach_copy_(copies, buffers)
     finally:
         if apply_at_end and loop.event == "end":  # after every hook's "end", checkpoints too
             model.load_state_dict(averaged.state_dict())
@@ -822,15 +792,7 @@ _NO_CONTEXT = contextlib.nullcontext()  # a reusable "with" that does nothing
 def _train_epoch(loop, run, runner, position=None):
     """One pass over the training batches; False when a stop came before the epoch's end.
     ``position`` (from a checkpoint) resumes the epoch after the batches it had consumed."""
-    run.train_model.train()
-    for module in run.frozen:  # submodules the user put in eval mode stay in it (a frozen BN)
-        module.training = False
-    epoch = loop._epoch = _Epoch(loop.epoch, _new_meters(run.metrics, not run.manual), loop.step,
-                                 torch.get_rng_state(),
-                                 [generator.get_state() for generator in _generators(run.batches)],
-                                 _limited_length(run), runner=runner)
-    loop.batch_index, loop.num_batches = -1, epoch.length
-    batches = _epoch_batches(loop, run, epoch, position)
+    epoch, batches = _start_epoch(loop, run, runner, position)
     model, autocast = run.train_model, run.autocast
     device, non_blocking, accumulate = run.device, run.non_blocking, run.accumulate
     stop_at = run.max_steps or math.inf
@@ -870,6 +832,19 @@ def _train_epoch(loop, run, runner, position=None):
     return loop.stop_reason is None or loop.batch_index + 1 == epoch.length
 
 
+def _start_epoch(loop, run, runner, position):
+    """Train mode, the epoch's record (``loop._epoch``) and its numbered batches."""
+    run.train_model.train()
+    for module in run.frozen:  # submodules the user put in eval mode stay in it (a frozen BN)
+        module.training = False
+    epoch = loop._epoch = _Epoch(loop.epoch, _new_meters(run.metrics, not run.manual), loop.step,
+                                 torch.get_rng_state(),
+                                 [generator.get_state() for generator in _generators(run.batches)],
+                                 _limited_length(run), runner=runner)
+    loop.batch_index, loop.num_batches = -1, epoch.length
+    return epoch, _epoch_batches(loop, run, epoch, position)
+
+
 def _limited_length(run):
     """How many batches a pass over the training data has (dry_run: 2); None when unknown."""
     length = min(_length(run.batches) or math.inf, run.limit or math.inf)
@@ -880,28 +855,29 @@ def _epoch_batches(loop, run, epoch, position):
     """The epoch's numbered batches. A resumed epoch replays its shuffle from the random states
     of its start, skips the batches it had consumed (without loading them where it can), and
     gets back its running means."""
-    generators = _generators(run.batches)
-    if position is not None:
-        torch.set_rng_state(position["epoch_rng"])
-        epoch.rng, epoch.generators = position["epoch_rng"], position.get("epoch_generators", [])
-        _set_generator_states(generators, epoch.generators)
-    for sampler in (getattr(run.batches, "sampler", None), getattr(run.batches, "batch_sampler", None)):
+    for name in ("sampler", "batch_sampler"):
+        sampler = getattr(run.batches, name, None)
         if hasattr(sampler, "set_epoch"):  # a DistributedSampler reshuffles per epoch
             sampler.set_epoch(epoch.index)
     if position is None:
         return itertools.islice(enumerate(run.batches), run.limit)
-    # a stateful loader continues the epoch from its own state, which _restore loaded
+    torch.set_rng_state(position["epoch_rng"])
+    epoch.rng, epoch.generators = position["epoch_rng"], position.get("epoch_generators", [])
+    _set_generator_states(_generators(run.batches), epoch.generators)
     done = position["batches"]
+    # a stateful loader continues the epoch from its own state, which _restore loaded
     rest = iter(run.batches) if _stateful(run.batches) else _skip_batches(run.batches, done)
-    if rest is None:  # any other iterable: the consumed batches are drawn and dropped
-        rest = iter(run.batches)
-        for _ in itertools.islice(rest, done):
-            pass
     loop.batch_index = done - 1
     batches = enumerate(rest, done)
     if run.limit is not None:
         batches = itertools.islice(batches, max(run.limit - done, 0))
     _set_rng_state(position["rng"])
+    _restore_running_means(loop, run, epoch, position)
+    return batches
+
+
+def _restore_running_means(loop, run, epoch, position):
+    """A resumed epoch's sums so far: its meters, and the update/compute/reset metrics' states."""
     epoch.first_step, epoch.skipped = position["first_step"], position["skipped"]
     for name, saved in position["meters"][loop.rank].items():  # (a manual step's come later)
         vars(epoch.meters.setdefault(name, _Meter())).update(_to_device(saved, run.device, False))
@@ -910,13 +886,13 @@ def _epoch_batches(loop, run, epoch, position):
             run.metrics[name].load_state_dict(_to_device(state, run.device, False), strict=False)
         else:
             run.metrics[name].load_state_dict(state)
-    return batches
 
 
 def _skip_batches(batches, count):
     """The batches of ``batches`` after its first ``count``, skipped at the sampler: drawing the
     random numbers that a full pass draws, but loading none of the skipped samples. For
-    in-memory tensors and DataLoaders over map-style datasets; None for any other loader."""
+    in-memory tensors and DataLoaders over map-style datasets; any other loader's skipped
+    batches are drawn and dropped."""
     data = torch.utils.data
     if isinstance(batches, _TensorBatches):
         rest = batches.__iter__(skip=count)
@@ -924,7 +900,9 @@ def _skip_batches(batches, count):
         return itertools.chain([] if first is None else [first], rest)
     if type(batches) is not data.DataLoader or batches.batch_sampler is None or \
             isinstance(batches.dataset, data.IterableDataset):
-        return None
+        rest = iter(batches)
+        next(itertools.islice(rest, count, count), None)  # (itertools' consume recipe)
+        return rest
     if getattr(batches, "_iterator", None) is None:  # (persistent workers' is made once)
         torch.empty((), dtype=torch.int64).random_(generator=batches.generator)  # as iter() does
     rest = list(batches.batch_sampler)[count:]  # all the sampler's draws, as a full pass makes
@@ -1004,13 +982,11 @@ def _apply_update(loop, run, runner, optimizer):
 def _average_gradients(grads, world_size):
     """What DistributedDataParallel does for a manual step: average the gradients over the
     processes, in one all-reduce."""
-    if not grads:
-        return
-    flat = torch.cat([grad.reshape(-1) for grad in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world_size
-    for grad, part in zip(grads, flat.split([grad.numel() for grad in grads])):
-        grad.copy_(part.view_as(grad))
+    if grads:
+        flat = torch._utils._flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= world_size
+        torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
 
 
 def _optimizer_named(run, name):
@@ -1315,6 +1291,59 @@ class _Meter:
     def first_nonfinite(self):
         index = self._fold()[1]
         return int(index) if index is not None and int(index) >= 0 else None
+
+
+# --- helpers of lr_find and plot_history ---
+
+@contextlib.contextmanager
+def _restoring(model, optimizer):
+    """Put back the model's and the optimizer's states, the train/eval modes and the RNGs."""
+    saved = copy.deepcopy((_unwrap(model).state_dict(), optimizer.state_dict())), _rng_state()
+    modes = _modes(model)
+    try:
+        yield
+    finally:
+        _unwrap(model).load_state_dict(saved[0][0])
+        optimizer.load_state_dict(saved[0][1])
+        _set_rng_state(saved[1])
+        for module, training in modes:
+            module.training = training
+
+
+def _suggestion(lrs, losses, min_lr, num_steps):
+    """The learning rate where the smoothed loss falls fastest before its minimum."""
+    lowest = min(range(len(losses)), key=losses.__getitem__)
+    if lowest == 0:
+        warnings.warn(f"lr_find found no descent: the smoothed loss never fell below its "
+                      f"value at the first step (min_lr={min_lr:g}), so the suggestion means "
+                      f"nothing; lower min_lr, raise num_steps (it was {num_steps}), or check "
+                      f"that the model and loss_fn train at a small learning rate", stacklevel=3)
+    candidates = range(len(losses) // 10, max(lowest, len(losses) // 10 + 1))
+    best = min(candidates, key=lambda i: losses[min(i + 1, len(losses) - 1)] - losses[i])
+    return lrs[best]
+
+
+def _plot_lr_find(plt, history):
+    """lr_find's smoothed loss against the learning rate (log scale), the suggestion marked."""
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot(history["lr"], history["loss"], label="loss (smoothed)")
+    axis.axvline(history["suggestion"], color="gray", linestyle="--",
+                 label=f"suggestion {history['suggestion']:.3g}")
+    axis.set(xscale="log", xlabel="learning rate")
+    return figure, [axis]
+
+
+def _plot_curves(plt, history):
+    """One panel per metric (the learning rate left out): training against validation."""
+    names = dict.fromkeys(name.removeprefix("val_") for name in history
+                          if name not in ("lr", "skipped"))
+    figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        for key, label in ((name, "training"), ("val_" + name, "validation")):
+            if key in history:
+                axis.plot(range(1, len(history[key]) + 1), history[key], label=label)
+        axis.set(title=name, xlabel="epoch")
+    return figure, axes[0]
 
 
 # --- setup, and torchrun ---
