@@ -3681,6 +3681,7 @@ TRAINING_SCRIPT = """
 import sys, time, torch, loopy
 torch.set_num_threads(1)
 path, epochs, resume, out = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume", sys.argv[4]
+pause = float(sys.argv[5])  # seconds after each step, so that a signal lands inside the epoch
 torch.manual_seed(0)
 X, y = torch.randn(512, 64), torch.randint(0, 10, (512,))
 model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Dropout(0.1),
@@ -3691,7 +3692,7 @@ def slow_and_chatty():
     while True:
         loop = yield "step"
         print("step", loop.step, flush=True)
-        time.sleep(0.02)
+        time.sleep(pause)
 
 hooks = ([loopy.checkpoint(path, every=3)] if path != "-" else []) + [slow_and_chatty()]
 loop = loopy.fit(model, torch.nn.functional.cross_entropy, optimizer, (X, y), batch_size=32,
@@ -3702,11 +3703,11 @@ print("stop_reason", loop.stop_reason, flush=True)
 """
 
 
-def run_training(tmp_path, path, epochs, resume, out, **popen):
+def run_training(tmp_path, path, epochs, resume, out, pause=0.02, **popen):
     script = tmp_path / "train.py"
     script.write_text(TRAINING_SCRIPT)
     return subprocess.Popen([sys.executable, str(script), str(path), str(epochs),
-                             "resume" if resume else "fresh", str(out)], cwd=HERE,
+                             "resume" if resume else "fresh", str(out), str(pause)], cwd=HERE,
                             env=cpu_env(PYTHONPATH=HERE), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
 
@@ -3723,7 +3724,7 @@ def straight_training(tmp_path_factory):
     its 2 epochs. The run starts at once and goes on beside the test (on a second core) until
     the test asks for its result."""
     tmp_path = tmp_path_factory.mktemp("straight")
-    process = run_training(tmp_path, "-", 2, False, tmp_path / "straight.pt")
+    process = run_training(tmp_path, "-", 2, False, tmp_path / "straight.pt", pause=0)
 
     @functools.cache
     def result():
@@ -3748,7 +3749,7 @@ def test_a_run_killed_at_random_moments_resumes_to_the_same_weights(tmp_path, st
         process.kill()
         process.wait()
         assert torch.load(path, weights_only=True)["format"] == "loopy-checkpoint/1"
-    process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt")
+    process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt", pause=0)
     assert process.wait(timeout=300) == 0, process.stderr.read()
     expected = straight_training()
     got = torch.load(tmp_path / "resumed.pt", weights_only=True)
@@ -3769,7 +3770,7 @@ def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path, straigh
     interrupted = torch.load(tmp_path / "interrupted.pt", weights_only=True)
     assert interrupted["history"] == {}  # stopped inside the first epoch, which is not recorded
     assert torch.load(path, weights_only=True)["position"]["batches"] < 16
-    process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt")
+    process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt", pause=0)
     assert process.wait(timeout=300) == 0
     expected = straight_training()
     got = torch.load(tmp_path / "resumed.pt", weights_only=True)
@@ -3818,41 +3819,44 @@ def test_a_preemption_signal_saves_at_that_step_exits_128_plus_it_and_resumes_ex
     saved = torch.load(path, weights_only=True)  # taken at "end", not at an every=3 step
     assert saved["step"] == last_step == saved["position"]["batches"] and last_step < 16
     assert saved["finished"] is None
-    process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt")
+    process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt", pause=0)
     assert process.wait(timeout=300) == 0, process.stderr.read()
     assert same_saved(straight_training(), torch.load(tmp_path / "resumed.pt", weights_only=True))
 
 
-def run_torchrun(tmp_path, path, resume, out):
-    """TRAINING_SCRIPT under torchrun with 2 processes (rank 0 writes the result)."""
+# rank 0 writes the result; the straight run is a scenario of torchrun_runs
+TORCHRUN_TRAINING_SCRIPT = TRAINING_SCRIPT.replace("torch.save({", "if loop.rank == 0: torch.save({")
+
+
+def run_torchrun(tmp_path, path, resume, out, pause):
+    """TORCHRUN_TRAINING_SCRIPT under torchrun with 2 processes."""
     script = tmp_path / "train_ddp.py"
-    script.write_text(TRAINING_SCRIPT.replace("torch.save({", "if loop.rank == 0: torch.save({")
-                      .replace("time.sleep(0.02)", "time.sleep(0.1)"))  # torchrun forwards in time
+    script.write_text(TORCHRUN_TRAINING_SCRIPT)
     return subprocess.Popen(command(2) + [str(script), str(path), "2",
-                             "resume" if resume else "fresh", str(out)], cwd=HERE,
+                             "resume" if resume else "fresh", str(out), str(pause)], cwd=HERE,
                             env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
-def test_sigterm_to_torchrun_saves_once_with_every_ranks_sums_and_resumes_exactly(tmp_path):
-    straight = run_torchrun(tmp_path, "-", False, tmp_path / "straight.pt")
-    assert straight.wait(timeout=300) == 0, straight.stderr.read()[-3000:]
+def test_sigterm_to_torchrun_saves_once_with_every_ranks_sums_and_resumes_exactly(
+        tmp_path, torchrun_runs):
     path = tmp_path / "run.pt"
-    process = run_torchrun(tmp_path, path, False, tmp_path / "interrupted.pt")
+    process = run_torchrun(tmp_path, path, False, tmp_path / "interrupted.pt", pause=0.1)
     wait_for_step(process, 3)
     process.send_signal(signal.SIGTERM)  # torchrun forwards it to both processes
     process.communicate(timeout=120)  # no hang
     assert process.returncode != 0 and not (tmp_path / "interrupted.pt").exists()
-    assert sorted(os.listdir(tmp_path)) == ["run.pt", "straight.pt", "train_ddp.py"]
+    assert sorted(os.listdir(tmp_path)) == ["run.pt", "train_ddp.py"]
     saved = torch.load(path, weights_only=True)
     position = saved["position"]  # inside the first epoch of 8 batches per process
     assert 3 <= saved["step"] == position["batches"] < 8 and position["data"]["processes"] == 2
     sums = [meters["loss"]["values"] for meters in position["meters"]]  # each process's own
     assert len(sums) == 2 and not all(torch.equal(a, b) for a, b in zip(*sums))
-    resumed = run_torchrun(tmp_path, path, True, tmp_path / "resumed.pt")
+    resumed = run_torchrun(tmp_path, path, True, tmp_path / "resumed.pt", pause=0)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
-    expected = torch.load(tmp_path / "straight.pt", weights_only=True)
+    expected = torch.load(scenario(torchrun_runs, 2, "straight") / "straight.pt",
+                          weights_only=True)
     assert same_saved(expected, torch.load(tmp_path / "resumed.pt", weights_only=True))
 
 
@@ -3920,49 +3924,108 @@ for mode in modes:  # one fit after another in the same processes and process gr
 """
 
 
-def start_distributed(tmp_path, name, modes, processes, batch_size):
-    """Start DISTRIBUTED_SCRIPT's ``modes``, one after another in the same ``processes``
-    processes (under torchrun when more than one); they save to ``tmp_path / name / mode``."""
-    script = tmp_path / "ddp.py"
-    script.write_text(DISTRIBUTED_SCRIPT)
-    launcher = command(processes if processes > 1 else None)
-    return subprocess.Popen(launcher + [str(script), ",".join(modes), str(tmp_path / name),
-                                        str(batch_size)],
-                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+SCENARIOS_SCRIPT = """
+import contextlib, json, os, runpy, sys, time, torch
+import loopy
+scenarios, out = json.loads(sys.argv[1]), sys.argv[2]
+rank, seed, attributes = os.environ.get("RANK", "0"), torch.initial_seed(), dict(vars(loopy))
+for name, script, arguments, env in scenarios:
+    print(f"--- scenario {name} starts at {time.time()}", file=sys.stderr, flush=True)
+    os.environ.update(env)
+    torch.manual_seed(seed)  # each starts from the random state of a fresh process
+    sys.argv, sys.path[0] = [script, *arguments], os.path.dirname(script)
+    with open(os.path.join(out, f"{name}.rank{rank}.stdout"), "w") as stdout, \\
+            contextlib.redirect_stdout(stdout):
+        runpy.run_path(script, run_name="__main__")
+    vars(loopy).update(attributes)  # what a scenario patched in loopy ends with it
+    open(os.path.join(out, f"{name}.rank{rank}.done"), "w").close()
+"""
+
+
+def free_port():
+    import socket
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def distributed_runs(tmp_path_factory):
-    """DISTRIBUTED_SCRIPT's runs, all started at once: two processes of batch 8 (plain,
-    accumulate and stop, one after another), one process of batch 16 (plain, accumulate), and
-    two processes that crash. Returns their folder and, by name, each run's exit code, stderr
-    and seconds from start to end."""
-    tmp_path = tmp_path_factory.mktemp("distributed")
-    runs = {"crash": (["crash"], 2, 8), "world-2": (["plain", "accumulate", "stop"], 2, 8),
-            "world-1": (["plain", "accumulate"], 1, 16)}
-    started = time.monotonic()
-    processes = {name: start_distributed(tmp_path, name, *run) for name, run in runs.items()}
+def torchrun_runs(tmp_path_factory):
+    """This file's multi-process scenarios, run once: one torchrun launch of two processes runs
+    them one after another in one process group, each as a fresh script (``__main__``, its own
+    arguments and folder, the random state of a fresh process), and beside it one plain process
+    runs the one-process runs that they are compared with. A launch costs seconds of start-up
+    alone. The two-process launch ends with "crash", which fails it on purpose. Returns, by
+    number of processes, the launch's folder, exit code, stderr and end time; ``scenario()``
+    gives a scenario's folder once it has finished on every process."""
+    tmp_path = tmp_path_factory.mktemp("torchrun")
+    scripts = {"ddp": DISTRIBUTED_SCRIPT, "torchrun13": TORCHRUN_13_SCRIPT, "log_to": LOG_TO_SCRIPT,
+               "numpy": TORCHRUN_16_SCRIPT, "ema": EMA_DISTRIBUTED_SCRIPT,
+               "gan": GAN_DISTRIBUTED_SCRIPT, "sliced": SLICED_DISTRIBUTED_SCRIPT,
+               "empty": ISSUE_16_SCRIPT, "train": TORCHRUN_TRAINING_SCRIPT}
+    for name, text in scripts.items():  # (named so as not to hide the modules they import)
+        (tmp_path / f"{name}_script.py").write_text(text)
+    scripts["ddp_digits"] = os.path.join(HERE, "examples", "ddp_digits.py")
+    out = "{out}"  # each scenario's own folder
+    launches = {2: [("world-2", "ddp", ["plain,accumulate,stop", out, "8"]),
+                    ("split", "torchrun13", ["split", out]), ("fsdp", "torchrun13", ["fsdp", out]),
+                    ("log_to", "log_to", [out]), ("numpy", "numpy", [out, "16"]),
+                    ("ema", "ema", [out, "8"]), ("gan", "gan", ["gan", out, "8"]),
+                    ("sliced", "sliced", [out, "0"]), ("sliced-drop_last", "sliced", [out, "1"]),
+                    ("ddp_digits", "ddp_digits", ["--epochs", "8", "--plot", ""]),
+                    ("straight", "train", ["-", "2", "fresh", out + "/straight.pt", "0"]),
+                    ("empty", "empty", [out]), ("crash", "ddp", ["crash", out, "8"])],
+                1: [("world-1", "ddp", ["plain,accumulate", out, "16"]),
+                    ("split", "torchrun13", ["split", out]), ("numpy", "numpy", [out, "32"]),
+                    ("ema", "ema", [out, "16"]), ("gan", "gan", ["gan", out, "16"]),
+                    ("fsdp", "torchrun13", ["fsdp", out], {  # as torchrun starts one process
+                        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})]}
+    (tmp_path / "scenarios.py").write_text(SCENARIOS_SCRIPT)
+    started = {}
+    for processes, scenarios in launches.items():
+        folder = tmp_path / str(processes)
+        runs = []
+        for name, script, arguments, *env in scenarios:
+            (folder / name).mkdir(parents=True)
+            script = scripts[script] if script == "ddp_digits" else tmp_path / f"{script}_script.py"
+            runs.append((name, str(script),
+                         [a.replace(out, str(folder / name)) for a in arguments],
+                         env[0] if env else {}))
+        started[processes] = folder, subprocess.Popen(
+            command(processes if processes > 1 else None) +
+            [str(tmp_path / "scenarios.py"), json.dumps(runs), str(folder)],
+            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
     results = {}
-    for name, process in processes.items():  # the crash first: it ends first, and is timed
+    for processes, (folder, process) in started.items():
         code, _, stderr = finished(process)
-        results[name] = code, stderr, time.monotonic() - started
-    return tmp_path, results
+        results[processes] = folder, code, stderr, time.time()
+    return results
 
 
-def rank_results(distributed_runs, name, mode, processes):
-    folder, results = distributed_runs
-    code, stderr, _ = results[name]
-    assert code == 0, f"{name} failed:\n{stderr[-3000:]}"
-    return [torch.load(folder / name / mode / f"rank{r}.pt", weights_only=True)
-            for r in range(processes)]
+def scenario(torchrun_runs, processes, name):
+    """The folder of scenario ``name`` of the launch of ``processes`` processes, checked to
+    have finished on each of them."""
+    folder, code, stderr, _ = torchrun_runs[processes]
+    assert all((folder / f"{name}.rank{rank}.done").exists() for rank in range(processes)), \
+        f"scenario {name!r} did not finish on {processes} process(es) (exit code {code}):\n" \
+        f"{stderr[-3000:]}"
+    return folder / name
+
+
+def rank_results(torchrun_runs, processes, name, mode=""):
+    """What each process of scenario ``name`` saved (in its folder ``mode``)."""
+    folder = scenario(torchrun_runs, processes, name) / mode
+    return [torch.load(folder / f"rank{rank}.pt", weights_only=True)
+            for rank in range(processes)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["plain", "accumulate"])
-def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(distributed_runs, mode):
-    rank0, rank1 = rank_results(distributed_runs, "world-2", mode, 2)
-    (single,) = rank_results(distributed_runs, "world-1", mode, 1)
+def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(torchrun_runs, mode):
+    rank0, rank1 = rank_results(torchrun_runs, 2, "world-2", mode)
+    (single,) = rank_results(torchrun_runs, 1, "world-1", mode)
     assert rank0["world_size"] == 2 and single["world_size"] == 1
     assert rank0["history"] == rank1["history"] and rank0["evaluate"] == rank1["evaluate"]
     for name, weights in single["model"].items():  # tolerance: float sums in another order
@@ -3975,9 +4038,9 @@ def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(distributed_runs
 
 @pytest.mark.slow
 def test_a_stop_on_one_rank_stops_both_and_its_mid_epoch_checkpoint_needs_two_processes(
-        distributed_runs):
-    rank0, rank1 = rank_results(distributed_runs, "world-2", "stop", 2)
-    out = distributed_runs[0] / "world-2" / "stop"
+        torchrun_runs):
+    rank0, rank1 = rank_results(torchrun_runs, 2, "world-2", "stop")
+    out = scenario(torchrun_runs, 2, "world-2") / "stop"
     assert rank0["step"] == rank1["step"] == 5
     assert rank0["stop_reason"] == "stopped by another process"
     assert rank1["stop_reason"] == "rank 1 had enough"
@@ -3993,10 +4056,11 @@ def test_a_stop_on_one_rank_stops_both_and_its_mid_epoch_checkpoint_needs_two_pr
 
 
 @pytest.mark.slow
-def test_an_error_on_one_rank_ends_the_whole_run_instead_of_hanging(distributed_runs):
-    code, stderr, seconds = distributed_runs[1]["crash"]
+def test_an_error_on_one_rank_ends_the_whole_run_instead_of_hanging(torchrun_runs):
+    _, code, stderr, ended = torchrun_runs[2]
     assert code != 0 and "rank 1 crashed" in stderr
-    assert seconds < 120  # torchrun stopped the other process
+    started = float(re.search(r"--- scenario crash starts at ([\d.]+)", stderr).group(1))
+    assert ended - started < 120  # torchrun stopped the other process
 
 
 TORCHRUN_13_SCRIPT = """import os, sys, torch, loopy
@@ -4145,12 +4209,14 @@ if mode == "fsdp":  # under torchrun, 1 or 2 processes
         result["early_optimizer"] = str(error)
 
 if mode == "hang":  # rank 1 hangs in a hook; rank 0 waits for it no longer than the timeout
-    import time
+    import signal
 
     def hang_on_rank_1():
         loop = yield "step"
-        if loop.rank == 1:
-            time.sleep(10)
+        if loop.rank == 1:  # until torchrun stops it, which it does once rank 0 has failed
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+            signal.sigtimedwait([signal.SIGTERM], 60)
+            os._exit(128 + signal.SIGTERM)
         yield
     model = mlp()
     loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
@@ -4178,9 +4244,8 @@ def run_13(tmp_path, mode, processes, expect_failure=False):
 
 
 @pytest.fixture(scope="module")
-def split_runs(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("split")
-    return run_13(tmp_path, "split", 2)[1], run_13(tmp_path, "split", 0)[1][0]
+def split_runs(torchrun_runs):
+    return rank_results(torchrun_runs, 2, "split"), rank_results(torchrun_runs, 1, "split")[0]
 
 
 @pytest.mark.slow
@@ -4233,9 +4298,9 @@ def test_torchrun_a_sampler_without_len_is_refused_with_the_fix(split_runs):
 
 
 @pytest.fixture(scope="module")
-def fsdp_runs(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("fsdp")
-    return run_13(tmp_path, "fsdp", 2), run_13(tmp_path, "fsdp", 1)
+def fsdp_runs(torchrun_runs):
+    return [(scenario(torchrun_runs, processes, "fsdp"),
+             rank_results(torchrun_runs, processes, "fsdp")) for processes in (2, 1)]
 
 
 @pytest.mark.slow
@@ -4300,13 +4365,8 @@ with open(os.path.join(sys.argv[1], f"rank{loop.rank}.json"), "w") as file:
 
 
 @pytest.mark.slow
-def test_log_to_under_torchrun_logs_on_rank_0_only(tmp_path):
-    script = tmp_path / "log_to.py"
-    script.write_text(LOG_TO_SCRIPT)
-    result = subprocess.run(command(2) + [str(script), str(tmp_path)],
-                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_log_to_under_torchrun_logs_on_rank_0_only(torchrun_runs):
+    tmp_path = scenario(torchrun_runs, 2, "log_to")
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     history = rank0["history"]  # each process takes 4 of the 8 batches: 4 steps per epoch
     assert rank0["records"] == [[4 * (e + 1), {**{k: v[e] for k, v in history.items()},
@@ -4338,21 +4398,10 @@ torch.save({"model": model.state_dict(), "history": loop.history, "sizes": sizes
 
 
 @pytest.mark.slow
-def test_torchrun_numpy_data_with_drop_last_and_a_number_metric_equal_one_process(tmp_path):
-    script = tmp_path / "run16.py"
-    script.write_text(TORCHRUN_16_SCRIPT)
-    results = {}
-    for processes, batch_size in ((2, 16), (1, 32)):  # 100 samples: the last 4 are dropped
-        out = tmp_path / str(processes)
-        out.mkdir()
-        launcher = command(processes if processes > 1 else None)
-        result = subprocess.run(launcher + [str(script), str(out), str(batch_size)],
-                                env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        results[processes] = [torch.load(out / f"rank{rank}.pt", weights_only=True)
-                              for rank in range(processes)]
-    (rank0, rank1), (single,) = results[2], results[1]
+def test_torchrun_numpy_data_with_drop_last_and_a_number_metric_equal_one_process(
+        torchrun_runs):
+    # batches of 16 on each of 2 processes, of 32 on one: of 100 samples the last 4 are dropped
+    (rank0, rank1), (single,) = (rank_results(torchrun_runs, p, "numpy") for p in (2, 1))
     assert single["sizes"] == [32, 32, 32, 7, 7, 7, 7, 2] * 2
     assert rank0["sizes"][:3] == rank1["sizes"][:3] == [16, 16, 16]
     for name, weights in single["model"].items():  # tolerance: float sums in another order
@@ -4388,20 +4437,9 @@ torch.save(result, os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', 0)}.p
 
 
 @pytest.mark.slow
-def test_ema_under_torchrun_is_the_same_on_both_ranks_and_matches_one_process(tmp_path):
-    script = tmp_path / "ema.py"
-    script.write_text(EMA_DISTRIBUTED_SCRIPT)
-    results = []
-    for processes, batch_size in ((2, 8), (1, 16)):
-        launcher = command(processes if processes > 1 else None)
-        out = tmp_path / str(processes)
-        out.mkdir()
-        result = subprocess.run(launcher + [str(script), str(out), str(batch_size)],
-                                env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        results += [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(processes)]
-    rank0, rank1, single = results
+def test_ema_under_torchrun_is_the_same_on_both_ranks_and_matches_one_process(torchrun_runs):
+    # batches of 8 on each of 2 processes, of 16 on one
+    (rank0, rank1), (single,) = (rank_results(torchrun_runs, p, "ema") for p in (2, 1))
     assert rank0["history"] == rank1["history"]
     for name, weights in single["model"].items():  # tolerance: float sums in another order
         assert torch.equal(rank0["model"][name], rank1["model"][name])
@@ -4452,15 +4490,9 @@ torch.save({"model": gan.state_dict(), "history": loop.history, "step": loop.ste
 
 
 @pytest.mark.slow
-def test_a_gan_on_two_processes_of_batch_b_equals_one_process_of_batch_2b(tmp_path, monkeypatch):
-    monkeypatch.setitem(globals(), "DISTRIBUTED_SCRIPT", GAN_DISTRIBUTED_SCRIPT)
-    processes = {name: start_distributed(tmp_path, name, ["gan"], *run)  # both at once
-                 for name, run in {"world-2": (2, 8), "world-1": (1, 16)}.items()}
-    for name, process in processes.items():
-        code, _, stderr = finished(process)
-        assert code == 0, f"{name} failed:\n{stderr[-3000:]}"
-    rank0, rank1, single = (torch.load(tmp_path / name / f"rank{rank}.pt", weights_only=True)
-                            for name, rank in (("world-2", 0), ("world-2", 1), ("world-1", 0)))
+def test_a_gan_on_two_processes_of_batch_b_equals_one_process_of_batch_2b(torchrun_runs):
+    # batches of 8 on each of 2 processes, of 16 on one
+    (rank0, rank1), (single,) = (rank_results(torchrun_runs, p, "gan") for p in (2, 1))
     assert rank0["world_size"] == 2 and rank0["step"] == single["step"] == 3 * 6
     assert rank0["history"] == rank1["history"]
     for name, weights in single["model"].items():  # tolerance: float sums in another order
@@ -4493,21 +4525,15 @@ for path in ("sliced", "iterated"):
     results[path] = {"model": model.state_dict(), "history": loop.history, "calls": len(calls),
                      "rng": torch.get_rng_state()}
     calls.clear()
+TensorDataset.__getitem__ = getitem
 torch.save(results, os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
 """
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_torchrun_sliced_shards_equal_the_distributed_samplers(tmp_path, drop_last):
-    script = tmp_path / "sliced_ddp.py"
-    script.write_text(SLICED_DISTRIBUTED_SCRIPT)
-    result = subprocess.run(command(2) + [str(script), str(tmp_path), str(int(drop_last))],
-                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for rank in (0, 1):
-        runs = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+def test_torchrun_sliced_shards_equal_the_distributed_samplers(torchrun_runs, drop_last):
+    for runs in rank_results(torchrun_runs, 2, "sliced-drop_last" if drop_last else "sliced"):
         sliced, iterated = runs["sliced"], runs["iterated"]
         assert sliced["calls"] == 0 and iterated["calls"] > 0
         assert all(torch.equal(sliced["model"][k], v) for k, v in iterated["model"].items())
@@ -4555,11 +4581,8 @@ torch.save(results, os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', 0)}.
 
 
 @pytest.mark.slow
-def test_16_under_torchrun_an_evaluation_without_batches_is_an_error(tmp_path):
-    script = tmp_path / "empty.py"
-    script.write_text(ISSUE_16_SCRIPT)
-    subprocess.run(command(2) + [str(script), str(tmp_path)], check=True,
-                   env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"), timeout=300)
+def test_16_under_torchrun_an_evaluation_without_batches_is_an_error(torchrun_runs):
+    tmp_path = scenario(torchrun_runs, 2, "empty")
     X = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 2)
@@ -4625,8 +4648,7 @@ with open(out, "w") as file:
 def examples(tmp_path_factory):
     """The standard output of each example and its plot file: all run as ``__main__`` one
     after another in one fresh process, so that torch and scikit-learn are imported once.
-    Beside it, on the other core, the ddp example runs under torchrun: "ddp under torchrun"
-    holds that run's exit code, stdout and stderr."""
+    (The ddp example runs under torchrun as a scenario of torchrun_runs.)"""
     tmp_path = tmp_path_factory.mktemp("examples")
     runs = {}
     for name, script, epochs, plot, hidden in [
@@ -4640,17 +4662,10 @@ def examples(tmp_path_factory):
         plot = str(tmp_path / f"{name}.png") if plot else ""
         runs[name] = (script, ["--epochs", str(epochs), "--plot", plot], hidden)
     out = tmp_path / "outputs.json"
-    torchrun = _started_python("-m", "torch.distributed.run", "--standalone",
-                               "--nproc_per_node=2", os.path.join(HERE, "examples", "ddp_digits.py"),
-                               "--epochs", "8", "--plot", "")
-    try:
-        _python("-c", EXAMPLES_SCRIPT, os.path.join(HERE, "examples"), json.dumps(runs), str(out))
-    finally:
-        under_torchrun = finished(torchrun)
+    _python("-c", EXAMPLES_SCRIPT, os.path.join(HERE, "examples"), json.dumps(runs), str(out))
     with open(out) as file:
         outputs = json.load(file)
-    return {"ddp under torchrun": under_torchrun,
-            **{name: (outputs[name], tmp_path / f"{name}.png") for name in runs}}
+    return {name: (outputs[name], tmp_path / f"{name}.png") for name in runs}
 
 
 def example_output(examples, name):
@@ -4703,10 +4718,11 @@ def test_example_without_matplotlib_skips_the_plot(examples):
 
 
 @pytest.mark.slow
-def test_the_ddp_example_runs_alone_and_under_torchrun_to_the_same_accuracy(examples):
+def test_the_ddp_example_runs_alone_and_under_torchrun_to_the_same_accuracy(examples,
+                                                                            torchrun_runs):
     alone, _ = example_output(examples, "ddp")
-    code, stdout, stderr = examples["ddp under torchrun"]
-    assert code == 0, f"torchrun ddp_digits.py failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    folder = scenario(torchrun_runs, 2, "ddp_digits").parent  # (each process's stdout)
+    stdout = "".join((folder / f"ddp_digits.rank{rank}.stdout").read_text() for rank in (0, 1))
     accuracies = []
     for output in (alone, stdout):
         assert output.count("final validation:") == 1  # only rank 0 reports
