@@ -171,11 +171,7 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=None, val_loader=
                    ddp_options=ddp_options, process_group_timeout=process_group_timeout,
                    resume_missing_ok=resume_missing_ok, exit_on_signal=exit_on_signal)
     loop = Loop(run, loader, val_loader)
-    if run.step_fn is None:
-        hooks.insert(0, _first_step_checks())
-    shown = any(hook.gi_code is _default_progress.__code__ for hook in hooks)  # the user's own
-    if run.progress and run.rank == 0 and not shown:  # last: its line sees what hooks changed
-        hooks.append(_default_progress(bar=run.progress == "bar"))
+    hooks = _with_builtin_hooks(hooks, run)
     with _HookRunner(hooks, loop) as runner, _signals_stop(loop), _counting_steps(loop):
         position = _restore(loop, run.resume) if run.resume is not None else None
         for each in run.optimizers.values():
@@ -196,12 +192,7 @@ def fit(model, loss_fn, optimizer, loader, hooks=(), *, epochs=None, val_loader=
         runner.emit("end")
     loop._run = dataclasses.replace(run, train_model=model)  # release DDP (and the group) now
     if loop._interrupted:
-        how = f"resume with fit(..., resume={loop._last_save!r})" if loop._last_save else \
-            "add hooks=[loopy.checkpoint(path)] to be able to resume"
-        warnings.warn(f"training interrupted by {_signal_name(loop._interrupted)} in epoch "
-                      f"{loop.epoch + 1}, after step {loop.step}; {how}", stacklevel=2)
-        if loop._interrupted != signal.SIGINT and run.exit_on_signal:
-            raise SystemExit(128 + loop._interrupted)  # what a scheduler expects of a preemption
+        _report_interruption(loop, run)
     return loop
 
 
@@ -218,7 +209,7 @@ def evaluate(model, loader, loss_fn=None, metrics=None, device="auto", *, step=N
     """
     run = _prepare(model, loss_fn, None, loader, metrics=metrics, device=device, step=step,
                    batch_size=batch_size, precision=precision)
-    return _evaluate(run, run.batches, "loader", Loop(run, loader))
+    return _evaluate(run, run.batches, "loader", Loop(run, loader), model)
 
 
 def predict(model, loader, device="auto", *, batch_size=None):
@@ -769,6 +760,26 @@ def ema(decay=0.999, apply_at_end=True):
 
 # --- the training loop ---
 
+def _with_builtin_hooks(hooks, run):
+    """The hooks that fit adds: the first step's checks first, its progress hook last."""
+    if run.step_fn is None:
+        hooks.insert(0, _first_step_checks())
+    shown = any(hook.gi_code is _default_progress.__code__ for hook in hooks)  # the user's own
+    if run.progress and run.rank == 0 and not shown:  # last: its line sees what hooks changed
+        hooks.append(_default_progress(bar=run.progress == "bar"))
+    return hooks
+
+
+def _report_interruption(loop, run):
+    """After a stopping signal: how to resume; a preemption ends the process, as asked."""
+    how = f"resume with fit(..., resume={loop._last_save!r})" if loop._last_save else \
+        "add hooks=[loopy.checkpoint(path)] to be able to resume"
+    warnings.warn(f"training interrupted by {_signal_name(loop._interrupted)} in epoch "
+                  f"{loop.epoch + 1}, after step {loop.step}; {how}", stacklevel=3)
+    if loop._interrupted != signal.SIGINT and run.exit_on_signal:
+        raise SystemExit(128 + loop._interrupted)  # what a scheduler expects of a preemption
+
+
 @dataclasses.dataclass
 class _Epoch:
     """What changes during one epoch; a new record each epoch, passed to what needs it."""
@@ -822,14 +833,7 @@ def _train_epoch(loop, run, runner, position=None):
         if checks_stops or loop.stop_reason or loop._interrupted or loop.step >= stop_at:
             if _should_stop(loop, run):
                 break
-    if loop.batch_index < 0:
-        raise ValueError(f"loader yielded no batches in epoch {loop.epoch + 1}: pass a non-empty "
-                         f"DataLoader or list")
-    if epoch.pending:  # the last group of a loader without len(), or one cut short by a stop
-        _optimizer_step(loop, run, runner, epoch)
-    if loop.stop_reason and loop.batch_index + 1 == epoch.length:
-        next(batches, None)  # a stop on the last batch ends the pass too (a sampler draws then)
-    return loop.stop_reason is None or loop.batch_index + 1 == epoch.length
+    return _end_pass(loop, run, epoch, batches)
 
 
 def _start_epoch(loop, run, runner, position):
@@ -843,6 +847,18 @@ def _start_epoch(loop, run, runner, position):
                                  _limited_length(run), runner=runner)
     loop.batch_index, loop.num_batches = -1, epoch.length
     return epoch, _epoch_batches(loop, run, epoch, position)
+
+
+def _end_pass(loop, run, epoch, batches):
+    """The last group's optimizer step; whether the epoch is complete (not cut short by a stop)."""
+    if loop.batch_index < 0:
+        raise ValueError(f"loader yielded no batches in epoch {loop.epoch + 1}: pass a non-empty "
+                         f"DataLoader or list")
+    if epoch.pending:  # the last group of a loader without len(), or one cut short by a stop
+        _optimizer_step(loop, run, epoch.runner, epoch)
+    if loop.stop_reason and loop.batch_index + 1 == epoch.length:
+        next(batches, None)  # a stop on the last batch ends the pass too (a sampler draws then)
+    return loop.stop_reason is None or loop.batch_index + 1 == epoch.length
 
 
 def _limited_length(run):
@@ -1135,15 +1151,9 @@ def _number(name, value):
 
 
 def _end_epoch(loop, run, runner):
-    epoch = loop._epoch
-    values = _epoch_results(run, epoch.meters)
-    _check_finite(loop, values.get("loss"))
-    if run.nonfinite == "skip":
-        values["skipped"] = float(epoch.skipped)
-    if run.val_batches is not None:
-        results = _evaluate(run, run.val_batches, "val_loader", loop, loop.val_model)
-        values.update({f"val_{name}": value for name, value in results.items()})
-    values["lr"] = float(run.optimizer.param_groups[0]["lr"])  # before an epoch scheduler
+    """Validation, the epoch's values in loop.metrics and the history, an epoch scheduler's step,
+    the "epoch" event."""
+    values = _epoch_values(loop, run)
     if run.scheduler_interval == "epoch":
         for scheduler in run.schedulers:
             _step_scheduler(scheduler, run.scheduler_monitor, values)
@@ -1151,11 +1161,24 @@ def _end_epoch(loop, run, runner):
     # one entry per epoch in every list, NaN where a metric is new (a resume added it) ...
     for name, value in values.items():
         loop.history.setdefault(name, [math.nan] * loop.epoch).append(value)
-    epoch.complete = True
+    loop._epoch.complete = True
     runner.emit("epoch")
     for recorded in loop.history.values():  # ... or gone (neither loopy nor a hook added it)
         if len(recorded) == loop.epoch:
             recorded.append(math.nan)
+
+
+def _epoch_values(loop, run):
+    """The epoch's means (checked to be finite), its skipped batches, validation, the rate."""
+    values = _epoch_results(run, loop._epoch.meters)
+    _check_finite(loop, values.get("loss"))
+    if run.nonfinite == "skip":
+        values["skipped"] = float(loop._epoch.skipped)
+    if run.val_batches is not None:
+        results = _evaluate(run, run.val_batches, "val_loader", loop, loop.val_model)
+        values.update({f"val_{name}": value for name, value in results.items()})
+    values["lr"] = float(run.optimizer.param_groups[0]["lr"])  # before an epoch scheduler
+    return values
 
 
 def _step_scheduler(scheduler, monitor, values):
@@ -1167,10 +1190,9 @@ def _step_scheduler(scheduler, monitor, values):
     scheduler.step(values[monitor])  # a NaN counts as an epoch without improvement
 
 
-def _evaluate(run, batches, name, loop, model=None):
+def _evaluate(run, batches, name, loop, model):
     with_loss = (run.loss_fn is not None or run.step_fn is not None) and not run.manual
     meters = _new_meters(run.metrics, with_loss)
-    model = run.model if model is None else model  # (fit's: loop.val_model)
     # (the module inside a DDP wrapper: its forward would broadcast buffers)
     model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     last = None
@@ -1233,12 +1255,7 @@ def _epoch_results(run, meters):
     if run.world_size == 1:
         results = {name: meter.mean() for name, meter in meters.items()}
     else:
-        sums = [meter.sum(run.device).to(run.device, torch.float64) for meter in meters.values()]
-        counts = [torch.tensor(float(meter.count), dtype=torch.float64, device=run.device)
-                  for meter in meters.values()]
-        both = torch.stack(sums + counts) if sums else torch.zeros(0, device=run.device)
-        torch.distributed.all_reduce(both)
-        results = dict(zip(meters, (both[:len(sums)] / both[len(sums):]).tolist()))
+        results = _global_means(run, meters)
     for name, metric in run.metrics.items():
         if _is_metric_object(metric):
             value = metric.compute()
@@ -1248,6 +1265,16 @@ def _epoch_results(run, meters):
                 raise TypeError(f"metrics[{name!r}].compute() returned {_describe(value)}; "
                                 f"loopy records one number per metric") from None
     return results
+
+
+def _global_means(run, meters):
+    """The meters' means over every process's batches: their sums and counts, all-reduced."""
+    sums = [meter.sum(run.device).to(run.device, torch.float64) for meter in meters.values()]
+    counts = [torch.tensor(float(meter.count), dtype=torch.float64, device=run.device)
+              for meter in meters.values()]
+    both = torch.stack(sums + counts) if sums else torch.zeros(0, device=run.device)
+    torch.distributed.all_reduce(both)
+    return dict(zip(meters, (both[:len(sums)] / both[len(sums):]).tolist()))
 
 
 class _Meter:
