@@ -1427,15 +1427,19 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None,
     for name, value in (("model", model), ("loss_fn", loss_fn), ("optimizer", optimizer),
                         ("scheduler", scheduler), ("step", step)):
         _check_not_a_class(name, value)
-    manual = _takes_loop(step)
+    if not isinstance(model, torch.nn.Module):
+        hint = ("; hold several models in one: torch.nn.ModuleDict({'generator': ..., "
+                "'discriminator': ...})" if isinstance(model, (dict, list, tuple)) else "")
+        raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}{hint}")
+    manual, training = _takes_loop(step), optimizer is not None
     interval = "epoch" if scheduler_interval is None else scheduler_interval
-    optimizers, schedulers = _named(optimizer), list(_named(scheduler).values())
-    if optimizer is not None:
+    optimizers, schedulers = _named(optimizer), _named(scheduler)
+    plateau = any(isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau)
+                  for s in schedulers.values())
+    if training:
         _check_training_args(model, loss_fn, optimizers, step, epochs, accumulate, max_steps,
-                             nonfinite, _named(scheduler), interval, drop_last,
-                             val_batch_size, manual)
-    elif not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
+                             nonfinite, interval, drop_last, val_batch_size, manual)
+        _check_schedulers(schedulers, optimizers, interval, plateau)
     elif loss_fn is not None and not callable(loss_fn):
         hint = ": metrics go in metrics={...}" if isinstance(loss_fn, dict) else ""
         raise TypeError(f"loss_fn must be callable, like torch.nn.functional.cross_entropy, or "
@@ -1448,16 +1452,8 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None,
     device = _join_process_group(device, process_group_timeout) if distributed else device
     if seed is not None:  # before anything draws a random number
         _seed_everything(seed)
-    batches = _as_batches(loader, "loader", batch_size, shuffle, drop_last)
-    if val_loader is not None:
-        val_loader = _as_batches(val_loader, "val_loader", val_batch_size or batch_size, False)
-    in_memory, val_in_memory = (isinstance(d, _TensorBatches) for d in (batches, val_loader))
-    _check_in_memory(batch_size=(batch_size, loader, in_memory or val_in_memory and
-                                 val_batch_size is None),
-                     shuffle=(shuffle, loader, in_memory),
-                     drop_last=(drop_last or None, loader, in_memory),
-                     val_batch_size=(val_batch_size, val_loader, val_in_memory))
-    plateau = any(isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau) for s in schedulers)
+    batches, val_loader = _data(loader, val_loader, batch_size, shuffle, drop_last,
+                                val_batch_size)
     _check_effect(loss_fn=(loss_fn, step is None, "step= computes the loss; pass None"),
                   scheduler_interval=(scheduler_interval, bool(schedulers),
                                       "there is no scheduler="),
@@ -1470,39 +1466,20 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None,
         raise ValueError(f"scheduler_monitor={monitor!r} is not a metric of this run"
                          f"{_hint(monitor)}; choose one of {', '.join(map(repr, names))}")
     autocast, scaler = _mixed_precision(precision, device)
-    if optimizer is not None and isinstance(loss_fn, torch.nn.Module):
+    if training and isinstance(loss_fn, torch.nn.Module):
         _check_loss_parameters(loss_fn, optimizers)
-    if any(t.device != device for t in itertools.chain(model.parameters(), model.buffers())):
-        model.to(device)  # (a model already there is left alone: .to() costs ~60 µs per call)
-    for module in [loss_fn, *metrics.values()]:  # a loss's class weights, a metric's state
-        if isinstance(module, torch.nn.Module):
-            module.to(device)
+    _place(device, model, loss_fn, *metrics.values())
     dist = torch.distributed
-    rank, world_size, train_model, stop_group = 0, 1, model, None
+    rank, world_size = 0, 1
     if distributed and dist.is_available() and dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     if world_size > 1:
-        batches = _shard(batches, rank, world_size, training=optimizer is not None)
+        batches = _shard(batches, rank, world_size, training=training)
         val_loader = _shard(val_loader, rank, world_size, training=False)
     batches, val_loader = _sliced(batches), _sliced(val_loader)  # the same batches, faster
-    wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel) or _is_fsdp(model)
-    if wrapped and ddp_options:
-        raise ValueError(f"ddp_options={ddp_options!r}, but the model is already wrapped "
-                         f"({type(model).__name__}): pass the options where you wrap it")
-    sync_gradients = world_size > 1 and optimizer is not None and not wrapped and manual
-    if sync_gradients:
-        # DDP's reducer expects one backward per forward, through its wrapper, with every
-        # parameter used; a manual step gets the model itself, loop.step_optimizer averages
-        # the gradients, and the processes start from rank 0's weights as under DDP
-        for tensor in itertools.chain(model.parameters(), model.buffers()):
-            dist.broadcast(tensor.detach(), 0)
-    elif world_size > 1 and optimizer is not None and not wrapped:
-        cuda = [device.index] if device.type == "cuda" else None
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=cuda,
-                                                                **(ddp_options or {}))
-        # stop flags travel on the CPU, so agreeing to stop never waits for the GPU
-        stop_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-    if optimizer is not None and manual and accumulate > 1 and _length(batches) is None:
+    train_model, stop_group, sync_gradients = _wrap(model, device, world_size, training, manual,
+                                                    ddp_options)
+    if training and manual and accumulate > 1 and _length(batches) is None:
         raise ValueError(f"accumulate={accumulate} with a manual step needs a loader with a "
                          f"len(), so that loop.step_optimizer knows where the epoch's last group "
                          f"ends; got {_describe(loader)}")
@@ -1514,8 +1491,8 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None,
         clip_grad, max_steps, nonfinite, scheduler, interval, monitor, names, dry_run, rank,
         world_size, stop_group, exit_on_signal, None,
         "bar" if progress in (True, "bar") else progress or None,
-        _frozen_submodules(model) if optimizer is not None and model.training else (),
-        optimizers, tuple(schedulers), manual, sync_gradients)
+        _frozen_submodules(model) if training and model.training else (),
+        optimizers, tuple(schedulers.values()), manual, sync_gradients)
     if resume is not None and not (resume_missing_ok and not os.path.exists(resume)):
         # (a set-and-forget resume's first launch starts afresh)
         run = dataclasses.replace(run, resume=_load_checkpoint(resume, run))
@@ -1526,6 +1503,52 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None,
                              f"one pass, but this run makes {passes} passes over it (epochs="
                              f"{epochs}): pass a DataLoader, a list of batches or tensors (X, y)")
     return run
+
+
+def _place(device, model, *modules):
+    """Move the model, and a loss's or a metric's module (class weights, states), to the device."""
+    if any(t.device != device for t in itertools.chain(model.parameters(), model.buffers())):
+        model.to(device)  # (a model already there is left alone: .to() costs ~60 µs per call)
+    for module in modules:
+        if isinstance(module, torch.nn.Module):
+            module.to(device)
+
+
+def _data(loader, val_loader, batch_size, shuffle, drop_last, val_batch_size):
+    """The training and validation batches; the options for in-memory tensors checked."""
+    batches = _as_batches(loader, "loader", batch_size, shuffle, drop_last)
+    if val_loader is not None:
+        val_loader = _as_batches(val_loader, "val_loader", val_batch_size or batch_size, False)
+    in_memory, val_in_memory = (isinstance(d, _TensorBatches) for d in (batches, val_loader))
+    _check_in_memory(batch_size=(batch_size, loader, in_memory or val_in_memory and
+                                 val_batch_size is None),
+                     shuffle=(shuffle, loader, in_memory),
+                     drop_last=(drop_last or None, loader, in_memory),
+                     val_batch_size=(val_batch_size, val_loader, val_in_memory))
+    return batches, val_loader
+
+
+def _wrap(model, device, world_size, training, manual, ddp_options):
+    """What trains under torchrun, the process group that stop flags travel on, and whether
+    loop.step_optimizer averages the gradients (a manual step)."""
+    dist = torch.distributed
+    wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel) or _is_fsdp(model)
+    if wrapped and ddp_options:
+        raise ValueError(f"ddp_options={ddp_options!r}, but the model is already wrapped "
+                         f"({type(model).__name__}): pass the options where you wrap it")
+    if world_size == 1 or not training or wrapped:
+        return model, None, False
+    if manual:
+        # DDP's reducer expects one backward per forward, through its wrapper, with every
+        # parameter used; a manual step gets the model itself, loop.step_optimizer averages
+        # the gradients, and the processes start from rank 0's weights as under DDP
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            dist.broadcast(tensor.detach(), 0)
+        return model, None, True
+    cuda = [device.index] if device.type == "cuda" else None
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=cuda, **(ddp_options or {}))
+    # stop flags travel on the CPU, so agreeing to stop never waits for the GPU
+    return ddp, dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None, False
 
 
 def _frozen_submodules(model):
@@ -1646,12 +1669,16 @@ def _should_stop(loop, run):
         loop.stop(f"interrupted by {_signal_name(loop._interrupted)}")
     if run.max_steps is not None and loop.step >= run.max_steps:
         loop.stop(f"reached max_steps={run.max_steps}")
-    if run.world_size > 1:
-        flag = torch.tensor([int(loop.stop_reason is not None)])
-        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=run.stop_group)
-        if flag.item():
-            loop.stop("stopped by another process")
+    if run.world_size > 1 and _on_any_process(run, loop.stop_reason is not None):
+        loop.stop("stopped by another process")
     return loop.stop_reason is not None
+
+
+def _on_any_process(run, flag):
+    """Whether ``flag`` is true on any process (every process must call this)."""
+    flag = torch.tensor([int(flag)])
+    torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=run.stop_group)
+    return bool(flag.item())
 
 
 @contextlib.contextmanager
@@ -1679,18 +1706,13 @@ def _signal_name(number):
     return "Ctrl+C" if number == signal.SIGINT else signal.Signals(number).name
 
 
-@contextlib.contextmanager
 def _counting_steps(loop):
     """Under fp16, loop.step counts the optimizer's own steps: the GradScaler skips those whose
-    gradients hold inf/nan, and decides that on the host already, so counting adds no sync."""
+    gradients hold inf/nan, and decides that on the host already, so counting adds no sync.
+    The hook's handle is the context: leaving it removes the hook."""
     if loop.scaler is None or loop._run.manual:  # (a manual step's steps count batches)
-        yield
-        return
-    handle = loop.optimizer.register_step_post_hook(lambda *_: setattr(loop, "step", loop.step + 1))
-    try:
-        yield
-    finally:
-        handle.remove()
+        return _NO_CONTEXT
+    return loop.optimizer.register_step_post_hook(lambda *_: setattr(loop, "step", loop.step + 1))
 
 
 # --- hooks: the generator protocol ---
@@ -1795,12 +1817,35 @@ def _check_hooks(hooks):
 # --- argument checks ---
 
 def _check_training_args(model, loss_fn, optimizers, step, epochs, accumulate, max_steps,
-                         nonfinite, schedulers, scheduler_interval, drop_last, val_batch_size,
-                         manual):
-    if not isinstance(model, torch.nn.Module):
-        hint = ("; hold several models in one: torch.nn.ModuleDict({'generator': ..., "
-                "'discriminator': ...})" if isinstance(model, (dict, list, tuple)) else "")
-        raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}{hint}")
+                         nonfinite, scheduler_interval, drop_last, val_batch_size, manual):
+    _check_optimizers(model, optimizers)
+    if len(optimizers) > 1 and not manual:
+        raise ValueError(f"optimizer is {len(optimizers)} optimizers, and loopy steps only one "
+                         f"itself: pass a manual step, step=fn(model, batch, loop), which "
+                         f"updates each with loop.backward(loss) and loop.step_optimizer(name)")
+    if manual and nonfinite == "skip":
+        raise ValueError("nonfinite='skip' cannot undo a manual step's updates: use 'raise' or "
+                         "'ignore', or skip inside the step")
+    if not callable(step if step is not None else loss_fn):
+        raise TypeError(f"loss_fn must be callable, like torch.nn.functional.cross_entropy (or "
+                        f"pass step=fn(model, batch) -> loss); got {_describe(loss_fn)}")
+    for name, value in (("epochs", epochs), ("accumulate", accumulate), ("max_steps", max_steps),
+                        ("val_batch_size", val_batch_size)):
+        if value is not None or name == "accumulate":
+            _check_count(name, value)
+    for name, value, allowed in (("nonfinite", nonfinite, ("raise", "skip", "ignore")),
+                                 ("scheduler_interval", scheduler_interval, ("epoch", "step")),
+                                 ("drop_last", drop_last, (False, True))):
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r}: use one of {', '.join(map(repr, allowed))}")
+
+
+def _check_count(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+
+
+def _check_optimizers(model, optimizers):
     own = {id(p) for p in model.parameters()}
     for name, optimizer in optimizers.items() or [(0, None)]:
         where = f"optimizer[{name!r}]" if len(optimizers) > 1 else "optimizer"
@@ -1814,26 +1859,9 @@ def _check_training_args(model, loss_fn, optimizers, step, epochs, accumulate, m
                              f"of this one; build it from this one, last: torch.optim.SGD("
                              f"model.parameters(), lr=...), or hold all the models in one "
                              f"torch.nn.ModuleDict and pass that as the model")
-    if len(optimizers) > 1 and not manual:
-        raise ValueError(f"optimizer is {len(optimizers)} optimizers, and loopy steps only one "
-                         f"itself: pass a manual step, step=fn(model, batch, loop), which "
-                         f"updates each with loop.backward(loss) and loop.step_optimizer(name)")
-    if manual and nonfinite == "skip":
-        raise ValueError("nonfinite='skip' cannot undo a manual step's updates: use 'raise' or "
-                         "'ignore', or skip inside the step")
-    if not callable(step if step is not None else loss_fn):
-        raise TypeError(f"loss_fn must be callable, like torch.nn.functional.cross_entropy (or "
-                        f"pass step=fn(model, batch) -> loss); got {_describe(loss_fn)}")
-    for name, value in (("epochs", epochs), ("accumulate", accumulate), ("max_steps", max_steps),
-                        ("val_batch_size", val_batch_size)):
-        if (value is not None or name == "accumulate") and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an int >= 1; got {value!r}")
-    for name, value, allowed in (("nonfinite", nonfinite, ("raise", "skip", "ignore")),
-                                 ("scheduler_interval", scheduler_interval, ("epoch", "step")),
-                                 ("drop_last", drop_last, (False, True))):
-        if value not in allowed:
-            raise ValueError(f"{name}={value!r}: use one of {', '.join(map(repr, allowed))}")
+
+
+def _check_schedulers(schedulers, optimizers, scheduler_interval, plateau):
     for name, scheduler in schedulers.items():
         where = f"scheduler[{name!r}]" if len(schedulers) > 1 else "scheduler"
         if not all(callable(getattr(scheduler, method, None)) for method in ("step", "state_dict")):
@@ -1845,9 +1873,7 @@ def _check_training_args(model, loss_fn, optimizers, step, epochs, accumulate, m
                              f"never change this run's learning rate: build it from the "
                              f"optimizer that fit gets, after it, {type(scheduler).__name__}("
                              f"optimizer, ...)")
-    if any(isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau)
-           for s in schedulers.values()) and \
-            scheduler_interval == "step":
+    if plateau and scheduler_interval == "step":
         raise ValueError("scheduler_interval='step' cannot drive ReduceLROnPlateau, which needs "
                          "an epoch's metric: use scheduler_interval='epoch'")
 
@@ -2067,8 +2093,7 @@ class _TensorBatches:
             raise ValueError(f"{name}: in-memory tensors must be non-empty and equally long "
                              f"along dim 0; got shapes {[tuple(t.shape) for t in self.tensors]}")
         batch_size = 32 if batch_size is None else batch_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+        _check_count("batch_size", batch_size)
         self.size, self.batch_size, self.shuffle = lengths.pop(), batch_size, shuffle
         if sampler is None:  # what DataLoader(TensorDataset(*tensors), shuffle=shuffle) uses
             if drop_last and self.size < batch_size:
@@ -2343,14 +2368,10 @@ def _check_finite_everywhere(loop):
     process's non-finite loss has already reached every process's weights."""
     try:
         loop.averages()
-        error = None
-    except FloatingPointError as raised:
-        error = raised
-    flag = torch.tensor([int(error is not None)])
-    torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=loop._run.stop_group)
-    if error is not None:
-        raise error
-    if flag.item():
+    except FloatingPointError:
+        _on_any_process(loop._run, True)
+        raise
+    if _on_any_process(loop._run, False):
         raise FloatingPointError(f"the loss is not finite on another process (this is rank "
                                  f"{loop.rank}), at or before optimizer step {loop.step}: nothing "
                                  f"was saved; lower the learning rate or check the data for "
@@ -2424,8 +2445,26 @@ def _fill(template, epoch, step):
 def _checkpoint_files(template):
     """Before training: check that checkpoints can be written where ``template`` says, remove
     the temporary files of killed saves, and list the files of earlier runs, oldest first."""
-    first, name = _fill(template, 1, 1), os.path.basename(template)
-    directory, longest = os.path.dirname(os.path.abspath(first)), _fill(name, 10**6, 10**9)
+    name = os.path.basename(template)
+    directory = _checked_directory(template)
+    for entry in os.listdir(directory):
+        if entry.startswith(".loopy-") and entry.endswith(".tmp"):
+            with contextlib.suppress(FileNotFoundError), \
+                    open(os.path.join(directory, entry), "rb") as file:
+                if _lock(file, wait=False):  # its writer is gone
+                    os.remove(file.name)
+    pattern = re.escape(name).replace(r"\{epoch\}", r"\d+").replace(r"\{step\}", r"\d+")
+    earlier = [os.path.join(directory, entry) for entry in os.listdir(directory)
+               if pattern != re.escape(name) and re.fullmatch(pattern, entry)]
+    return sorted(earlier, key=os.path.getmtime)
+
+
+def _checked_directory(template):
+    """The directory of the checkpoints, created, where the longest of their names can be
+    written (a ValueError for the user otherwise)."""
+    first = _fill(template, 1, 1)
+    directory = os.path.dirname(os.path.abspath(first))
+    longest = _fill(os.path.basename(template), 10**6, 10**9)
     try:
         os.makedirs(directory, exist_ok=True)
         if os.path.isdir(first):
@@ -2439,22 +2478,37 @@ def _checkpoint_files(template):
     except OSError as error:
         raise ValueError(f"checkpoint(path={template!r}) cannot be written ({error}): pass a "
                          f"file path in a writable directory") from None
-    for entry in os.listdir(directory):
-        if entry.startswith(".loopy-") and entry.endswith(".tmp"):
-            with contextlib.suppress(FileNotFoundError), \
-                    open(os.path.join(directory, entry), "rb") as file:
-                if _lock(file, wait=False):  # its writer is gone
-                    os.remove(file.name)
-    pattern = re.escape(name).replace(r"\{epoch\}", r"\d+").replace(r"\{step\}", r"\d+")
-    earlier = [os.path.join(directory, entry) for entry in os.listdir(directory)
-               if pattern != re.escape(name) and re.fullmatch(pattern, entry)]
-    return sorted(earlier, key=os.path.getmtime)
+    return directory
 
 
 def _load_checkpoint(path, run):
     """The state saved in ``path``, checked to fit this run: the model, the optimizer, the
     scheduler, and the data and processes of a position inside an epoch."""
     path = os.fspath(path)
+    state = _read_checkpoint(path)
+    saved = len(state["optimizers"])
+    if saved != len(run.optimizers):
+        raise ValueError(f"resume={path!r} holds the state of {saved} optimizer(s), and this "
+                         f"run has {len(run.optimizers)}: resume with the "
+                         f"optimizers that the checkpoint was saved with")
+    _check_model_state(path, _unwrap(run.model).state_dict(), state["model"])
+    _match_optimizers(path, state, run.optimizers)
+    saved = state.get("optimizer_types")
+    given = [type(each).__name__ for each in run.optimizers.values()]
+    if saved not in (None, given):
+        raise ValueError(f"resume={path!r} holds the state of optimizer {', '.join(saved)}, but "
+                         f"fit got optimizer={', '.join(given)}: resume with the optimizer the "
+                         f"run was saved with")
+    if len(state["schedulers"]) != len(run.schedulers):
+        raise ValueError(f"resume={path!r} holds the state of {len(state['schedulers'])} "
+                         f"scheduler(s), but fit got scheduler={_describe(run.scheduler)}: resume "
+                         f"with the scheduler the run was saved with (or none, if it had none)")
+    _check_position(path, state, _data_shape(run.batches, run.world_size))
+    return state
+
+
+def _read_checkpoint(path):
+    """A loopy checkpoint's state, read back whole (only what weights_only loading accepts)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"resume={path!r}: no such file; pass the path that a "
                                 f"loopy.checkpoint hook wrote (or resume_missing_ok=True to "
@@ -2472,12 +2526,11 @@ def _load_checkpoint(path, run):
     if missing:
         raise ValueError(f"resume={path!r} lacks the entries {missing}: it was not written whole "
                          f"by loopy.checkpoint or Loop.save; resume from another checkpoint")
-    saved = len(state["optimizers"])
-    if saved != len(run.optimizers):
-        raise ValueError(f"resume={path!r} holds the state of {saved} optimizer(s), and this "
-                         f"run has {len(run.optimizers)}: resume with the "
-                         f"optimizers that the checkpoint was saved with")
-    own, saved = _unwrap(run.model).state_dict(), state["model"]
+    return state
+
+
+def _check_model_state(path, own, saved):
+    """The saved weights have the model's keys and shapes."""
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     mismatched = [f"{k}: {tuple(saved[k].shape)} in the file, {tuple(v.shape)} in the model"
                   for k, v in own.items() if k in saved and saved[k].shape != v.shape]
@@ -2485,28 +2538,18 @@ def _load_checkpoint(path, run):
         raise ValueError(f"resume={path!r} holds the weights of a different model: missing keys "
                          f"{missing}, unexpected keys {unexpected}, shape mismatches {mismatched}; "
                          f"resume with the model that the checkpoint was saved from")
-    _match_optimizers(path, state, run.optimizers)
-    saved = state.get("optimizer_types")
-    given = [type(each).__name__ for each in run.optimizers.values()]
-    if saved not in (None, given):
-        raise ValueError(f"resume={path!r} holds the state of optimizer {', '.join(saved)}, but "
-                         f"fit got optimizer={', '.join(given)}: resume with the optimizer the "
-                         f"run was saved with")
-    if len(state["schedulers"]) != len(run.schedulers):
-        raise ValueError(f"resume={path!r} holds the state of {len(state['schedulers'])} "
-                         f"scheduler(s), but fit got scheduler={_describe(run.scheduler)}: resume "
-                         f"with the scheduler the run was saved with (or none, if it had none)")
-    position = state["position"]
-    now = _data_shape(run.batches, run.world_size)
+
+
+def _check_position(path, state, now):
+    """A position inside an epoch fits only the data and processes it was taken with."""
     changed = [f"{key} {value!r} then, {now[key]!r} now" for key, value in
-               (position or {}).get("data", {}).items() if now[key] != value]
+               (state["position"] or {}).get("data", {}).items() if now[key] != value]
     if changed:
         raise ValueError(f"resume={path!r} stopped in the middle of epoch {state['epoch'] + 1}, "
-                         f"after {position['batches']} batches, and the data differs ("
+                         f"after {state['position']['batches']} batches, and the data differs ("
                          f"{'; '.join(changed)}), so that position no longer fits: resume with "
                          f"the same loader and number of processes, or from a checkpoint taken "
                          f"between epochs, where any data and processes can go on")
-    return state
 
 
 def _match_optimizers(path, state, optimizers):
@@ -2535,27 +2578,8 @@ def _match_optimizers(path, state, optimizers):
 def _restore(loop, state):
     """Load a checkpoint's state into the run; returns the position inside its unfinished
     epoch (None at an epoch boundary)."""
-    batches = loop._run.batches
-    if getattr(batches, "persistent_workers", False):
-        if state["epoch"] > 0:  # it draws its workers' seed at its first pass only: done before
-            iter(batches)
-        warnings.warn("the loader has persistent_workers=True, whose worker processes keep "
-                      "their random state from one epoch to the next: random augmentation in "
-                      "them differs from the run before the resume (all else is the same)")
-    if _stateful(batches) and state.get("loader") is not None:
-        batches.load_state_dict(state["loader"])
-    _set_generator_states(_generators(batches), state.get("generators", []))
-    fsdp = _is_fsdp(loop.model)
-    if fsdp:  # every process loaded the whole file, and takes its shards
-        sdp, options = _fsdp_state_api()
-        sdp.set_model_state_dict(loop.model, copy.copy(state["model"]), options=options)
-    else:
-        _unwrap(loop.model).load_state_dict(state["model"])
-    for optimizer, saved in zip(loop.optimizers.values(), state["optimizers"]):
-        if fsdp:
-            sdp.set_optimizer_state_dict(loop.model, optimizer, saved, options=options)
-        else:
-            optimizer.load_state_dict(saved)
+    _restore_loader(loop._run.batches, state)
+    _load_model_and_optimizer_state(loop.model, loop.optimizers, state)
     for scheduler, saved in zip(loop._run.schedulers, state["schedulers"]):
         scheduler.load_state_dict(saved)
     if loop.scaler is not None and state["scaler"] is not None:
@@ -2566,6 +2590,19 @@ def _restore(loop, state):
     _set_rng_state(state["rng"])
     position = state["position"]
     return position and dict(position, rng=state["rng"])
+
+
+def _restore_loader(batches, state):
+    """The loader's own state: its workers' seed, a stateful loader's position, its generators."""
+    if getattr(batches, "persistent_workers", False):
+        if state["epoch"] > 0:  # it draws its workers' seed at its first pass only: done before
+            iter(batches)
+        warnings.warn("the loader has persistent_workers=True, whose worker processes keep "
+                      "their random state from one epoch to the next: random augmentation in "
+                      "them differs from the run before the resume (all else is the same)")
+    if _stateful(batches) and state.get("loader") is not None:
+        batches.load_state_dict(state["loader"])
+    _set_generator_states(_generators(batches), state.get("generators", []))
 
 
 def _seed_everything(seed):
@@ -2606,6 +2643,20 @@ def _model_and_optimizer_state(model, optimizers):
     return (sdp.get_model_state_dict(model, options=options),
             [sdp.get_optimizer_state_dict(model, each, options=options)
              for each in optimizers.values()])
+
+
+def _load_model_and_optimizer_state(model, optimizers, state):
+    """What _model_and_optimizer_state saved, loaded: under FSDP2 every process has read the
+    whole file, and takes its shards."""
+    if not _is_fsdp(model):
+        _unwrap(model).load_state_dict(state["model"])
+        for optimizer, saved in zip(optimizers.values(), state["optimizers"]):
+            optimizer.load_state_dict(saved)
+        return
+    sdp, options = _fsdp_state_api()
+    sdp.set_model_state_dict(model, copy.copy(state["model"]), options=options)
+    for optimizer, saved in zip(optimizers.values(), state["optimizers"]):
+        sdp.set_optimizer_state_dict(model, optimizer, saved, options=options)
 
 
 def _fsdp_state_api():
