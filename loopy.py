@@ -222,25 +222,11 @@ def predict(model, loader, device="auto", *, batch_size=None):
         >>> probabilities = loopy.predict(model, X_test).softmax(dim=1)
     """
     run = _prepare(model, None, None, loader, device=device, batch_size=batch_size)
-    outputs, sizes = [], []
     with _eval_mode(model):
-        for batch in run.batches:
-            batch = _to_device(batch, run.device, run.non_blocking)
-            pair = isinstance(batch, (tuple, list)) and len(batch) == 2
-            if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
-                batch = batch[0]
-            try:
-                output = _call_model(model, batch)
-            except TypeError as error:
-                if pair:  # (X, Z) reads as (inputs, target), as a DataLoader's batches do
-                    error.add_note("predict took each batch as (inputs, target) and called model("
-                                   "inputs); for a model of two inputs pass DataLoader(list(zip("
-                                   "zip(X, Z))), batch_size=32), which calls model(x, z)")
-                raise
-            outputs.append(_to_device(output, torch.device("cpu"), False))
-            sizes.append(_batch_size(batch))
-    if not outputs:
+        results = [_predict_batch(run, model, batch) for batch in run.batches]
+    if not results:
         raise ValueError(f"loader yielded no batches: predict got {_describe(loader)}")
+    outputs, sizes = zip(*results)
     try:
         return _concat(outputs, sizes)
     except (RuntimeError, TypeError, KeyError, IndexError):
@@ -579,20 +565,8 @@ def checkpoint(path, every="epoch", monitor=None, mode="auto", keep=1):
         >>> loopy.fit(..., hooks=[loopy.checkpoint("run.pt")])
         >>> loopy.fit(..., epochs=20, resume="run.pt")      # continues the same run exactly
     """
-    if every != "epoch" and not (isinstance(every, int) and every > 0):
-        raise ValueError(f"checkpoint(every={every!r}): use 'epoch' or a number of steps > 0")
-    if not (isinstance(keep, int) and keep > 0):
-        raise ValueError(f"checkpoint(keep={keep!r}): use a number of files > 0")
     template = os.fspath(path)
-    if keep > 1 and _fill(template, 1, 1) == _fill(template, 2, 2):
-        raise ValueError(f"checkpoint(keep={keep}) would be ignored: each save replaces "
-                         f"{template!r}; put {{epoch}} or {{step}} in the path")
-    if monitor is None and mode != "auto":
-        raise ValueError(f"checkpoint(mode={mode!r}) would be ignored: it applies to a monitor=; "
-                         f"pass one, like monitor='val_loss', or leave mode out")
-    if monitor is not None and every != "epoch":
-        raise ValueError(f"checkpoint(every={every!r}, monitor={monitor!r}): a monitored value "
-                         f"exists at an epoch's end only; use every='epoch', or two checkpoints")
+    _check_checkpoint_options(template, every, monitor, mode, keep)
     better = _improvement_test(monitor, mode, 0.0, "checkpoint") if monitor is not None else None
     loop = yield "start"
     # checked before training; files that an earlier run kept count towards keep
@@ -1320,7 +1294,24 @@ class _Meter:
         return int(index) if index is not None and int(index) >= 0 else None
 
 
-# --- helpers of lr_find and plot_history ---
+# --- helpers of predict, lr_find, plot_history and checkpoint ---
+
+def _predict_batch(run, model, batch):
+    """The model's output for one batch (on the CPU), and the batch's size."""
+    batch = _to_device(batch, run.device, run.non_blocking)
+    pair = isinstance(batch, (tuple, list)) and len(batch) == 2
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+        batch = batch[0]
+    try:
+        output = _call_model(model, batch)
+    except TypeError as error:
+        if pair:  # (X, Z) reads as (inputs, target), as a DataLoader's batches do
+            error.add_note("predict took each batch as (inputs, target) and called model("
+                           "inputs); for a model of two inputs pass DataLoader(list(zip("
+                           "zip(X, Z))), batch_size=32), which calls model(x, z)")
+        raise
+    return _to_device(output, torch.device("cpu"), False), _batch_size(batch)
+
 
 @contextlib.contextmanager
 def _restoring(model, optimizer):
@@ -1371,6 +1362,22 @@ def _plot_curves(plt, history):
                 axis.plot(range(1, len(history[key]) + 1), history[key], label=label)
         axis.set(title=name, xlabel="epoch")
     return figure, axes[0]
+
+
+def _check_checkpoint_options(template, every, monitor, mode, keep):
+    if every != "epoch" and not (isinstance(every, int) and every > 0):
+        raise ValueError(f"checkpoint(every={every!r}): use 'epoch' or a number of steps > 0")
+    if not (isinstance(keep, int) and keep > 0):
+        raise ValueError(f"checkpoint(keep={keep!r}): use a number of files > 0")
+    if keep > 1 and _fill(template, 1, 1) == _fill(template, 2, 2):
+        raise ValueError(f"checkpoint(keep={keep}) would be ignored: each save replaces "
+                         f"{template!r}; put {{epoch}} or {{step}} in the path")
+    if monitor is None and mode != "auto":
+        raise ValueError(f"checkpoint(mode={mode!r}) would be ignored: it applies to a monitor=; "
+                         f"pass one, like monitor='val_loss', or leave mode out")
+    if monitor is not None and every != "epoch":
+        raise ValueError(f"checkpoint(every={every!r}, monitor={monitor!r}): a monitored value "
+                         f"exists at an epoch's end only; use every='epoch', or two checkpoints")
 
 
 # --- setup, and torchrun ---
