@@ -1194,9 +1194,7 @@ def _in_step(run, batches):
         yield from batches
         return
     for batch in itertools.chain(batches, itertools.repeat(None)):
-        more = torch.tensor([int(batch is not None)])
-        torch.distributed.all_reduce(more, torch.distributed.ReduceOp.MAX, group=run.stop_group)
-        if not more.item():
+        if not _on_any_process(run, batch is not None):
             return
         yield batch
 
