@@ -10,15 +10,18 @@ import dataclasses
 import functools
 import importlib.util
 import inspect
+import itertools
 import json
 import math
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import types
 
@@ -205,6 +208,305 @@ def stop_when(step):
         loop = yield "step"
         if loop.step == step:
             loop.stop("test stop")
+
+
+# --- launches: the slow tests' subprocesses, shared, started before the first test ---
+
+SCENARIOS_SCRIPT = """
+import contextlib, json, os, runpy, sys, time, torch
+import loopy
+scenarios, out = json.loads(sys.argv[1]), sys.argv[2]
+rank, seed, attributes = os.environ.get("RANK", "0"), torch.initial_seed(), dict(vars(loopy))
+for name, script, arguments, env in scenarios:
+    print(f"--- scenario {name} starts at {time.time()}", file=sys.stderr, flush=True)
+    os.environ.update(env)
+    torch.manual_seed(seed)  # each starts from the random state of a fresh process
+    sys.argv, sys.path[0] = [script, *arguments], os.path.dirname(script)
+    with open(os.path.join(out, f"{name}.rank{rank}.stdout"), "w") as stdout, \\
+            contextlib.redirect_stdout(stdout):
+        runpy.run_path(script, run_name="__main__")
+    vars(loopy).update(attributes)  # what a scenario patched in loopy ends with it
+    open(os.path.join(out, f"{name}.rank{rank}.done"), "w").close()
+"""
+
+
+def free_port():
+    import socket
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1]
+
+
+def _launch_scenarios(spawn, folder, processes, scenarios, scripts):
+    """Start SCENARIOS_SCRIPT in ``processes`` processes (under torchrun when more than one,
+    else through ``spawn``):
+    it runs ``scenarios``, [(name, script, arguments[, environment])], one after another in the
+    same processes (and process group), each as a fresh script: ``__main__``, its own arguments
+    and folder ``folder / name`` (for "{out}" in its arguments), the random state of a fresh
+    process."""
+    runs = []
+    for name, script, arguments, *env in scenarios:
+        (folder / name).mkdir(parents=True)
+        runs.append((name, str(scripts[script]),
+                     [a.replace("{out}", str(folder / name)) for a in arguments],
+                     env[0] if env else {}))
+    arguments = [str(scripts["runner"]), json.dumps(runs), str(folder)]
+    if processes == 1:
+        return spawn(*arguments)
+    return subprocess.Popen(command(processes) + arguments,
+                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def in_background(process):
+    """A function that waits for ``process`` and returns its exit code, stdout, stderr and the
+    time it ended; a thread reads its pipes meanwhile (a full pipe would stop it)."""
+    result = []
+    thread = threading.Thread(target=lambda: result.extend([*finished(process), time.time()]),
+                              daemon=True)
+    thread.start()
+
+    def wait():
+        thread.join()
+        return result
+
+    return wait
+
+
+SPAWNER_SCRIPT = """
+import json, os, runpy, select, sys, traceback, torch, loopy
+torch.set_num_threads(1)
+torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # (torch imports its compiler here, once)
+seed, requests, running = torch.initial_seed(), b"", {}
+
+
+def run(script, arguments, streams, cwd, env):  # in the child, as a fresh process would
+    for fd, path in enumerate(streams):  # stdin, stdout, stderr
+        flags = os.O_RDWR if path.startswith("/dev/") else os.O_WRONLY if fd else os.O_RDONLY
+        os.dup2(os.open(path, flags), fd)
+    sys.stdin = sys.__stdin__ = os.fdopen(0, closefd=False)
+    sys.stdout = sys.__stdout__ = os.fdopen(1, "w", buffering=1 if os.isatty(1) else -1,
+                                            closefd=False)
+    sys.stderr = sys.__stderr__ = os.fdopen(2, "w", buffering=1, errors="backslashreplace",
+                                            closefd=False)
+    os.chdir(cwd)
+    for name, value in env.items():
+        os.environ.pop(name, None) if value is None else os.environ.update({name: value})
+    torch.manual_seed(seed)
+    sys.argv, sys.path[0] = [script, *arguments], os.path.dirname(script)
+    try:
+        runpy.run_path(script, run_name="__main__")
+        return 0
+    except SystemExit as exit:
+        if isinstance(exit.code, str):
+            print(exit.code, file=sys.stderr)
+        return exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+while True:  # one thread: a fork copies only the thread that forks, and no lock it holds
+    if select.select([0], [], [], 0.02)[0]:
+        data = os.read(0, 65536)
+        if not data:
+            break
+        requests += data
+    while b"\\n" in requests:
+        line, requests = requests.split(b"\\n", 1)
+        base, *request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = run(*request)
+            finally:
+                os._exit(code)
+        running[pid] = base
+        print(pid, flush=True)
+    for pid, base in list(running.items()):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            with open(base + ".exit-", "w") as file:
+                file.write(str(os.waitstatus_to_exitcode(status)))
+            os.rename(base + ".exit-", base + ".exit")  # (whole, or not there)
+            del running[pid]
+"""
+
+
+class Spawned:
+    """A script that the spawner runs, with what the tests use of subprocess.Popen: its
+    stdout line by line or what is left of it, its stderr, signals, its exit code (-N for a
+    signal N)."""
+
+    def __init__(self, base, pid):
+        self.base, self.pid, self.returncode, self._rest = base, pid, None, ""
+        self._stdout, self.stderr = open(f"{base}.stdout"), open(f"{base}.stderr")
+        self.stdout = self._lines()
+
+    def poll(self):
+        if self.returncode is None and os.path.exists(f"{self.base}.exit"):
+            with open(f"{self.base}.exit") as file:
+                self.returncode = int(file.read())
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = time.monotonic() + (timeout or 1e9)
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"spawned {self.base}", timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def _lines(self):
+        while True:
+            ended = self.poll() is not None  # (before reading: then nothing written is missed)
+            self._rest += self._stdout.read()
+            while "\n" in self._rest:
+                line, self._rest = self._rest.split("\n", 1)
+                yield line + "\n"
+            if ended:
+                return
+            time.sleep(0.01)
+
+    def communicate(self, timeout=None):
+        self.wait(timeout)
+        rest, self._rest = self._rest + self._stdout.read(), ""
+        return rest, self.stderr.read()
+
+    def send_signal(self, signum):
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def terminate(self):
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def spawner(tmp_path_factory):
+    """``spawn(script, *arguments, stdin=, stdout=, stderr=, cwd=, env=)`` runs a script as a
+    fresh process would (``__main__``, its arguments, the random state of a fresh process)
+    but without paying again for ``import torch`` and the compiler that torch.optim imports
+    (about 3-4 s of CPU each): a spawner process imports them once, then forks a child for
+    each script. Returns a Spawned; stdin, stdout and stderr are paths (by default /dev/null
+    and files), ``env`` changes the environment (None removes a variable)."""
+    folder = tmp_path_factory.mktemp("spawned")
+    (folder / "spawner.py").write_text(SPAWNER_SCRIPT)
+    with open(folder / "spawner.stderr", "w") as errors:
+        process = subprocess.Popen([sys.executable, str(folder / "spawner.py")], cwd=HERE,
+                                   env=cpu_env(PYTHONPATH=HERE), stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=errors, text=True)
+    count = itertools.count()
+
+    def spawn(script, *arguments, stdin=os.devnull, stdout=None, stderr=None, cwd=HERE,
+              env=None):
+        base = str(folder / str(next(count)))
+        for name in ("stdout", "stderr"):
+            open(f"{base}.{name}", "w").close()
+        streams = [str(stdin), str(stdout or f"{base}.stdout"), str(stderr or f"{base}.stderr")]
+        process.stdin.write(json.dumps([base, str(script), [str(a) for a in arguments],
+                                        streams, str(cwd), env or {}]) + "\n")
+        process.stdin.flush()
+        pid = process.stdout.readline()
+        assert pid, f"the spawner ended:\n{(folder / 'spawner.stderr').read_text()[-3000:]}"
+        return Spawned(base, int(pid))
+
+    yield spawn
+    process.stdin.close()
+    process.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def launches(spawner, tmp_path_factory):
+    """The multi-process scenarios and the benchmark smoke runs, run once, in three launches
+    started together (a launch costs seconds of start-up alone): torchrun's two processes run
+    the multi-process scenarios one after another in one process group, ending with "crash",
+    which fails the launch on purpose; one plain process runs the one-process runs that they
+    are compared with and the benchmark scripts; and a second torchrun launch hangs a rank
+    ("hang": the process group's timeout must be set when the group starts). Returns a
+    function that waits for them and returns, by launch (2, 1 or "hang"), its folder, exit
+    code, stderr and end time; ``scenario()`` gives a scenario's folder once it finished."""
+    tmp_path = tmp_path_factory.mktemp("launches")
+    texts = {"runner": SCENARIOS_SCRIPT, "ddp": DISTRIBUTED_SCRIPT,
+             "torchrun13": TORCHRUN_13_SCRIPT, "log_to": LOG_TO_SCRIPT,
+             "numpy": TORCHRUN_16_SCRIPT, "ema": EMA_DISTRIBUTED_SCRIPT,
+             "gan": GAN_DISTRIBUTED_SCRIPT, "sliced": SLICED_DISTRIBUTED_SCRIPT,
+             "empty": ISSUE_16_SCRIPT, "train": TORCHRUN_TRAINING_SCRIPT}
+    scripts = {name: tmp_path / f"{name}_script.py" for name in texts}  # (not to hide modules)
+    for name, text in texts.items():
+        scripts[name].write_text(text)
+    scripts.update({"ddp_digits": os.path.join(HERE, "examples", "ddp_digits.py"),
+                    **{name: os.path.join(BENCHMARKS, f"{name}.py")
+                       for name in ("overhead", "peers", "gpu")}})
+    out = "{out}"
+    quick = ["--quick", "--rounds", "1", "--save", out + "/result.json"]
+    runs = {2: [("world-2", "ddp", ["plain,accumulate,stop", out, "8"]),
+                ("split", "torchrun13", ["split", out]), ("fsdp", "torchrun13", ["fsdp", out]),
+                ("log_to", "log_to", [out]), ("numpy", "numpy", [out, "16"]),
+                ("ema", "ema", [out, "8"]), ("gan", "gan", ["gan", out, "8"]),
+                ("sliced", "sliced", [out, "0"]), ("sliced-drop_last", "sliced", [out, "1"]),
+                ("ddp_digits", "ddp_digits", ["--epochs", "8", "--plot", ""]),
+                ("straight", "train", ["-", "2", "fresh", out + "/straight.pt", "0"]),
+                ("empty", "empty", [out]), ("crash", "ddp", ["crash", out, "8"])],
+            1: [("world-1", "ddp", ["plain,accumulate", out, "16"]),
+                ("split", "torchrun13", ["split", out]), ("numpy", "numpy", [out, "32"]),
+                ("ema", "ema", [out, "16"]), ("gan", "gan", ["gan", out, "16"]),
+                ("overhead", "overhead", quick + ["--steps", "4", "--import-repeats", "1"]),
+                ("peers", "peers", quick + ["--runners", "sliced,loopy_tensors", "--workloads",
+                                            "mlp_val", "--steps", "4"]),
+                ("gpu", "gpu", quick + ["--device", "cpu"]),
+                ("fsdp", "torchrun13", ["fsdp", out], {  # as torchrun starts one process
+                    "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})],
+            "hang": [("hang", "torchrun13", ["hang", out])]}
+    started = {launch: _launch_scenarios(spawner, tmp_path / str(launch),
+                                         1 if launch == 1 else 2, scenarios, scripts)
+               for launch, scenarios in runs.items()}
+    waits = {launch: in_background(process) for launch, process in started.items()}
+
+    @functools.cache
+    def results():
+        ended = {}
+        for launch, wait in waits.items():
+            code, _, stderr, end = wait()
+            ended[launch] = tmp_path / str(launch), code, stderr, end
+        return ended
+
+    yield results
+    for process in started.values():
+        process.kill()  # (a no-op once it has ended)
+
+
+def scenario(launches, processes, name):
+    """The folder of scenario ``name`` of the launch of ``processes`` processes, checked to
+    have finished on each of them."""
+    folder, code, stderr, _ = launches()[processes]
+    assert all((folder / f"{name}.rank{rank}.done").exists() for rank in range(processes)), \
+        f"scenario {name!r} did not finish on {processes} process(es) (exit code {code}):\n" \
+        f"{stderr[-3000:]}"
+    return folder / name
+
+
+def rank_results(launches, processes, name, mode=""):
+    """What each process of scenario ``name`` saved (in its folder ``mode``)."""
+    folder = scenario(launches, processes, name) / mode
+    return [torch.load(folder / f"rank{rank}.pt", weights_only=True)
+            for rank in range(processes)]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def start_launches_first(request):
+    """The subprocesses that the selected tests need start before the first test, and run on
+    the second core beside the in-process tests until a test asks for their results."""
+    for name in ("launches", "examples", "straight_training"):
+        if any(name in item.fixturenames for item in request.session.items):
+            request.getfixturevalue(name)
 
 
 # --- oracle parity ---
@@ -1928,7 +2230,7 @@ print("history", json.dumps(loop.history))
 """
 
 
-def _run_in_terminal(tmp_path, *args, stdout=None):
+def _run_in_terminal(spawn, tmp_path, *args, stdout=None):
     """Run TERMINAL_SCRIPT with stderr (and stdout, unless given) on a pseudo-terminal of 80
     columns; return all that was written to the terminal."""
     pty, fcntl, termios, struct = (pytest.importorskip(name) for name in
@@ -1937,14 +2239,15 @@ def _run_in_terminal(tmp_path, *args, stdout=None):
     script.write_text(TERMINAL_SCRIPT)
     main, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    env = {k: v for k, v in cpu_env(PYTHONPATH=HERE).items() if k not in ("COLUMNS", "LINES")}
-    process = subprocess.Popen([sys.executable, str(script), *args], stdin=terminal,
-                               stdout=stdout or terminal, stderr=terminal, env=env)
+    tty = os.ttyname(terminal)
+    process = spawn(script, *args, stdin=tty, stdout=stdout.name if stdout else tty, stderr=tty,
+                    env={"COLUMNS": None, "LINES": None})
+    chunks, ended = [], False
+    while not ended:  # (our end of the terminal stays open: it would close before the child's)
+        ended = process.poll() is not None
+        while select.select([main], [], [], 0 if ended else 0.05)[0]:
+            chunks.append(os.read(main, 65536))
     os.close(terminal)
-    chunks = []
-    with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
-        while chunk := os.read(main, 65536):
-            chunks.append(chunk)
     os.close(main)
     assert process.wait(timeout=120) == 0, b"".join(chunks).decode(errors="replace")[-3000:]
     return b"".join(chunks).decode()
@@ -1971,8 +2274,8 @@ def _history(lines):
 
 
 @pytest.mark.slow
-def test_an_80_column_terminal_shows_every_epochs_validation_metrics(tmp_path):
-    screen = _screen(_run_in_terminal(tmp_path))
+def test_an_80_column_terminal_shows_every_epochs_validation_metrics(spawner, tmp_path):
+    screen = _screen(_run_in_terminal(spawner, tmp_path))
     history = _history(screen)
     assert set(history) == {"loss", "acc", "val_loss", "val_acc", "lr"}
     for epoch in (1, 2, 3):  # every metric of every epoch, whatever the bar could fit
@@ -1980,9 +2283,10 @@ def test_an_80_column_terminal_shows_every_epochs_validation_metrics(tmp_path):
 
 
 @pytest.mark.slow
-def test_stdout_to_a_file_while_stderr_is_a_terminal_gets_one_line_per_epoch(tmp_path):
+def test_stdout_to_a_file_while_stderr_is_a_terminal_gets_one_line_per_epoch(spawner,
+                                                                              tmp_path):
     with open(tmp_path / "train.log", "w") as log:
-        terminal = _run_in_terminal(tmp_path, stdout=log)
+        terminal = _run_in_terminal(spawner, tmp_path, stdout=log)
     lines = (tmp_path / "train.log").read_text().splitlines()
     history = _history(lines)
     assert len(lines) == 4 and all(lines[epoch - 1].startswith(_epoch_line(history, epoch, 3))
@@ -1991,8 +2295,8 @@ def test_stdout_to_a_file_while_stderr_is_a_terminal_gets_one_line_per_epoch(tmp
 
 
 @pytest.mark.slow
-def test_a_hook_printing_under_a_terminal_starts_its_line_at_column_0(tmp_path):
-    screen = _screen(_run_in_terminal(tmp_path, "--printer"))
+def test_a_hook_printing_under_a_terminal_starts_its_line_at_column_0(spawner, tmp_path):
+    screen = _screen(_run_in_terminal(spawner, tmp_path, "--printer"))
     for epoch in (1, 2, 3):
         assert f"hook: step {8 * epoch - 5}" in screen  # loop.print, with the bar live
         assert f"hook: epoch {epoch} done" in screen  # print at "epoch"
@@ -3703,13 +4007,11 @@ print("stop_reason", loop.stop_reason, flush=True)
 """
 
 
-def run_training(tmp_path, path, epochs, resume, out, pause=0.02, **popen):
+def run_training(spawn, tmp_path, path, epochs, resume, out, pause=0.02):
+    """TRAINING_SCRIPT, started in a fresh process by ``spawn`` (see spawner)."""
     script = tmp_path / "train.py"
     script.write_text(TRAINING_SCRIPT)
-    return subprocess.Popen([sys.executable, str(script), str(path), str(epochs),
-                             "resume" if resume else "fresh", str(out), str(pause)], cwd=HERE,
-                            env=cpu_env(PYTHONPATH=HERE), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
+    return spawn(script, path, epochs, "resume" if resume else "fresh", out, pause)
 
 
 def wait_for_step(process, step):
@@ -3718,13 +4020,13 @@ def wait_for_step(process, step):
             return
 
 
-@pytest.fixture(scope="module")
-def straight_training(tmp_path_factory):
+@pytest.fixture(scope="session")
+def straight_training(spawner, tmp_path_factory):
     """A function that returns the weights and history of TRAINING_SCRIPT run straight through
     its 2 epochs. The run starts at once and goes on beside the test (on a second core) until
     the test asks for its result."""
     tmp_path = tmp_path_factory.mktemp("straight")
-    process = run_training(tmp_path, "-", 2, False, tmp_path / "straight.pt", pause=0)
+    process = run_training(spawner, tmp_path, "-", 2, False, tmp_path / "straight.pt", pause=0)
 
     @functools.cache
     def result():
@@ -3738,18 +4040,19 @@ def straight_training(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_run_killed_at_random_moments_resumes_to_the_same_weights(tmp_path, straight_training):
+def test_a_run_killed_at_random_moments_resumes_to_the_same_weights(spawner, tmp_path,
+                                                                   straight_training):
     import random
     path = tmp_path / "run.pt"
     chooser = random.Random()
     for attempt in range(3):
-        process = run_training(tmp_path, path, 2, attempt > 0, tmp_path / "killed.pt")
+        process = run_training(spawner, tmp_path, path, 2, attempt > 0, tmp_path / "killed.pt")
         wait_for_step(process, 3 * attempt + 3)  # a checkpoint exists, then a random moment
         time.sleep(chooser.uniform(0.0, 0.3))
         process.kill()
         process.wait()
         assert torch.load(path, weights_only=True)["format"] == "loopy-checkpoint/1"
-    process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt", pause=0)
+    process = run_training(spawner, tmp_path, path, 2, True, tmp_path / "resumed.pt", pause=0)
     assert process.wait(timeout=300) == 0, process.stderr.read()
     expected = straight_training()
     got = torch.load(tmp_path / "resumed.pt", weights_only=True)
@@ -3758,9 +4061,10 @@ def test_a_run_killed_at_random_moments_resumes_to_the_same_weights(tmp_path, st
 
 
 @pytest.mark.slow
-def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path, straight_training):
+def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(spawner, tmp_path,
+                                                              straight_training):
     path = tmp_path / "run.pt"
-    process = run_training(tmp_path, path, 2, False, tmp_path / "interrupted.pt")
+    process = run_training(spawner, tmp_path, path, 2, False, tmp_path / "interrupted.pt")
     wait_for_step(process, 5)
     process.send_signal(signal.SIGINT)
     output, errors = process.communicate(timeout=300)
@@ -3770,7 +4074,7 @@ def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path, straigh
     interrupted = torch.load(tmp_path / "interrupted.pt", weights_only=True)
     assert interrupted["history"] == {}  # stopped inside the first epoch, which is not recorded
     assert torch.load(path, weights_only=True)["position"]["batches"] < 16
-    process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt", pause=0)
+    process = run_training(spawner, tmp_path, path, 2, True, tmp_path / "resumed.pt", pause=0)
     assert process.wait(timeout=300) == 0
     expected = straight_training()
     got = torch.load(tmp_path / "resumed.pt", weights_only=True)
@@ -3805,9 +4109,9 @@ def test_ctrl_c_in_a_manual_step_stops_after_its_updates_and_resumes_exactly(tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_preemption_signal_saves_at_that_step_exits_128_plus_it_and_resumes_exactly(
-        tmp_path, signum, straight_training):
+        spawner, tmp_path, signum, straight_training):
     path = tmp_path / "run.pt"
-    process = run_training(tmp_path, path, 2, False, tmp_path / "interrupted.pt")
+    process = run_training(spawner, tmp_path, path, 2, False, tmp_path / "interrupted.pt")
     wait_for_step(process, 5)
     process.send_signal(signum)
     output, errors = process.communicate(timeout=300)
@@ -3819,13 +4123,14 @@ def test_a_preemption_signal_saves_at_that_step_exits_128_plus_it_and_resumes_ex
     saved = torch.load(path, weights_only=True)  # taken at "end", not at an every=3 step
     assert saved["step"] == last_step == saved["position"]["batches"] and last_step < 16
     assert saved["finished"] is None
-    process = run_training(tmp_path, path, 2, True, tmp_path / "resumed.pt", pause=0)
+    process = run_training(spawner, tmp_path, path, 2, True, tmp_path / "resumed.pt", pause=0)
     assert process.wait(timeout=300) == 0, process.stderr.read()
     assert same_saved(straight_training(), torch.load(tmp_path / "resumed.pt", weights_only=True))
 
 
-# rank 0 writes the result; the straight run is a scenario of torchrun_runs
-TORCHRUN_TRAINING_SCRIPT = TRAINING_SCRIPT.replace("torch.save({", "if loop.rank == 0: torch.save({")
+# rank 0 writes the result; the straight run is a scenario of launches
+TORCHRUN_TRAINING_SCRIPT = TRAINING_SCRIPT.replace("torch.save({",
+                                                   "if loop.rank == 0: torch.save({")
 
 
 def run_torchrun(tmp_path, path, resume, out, pause):
@@ -3840,7 +4145,7 @@ def run_torchrun(tmp_path, path, resume, out, pause):
 
 @pytest.mark.slow
 def test_sigterm_to_torchrun_saves_once_with_every_ranks_sums_and_resumes_exactly(
-        tmp_path, torchrun_runs):
+        tmp_path, launches):
     path = tmp_path / "run.pt"
     process = run_torchrun(tmp_path, path, False, tmp_path / "interrupted.pt", pause=0.1)
     wait_for_step(process, 3)
@@ -3855,7 +4160,7 @@ def test_sigterm_to_torchrun_saves_once_with_every_ranks_sums_and_resumes_exactl
     assert len(sums) == 2 and not all(torch.equal(a, b) for a, b in zip(*sums))
     resumed = run_torchrun(tmp_path, path, True, tmp_path / "resumed.pt", pause=0)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
-    expected = torch.load(scenario(torchrun_runs, 2, "straight") / "straight.pt",
+    expected = torch.load(scenario(launches, 2, "straight") / "straight.pt",
                           weights_only=True)
     assert same_saved(expected, torch.load(tmp_path / "resumed.pt", weights_only=True))
 
@@ -3924,108 +4229,11 @@ for mode in modes:  # one fit after another in the same processes and process gr
 """
 
 
-SCENARIOS_SCRIPT = """
-import contextlib, json, os, runpy, sys, time, torch
-import loopy
-scenarios, out = json.loads(sys.argv[1]), sys.argv[2]
-rank, seed, attributes = os.environ.get("RANK", "0"), torch.initial_seed(), dict(vars(loopy))
-for name, script, arguments, env in scenarios:
-    print(f"--- scenario {name} starts at {time.time()}", file=sys.stderr, flush=True)
-    os.environ.update(env)
-    torch.manual_seed(seed)  # each starts from the random state of a fresh process
-    sys.argv, sys.path[0] = [script, *arguments], os.path.dirname(script)
-    with open(os.path.join(out, f"{name}.rank{rank}.stdout"), "w") as stdout, \\
-            contextlib.redirect_stdout(stdout):
-        runpy.run_path(script, run_name="__main__")
-    vars(loopy).update(attributes)  # what a scenario patched in loopy ends with it
-    open(os.path.join(out, f"{name}.rank{rank}.done"), "w").close()
-"""
-
-
-def free_port():
-    import socket
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        return free.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def torchrun_runs(tmp_path_factory):
-    """This file's multi-process scenarios, run once: one torchrun launch of two processes runs
-    them one after another in one process group, each as a fresh script (``__main__``, its own
-    arguments and folder, the random state of a fresh process), and beside it one plain process
-    runs the one-process runs that they are compared with. A launch costs seconds of start-up
-    alone. The two-process launch ends with "crash", which fails it on purpose. Returns, by
-    number of processes, the launch's folder, exit code, stderr and end time; ``scenario()``
-    gives a scenario's folder once it has finished on every process."""
-    tmp_path = tmp_path_factory.mktemp("torchrun")
-    scripts = {"ddp": DISTRIBUTED_SCRIPT, "torchrun13": TORCHRUN_13_SCRIPT, "log_to": LOG_TO_SCRIPT,
-               "numpy": TORCHRUN_16_SCRIPT, "ema": EMA_DISTRIBUTED_SCRIPT,
-               "gan": GAN_DISTRIBUTED_SCRIPT, "sliced": SLICED_DISTRIBUTED_SCRIPT,
-               "empty": ISSUE_16_SCRIPT, "train": TORCHRUN_TRAINING_SCRIPT}
-    for name, text in scripts.items():  # (named so as not to hide the modules they import)
-        (tmp_path / f"{name}_script.py").write_text(text)
-    scripts["ddp_digits"] = os.path.join(HERE, "examples", "ddp_digits.py")
-    out = "{out}"  # each scenario's own folder
-    launches = {2: [("world-2", "ddp", ["plain,accumulate,stop", out, "8"]),
-                    ("split", "torchrun13", ["split", out]), ("fsdp", "torchrun13", ["fsdp", out]),
-                    ("log_to", "log_to", [out]), ("numpy", "numpy", [out, "16"]),
-                    ("ema", "ema", [out, "8"]), ("gan", "gan", ["gan", out, "8"]),
-                    ("sliced", "sliced", [out, "0"]), ("sliced-drop_last", "sliced", [out, "1"]),
-                    ("ddp_digits", "ddp_digits", ["--epochs", "8", "--plot", ""]),
-                    ("straight", "train", ["-", "2", "fresh", out + "/straight.pt", "0"]),
-                    ("empty", "empty", [out]), ("crash", "ddp", ["crash", out, "8"])],
-                1: [("world-1", "ddp", ["plain,accumulate", out, "16"]),
-                    ("split", "torchrun13", ["split", out]), ("numpy", "numpy", [out, "32"]),
-                    ("ema", "ema", [out, "16"]), ("gan", "gan", ["gan", out, "16"]),
-                    ("fsdp", "torchrun13", ["fsdp", out], {  # as torchrun starts one process
-                        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})]}
-    (tmp_path / "scenarios.py").write_text(SCENARIOS_SCRIPT)
-    started = {}
-    for processes, scenarios in launches.items():
-        folder = tmp_path / str(processes)
-        runs = []
-        for name, script, arguments, *env in scenarios:
-            (folder / name).mkdir(parents=True)
-            script = scripts[script] if script == "ddp_digits" else tmp_path / f"{script}_script.py"
-            runs.append((name, str(script),
-                         [a.replace(out, str(folder / name)) for a in arguments],
-                         env[0] if env else {}))
-        started[processes] = folder, subprocess.Popen(
-            command(processes if processes > 1 else None) +
-            [str(tmp_path / "scenarios.py"), json.dumps(runs), str(folder)],
-            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True)
-    results = {}
-    for processes, (folder, process) in started.items():
-        code, _, stderr = finished(process)
-        results[processes] = folder, code, stderr, time.time()
-    return results
-
-
-def scenario(torchrun_runs, processes, name):
-    """The folder of scenario ``name`` of the launch of ``processes`` processes, checked to
-    have finished on each of them."""
-    folder, code, stderr, _ = torchrun_runs[processes]
-    assert all((folder / f"{name}.rank{rank}.done").exists() for rank in range(processes)), \
-        f"scenario {name!r} did not finish on {processes} process(es) (exit code {code}):\n" \
-        f"{stderr[-3000:]}"
-    return folder / name
-
-
-def rank_results(torchrun_runs, processes, name, mode=""):
-    """What each process of scenario ``name`` saved (in its folder ``mode``)."""
-    folder = scenario(torchrun_runs, processes, name) / mode
-    return [torch.load(folder / f"rank{rank}.pt", weights_only=True)
-            for rank in range(processes)]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["plain", "accumulate"])
-def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(torchrun_runs, mode):
-    rank0, rank1 = rank_results(torchrun_runs, 2, "world-2", mode)
-    (single,) = rank_results(torchrun_runs, 1, "world-1", mode)
+def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(launches, mode):
+    rank0, rank1 = rank_results(launches, 2, "world-2", mode)
+    (single,) = rank_results(launches, 1, "world-1", mode)
     assert rank0["world_size"] == 2 and single["world_size"] == 1
     assert rank0["history"] == rank1["history"] and rank0["evaluate"] == rank1["evaluate"]
     for name, weights in single["model"].items():  # tolerance: float sums in another order
@@ -4038,9 +4246,9 @@ def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(torchrun_runs, m
 
 @pytest.mark.slow
 def test_a_stop_on_one_rank_stops_both_and_its_mid_epoch_checkpoint_needs_two_processes(
-        torchrun_runs):
-    rank0, rank1 = rank_results(torchrun_runs, 2, "world-2", "stop")
-    out = scenario(torchrun_runs, 2, "world-2") / "stop"
+        launches):
+    rank0, rank1 = rank_results(launches, 2, "world-2", "stop")
+    out = scenario(launches, 2, "world-2") / "stop"
     assert rank0["step"] == rank1["step"] == 5
     assert rank0["stop_reason"] == "stopped by another process"
     assert rank1["stop_reason"] == "rank 1 had enough"
@@ -4056,8 +4264,8 @@ def test_a_stop_on_one_rank_stops_both_and_its_mid_epoch_checkpoint_needs_two_pr
 
 
 @pytest.mark.slow
-def test_an_error_on_one_rank_ends_the_whole_run_instead_of_hanging(torchrun_runs):
-    _, code, stderr, ended = torchrun_runs[2]
+def test_an_error_on_one_rank_ends_the_whole_run_instead_of_hanging(launches):
+    _, code, stderr, ended = launches()[2]
     assert code != 0 and "rank 1 crashed" in stderr
     started = float(re.search(r"--- scenario crash starts at ([\d.]+)", stderr).group(1))
     assert ended - started < 120  # torchrun stopped the other process
@@ -4227,25 +4435,9 @@ torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 """
 
 
-def run_13(tmp_path, mode, processes, expect_failure=False):
-    script = tmp_path / "torchrun13.py"
-    script.write_text(TORCHRUN_13_SCRIPT)
-    out = tmp_path / f"{mode}-{processes}"
-    out.mkdir()
-    launcher = command(processes)
-    result = subprocess.run(launcher + [str(script), mode, str(out)], capture_output=True,
-                            text=True, timeout=300,
-                            env=cpu_env(PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
-    if expect_failure:
-        return result
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, [torch.load(out / f"rank{rank}.pt", weights_only=True)
-                 for rank in range(max(processes, 1))]
-
-
-@pytest.fixture(scope="module")
-def split_runs(torchrun_runs):
-    return rank_results(torchrun_runs, 2, "split"), rank_results(torchrun_runs, 1, "split")[0]
+@pytest.fixture(scope="session")
+def split_runs(launches):
+    return rank_results(launches, 2, "split"), rank_results(launches, 1, "split")[0]
 
 
 @pytest.mark.slow
@@ -4297,10 +4489,10 @@ def test_torchrun_a_sampler_without_len_is_refused_with_the_fix(split_runs):
            "torch.utils.data.DistributedSampler yourself" in rank0["refused"]
 
 
-@pytest.fixture(scope="module")
-def fsdp_runs(torchrun_runs):
-    return [(scenario(torchrun_runs, processes, "fsdp"),
-             rank_results(torchrun_runs, processes, "fsdp")) for processes in (2, 1)]
+@pytest.fixture(scope="session")
+def fsdp_runs(launches):
+    return [(scenario(launches, processes, "fsdp"),
+             rank_results(launches, processes, "fsdp")) for processes in (2, 1)]
 
 
 @pytest.mark.slow
@@ -4342,11 +4534,11 @@ def test_fsdp2_on_one_process_is_bit_identical_to_the_plain_loop(fsdp_runs):
 
 
 @pytest.mark.slow
-def test_torchrun_a_hung_rank_fails_the_others_after_process_group_timeout(tmp_path):
-    started = time.monotonic()
-    result = run_13(tmp_path, "hang", 2, expect_failure=True)
-    assert result.returncode != 0 and "Timed out waiting 3000ms" in result.stderr
-    assert time.monotonic() - started < 90
+def test_torchrun_a_hung_rank_fails_the_others_after_process_group_timeout(launches):
+    _, code, stderr, ended = launches()["hang"]
+    assert code != 0 and "Timed out waiting 3000ms" in stderr
+    started = float(re.search(r"--- scenario hang starts at ([\d.]+)", stderr).group(1))
+    assert ended - started < 90
 
 
 LOG_TO_SCRIPT = """
@@ -4365,8 +4557,8 @@ with open(os.path.join(sys.argv[1], f"rank{loop.rank}.json"), "w") as file:
 
 
 @pytest.mark.slow
-def test_log_to_under_torchrun_logs_on_rank_0_only(torchrun_runs):
-    tmp_path = scenario(torchrun_runs, 2, "log_to")
+def test_log_to_under_torchrun_logs_on_rank_0_only(launches):
+    tmp_path = scenario(launches, 2, "log_to")
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     history = rank0["history"]  # each process takes 4 of the 8 batches: 4 steps per epoch
     assert rank0["records"] == [[4 * (e + 1), {**{k: v[e] for k, v in history.items()},
@@ -4399,9 +4591,9 @@ torch.save({"model": model.state_dict(), "history": loop.history, "sizes": sizes
 
 @pytest.mark.slow
 def test_torchrun_numpy_data_with_drop_last_and_a_number_metric_equal_one_process(
-        torchrun_runs):
+        launches):
     # batches of 16 on each of 2 processes, of 32 on one: of 100 samples the last 4 are dropped
-    (rank0, rank1), (single,) = (rank_results(torchrun_runs, p, "numpy") for p in (2, 1))
+    (rank0, rank1), (single,) = (rank_results(launches, p, "numpy") for p in (2, 1))
     assert single["sizes"] == [32, 32, 32, 7, 7, 7, 7, 2] * 2
     assert rank0["sizes"][:3] == rank1["sizes"][:3] == [16, 16, 16]
     for name, weights in single["model"].items():  # tolerance: float sums in another order
@@ -4437,9 +4629,9 @@ torch.save(result, os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', 0)}.p
 
 
 @pytest.mark.slow
-def test_ema_under_torchrun_is_the_same_on_both_ranks_and_matches_one_process(torchrun_runs):
+def test_ema_under_torchrun_is_the_same_on_both_ranks_and_matches_one_process(launches):
     # batches of 8 on each of 2 processes, of 16 on one
-    (rank0, rank1), (single,) = (rank_results(torchrun_runs, p, "ema") for p in (2, 1))
+    (rank0, rank1), (single,) = (rank_results(launches, p, "ema") for p in (2, 1))
     assert rank0["history"] == rank1["history"]
     for name, weights in single["model"].items():  # tolerance: float sums in another order
         assert torch.equal(rank0["model"][name], rank1["model"][name])
@@ -4490,9 +4682,9 @@ torch.save({"model": gan.state_dict(), "history": loop.history, "step": loop.ste
 
 
 @pytest.mark.slow
-def test_a_gan_on_two_processes_of_batch_b_equals_one_process_of_batch_2b(torchrun_runs):
+def test_a_gan_on_two_processes_of_batch_b_equals_one_process_of_batch_2b(launches):
     # batches of 8 on each of 2 processes, of 16 on one
-    (rank0, rank1), (single,) = (rank_results(torchrun_runs, p, "gan") for p in (2, 1))
+    (rank0, rank1), (single,) = (rank_results(launches, p, "gan") for p in (2, 1))
     assert rank0["world_size"] == 2 and rank0["step"] == single["step"] == 3 * 6
     assert rank0["history"] == rank1["history"]
     for name, weights in single["model"].items():  # tolerance: float sums in another order
@@ -4532,8 +4724,8 @@ torch.save(results, os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_torchrun_sliced_shards_equal_the_distributed_samplers(torchrun_runs, drop_last):
-    for runs in rank_results(torchrun_runs, 2, "sliced-drop_last" if drop_last else "sliced"):
+def test_torchrun_sliced_shards_equal_the_distributed_samplers(launches, drop_last):
+    for runs in rank_results(launches, 2, "sliced-drop_last" if drop_last else "sliced"):
         sliced, iterated = runs["sliced"], runs["iterated"]
         assert sliced["calls"] == 0 and iterated["calls"] > 0
         assert all(torch.equal(sliced["model"][k], v) for k, v in iterated["model"].items())
@@ -4581,8 +4773,8 @@ torch.save(results, os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', 0)}.
 
 
 @pytest.mark.slow
-def test_16_under_torchrun_an_evaluation_without_batches_is_an_error(torchrun_runs):
-    tmp_path = scenario(torchrun_runs, 2, "empty")
+def test_16_under_torchrun_an_evaluation_without_batches_is_an_error(launches):
+    tmp_path = scenario(launches, 2, "empty")
     X = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 2)
@@ -4601,20 +4793,12 @@ def test_16_under_torchrun_an_evaluation_without_batches_is_an_error(torchrun_ru
 
 # --- examples/: each runs (shortened) as a script and reaches its accuracy ---
 
-def _python(*args, cwd=None):
-    """Run ``python *args`` in a fresh process with loopy importable (and no GPU visible);
-    return its stdout."""
-    code, stdout, stderr = finished(_started_python(*args, cwd=cwd))
-    assert code == 0, f"python {args[0]} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+def _python(spawn, script, cwd=HERE):
+    """Run ``script`` in a fresh process (see spawner) with loopy importable (and no GPU
+    visible); return its stdout."""
+    code, stdout, stderr = finished(spawn(script, cwd=cwd))
+    assert code == 0, f"python {script} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
     return stdout
-
-
-def _started_python(*args, cwd=None):
-    """``python *args`` as _python runs it, started and left running: see finished()."""
-    env = cpu_env(PYTHONPATH=os.pathsep.join(
-        p for p in (HERE, os.environ.get("PYTHONPATH")) if p))
-    return subprocess.Popen([sys.executable, *args], cwd=cwd or HERE, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _final_metrics(stdout):
@@ -4644,11 +4828,12 @@ with open(out, "w") as file:
 """
 
 
-@pytest.fixture(scope="module")
-def examples(tmp_path_factory):
-    """The standard output of each example and its plot file: all run as ``__main__`` one
-    after another in one fresh process, so that torch and scikit-learn are imported once.
-    (The ddp example runs under torchrun as a scenario of torchrun_runs.)"""
+@pytest.fixture(scope="session")
+def examples(spawner, tmp_path_factory):
+    """A function that returns the standard output of each example and its plot file: all run
+    as ``__main__`` one after another in one fresh process, so that torch and scikit-learn are
+    imported once; it starts at once (see start_launches_first). (The ddp example runs under
+    torchrun as a scenario of launches.)"""
     tmp_path = tmp_path_factory.mktemp("examples")
     runs = {}
     for name, script, epochs, plot, hidden in [
@@ -4662,14 +4847,25 @@ def examples(tmp_path_factory):
         plot = str(tmp_path / f"{name}.png") if plot else ""
         runs[name] = (script, ["--epochs", str(epochs), "--plot", plot], hidden)
     out = tmp_path / "outputs.json"
-    _python("-c", EXAMPLES_SCRIPT, os.path.join(HERE, "examples"), json.dumps(runs), str(out))
-    with open(out) as file:
-        outputs = json.load(file)
-    return {name: (outputs[name], tmp_path / f"{name}.png") for name in runs}
+    (tmp_path / "examples.py").write_text(EXAMPLES_SCRIPT)
+    process = spawner(tmp_path / "examples.py", os.path.join(HERE, "examples"), json.dumps(runs),
+                      out)
+    wait = in_background(process)
+
+    @functools.cache
+    def outputs():
+        code, stdout, stderr, _ = wait()
+        assert code == 0, f"the examples failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+        with open(out) as file:
+            outputs = json.load(file)
+        return {name: (outputs[name], tmp_path / f"{name}.png") for name in runs}
+
+    yield outputs
+    process.kill()  # (a no-op once it has ended)
 
 
 def example_output(examples, name):
-    stdout, plot = examples[name]
+    stdout, plot = examples()[name]
     assert "EXAMPLE FAILED" not in stdout, stdout[-3000:]
     return stdout, plot
 
@@ -4719,9 +4915,9 @@ def test_example_without_matplotlib_skips_the_plot(examples):
 
 @pytest.mark.slow
 def test_the_ddp_example_runs_alone_and_under_torchrun_to_the_same_accuracy(examples,
-                                                                            torchrun_runs):
+                                                                            launches):
     alone, _ = example_output(examples, "ddp")
-    folder = scenario(torchrun_runs, 2, "ddp_digits").parent  # (each process's stdout)
+    folder = scenario(launches, 2, "ddp_digits").parent  # (each process's stdout)
     stdout = "".join((folder / f"ddp_digits.rank{rank}.stdout").read_text() for rank in (0, 1))
     accuracies = []
     for output in (alone, stdout):
@@ -4771,7 +4967,7 @@ def _fenced_blocks(text, language):
 
 @pytest.mark.parametrize("document, at_least",
                          [("README.md", 8), ("docs/guide.md", 18), ("docs/migrating.md", 3)])
-def test_readme_python_blocks_run(document, at_least, tmp_path):
+def test_readme_python_blocks_run(document, at_least, tmp_path, spawner):
     """The ```python blocks of the README and of docs/ run in order in one namespace,
     like a notebook, in a fresh process; tracebacks point at the document's line numbers."""
     with open(os.path.join(HERE, document), encoding="utf-8") as file:
@@ -4786,7 +4982,7 @@ def test_readme_python_blocks_run(document, at_least, tmp_path):
         driver.append(f"exec(compile({source!r}, {document!r}, 'exec'), namespace)")
     script = tmp_path / "document_blocks.py"
     script.write_text("\n".join(driver))
-    _python(str(script), cwd=tmp_path)
+    _python(spawner, script, cwd=tmp_path)
 
 
 def test_readme_setup_commands_match_ci():
@@ -4829,22 +5025,19 @@ def test_readme_shows_the_plot():
 BENCHMARKS = os.path.join(HERE, "benchmarks")
 
 
-def run_script(name, *args, timeout=120):
-    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, name), *args],
-                          capture_output=True, text=True, cwd=HERE, timeout=timeout, env=cpu_env())
-    assert done.returncode == 0, f"{name} {' '.join(args)} failed:\n{done.stderr[-3000:]}"
-    return done.stdout
+def benchmark_output(launches, name):
+    """What benchmark ``name``'s smoke run printed and saved (a scenario of launches)."""
+    folder = scenario(launches, 1, name)
+    return ((folder.parent / f"{name}.rank0.stdout").read_text(),
+            json.loads((folder / "result.json").read_text()))
 
 
 @pytest.mark.slow
-def test_overhead_smoke_run(tmp_path):
-    saved = tmp_path / "overhead.json"
-    out = run_script("overhead.py", "--quick", "--steps", "4", "--rounds", "1",
-                     "--import-repeats", "1", "--save", str(saved))
+def test_overhead_smoke_run(launches):  # --quick --steps 4 --rounds 1 --import-repeats 1
+    out, result = benchmark_output(launches, "overhead")
     assert "| runner | ms/step | ratio | target | weights vs hand loop |" in out
     assert "`import loopy` beyond `import torch`" in out
     assert "epoch 1/1" not in out  # fit's own progress lines stay out of the table
-    result = json.loads(saved.read_text())
     rows = {row["key"]: row for row in result["rows"]}
     assert {"hand", "loopy_dataloader", "loopy_lean", "loopy_defaults", "hand_work",
             "loopy_defaults_work", "loopy_lean_work", "loopy_tty_work"} == set(rows)
@@ -4855,14 +5048,11 @@ def test_overhead_smoke_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_peers_smoke_run(tmp_path):
-    saved = tmp_path / "peers.json"
-    out = run_script("peers.py", "--quick", "--runners", "sliced,loopy_tensors", "--workloads",
-                     "mlp_val", "--steps", "4", "--rounds", "1", "--save", str(saved))
+def test_peers_smoke_run(launches):  # --runners sliced,loopy_tensors --workloads mlp_val ...
+    out, result = benchmark_output(launches, "peers")
     assert "| runner | ms/step | x hand | weights vs hand |" in out
     assert "loopy tensor path / hand-sliced loop" in out
     assert "| runner | import beyond torch (ms) |" in out
-    result = json.loads(saved.read_text())
     workload = result["workloads"]["mlp_val"]
     rows = {row["key"]: row for row in workload["rows"]}
     assert rows["loopy_tensors"]["bit_identical"], "the tensor path differs from the hand loop"
@@ -4873,13 +5063,10 @@ def test_peers_smoke_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_benchmark_smoke_run_on_the_cpu(tmp_path):
-    saved = tmp_path / "gpu.json"
-    out = run_script("gpu.py", "--device", "cpu", "--quick", "--rounds", "1", "--save",
-                     str(saved))
+def test_gpu_benchmark_smoke_run_on_the_cpu(launches):  # --device cpu --quick --rounds 1
+    out, result = benchmark_output(launches, "gpu")
     assert "| runner | ms/step | ratio | weights vs hand loop over the DataLoader |" in out
     assert "epoch 1/1" not in out  # fit's own progress lines stay out of the tables
-    result = json.loads(saved.read_text())
     assert set(result["workloads"]) == {"mlp", "resnet"}
     for name, workload in result["workloads"].items():
         assert workload["hand_repeat"]["bit_identical"]
