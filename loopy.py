@@ -760,8 +760,9 @@ class _Epoch:
     index: int
     meters: dict  # the running means of the loss and the function metrics
     first_step: int  # loop.step when the epoch began
-    rng: torch.Tensor  # torch's RNG state before its batches were drawn (a resume replays it)
-    generators: list  # the states of the loader's own generators then
+    generators: list  # the states of the loader's own generators before its batches were drawn
+    # torch's RNG state then, taken as the record is made (a resume replays both)
+    rng: torch.Tensor = dataclasses.field(default_factory=torch.get_rng_state)
     length: int = None  # how many batches it has (dry_run's limit included); None: unknown
     skipped: int = 0  # batches that nonfinite="skip" left out
     pending: bool = False  # gradients that no optimizer step has applied yet
@@ -816,9 +817,8 @@ def _start_epoch(loop, run, runner, position):
     for module in run.frozen:  # submodules the user put in eval mode stay in it (a frozen BN)
         module.training = False
     epoch = loop._epoch = _Epoch(loop.epoch, _new_meters(run.metrics, not run.manual), loop.step,
-                                 torch.get_rng_state(),
                                  [generator.get_state() for generator in _generators(run.batches)],
-                                 _limited_length(run), runner=runner)
+                                 length=_limited_length(run), runner=runner)
     loop.batch_index, loop.num_batches = -1, epoch.length
     return epoch, _epoch_batches(loop, run, epoch, position)
 
@@ -1222,12 +1222,8 @@ def _new_meters(metrics, with_loss):
 
 
 def _epoch_results(run, meters):
-    """Batch-size-weighted means (under torchrun, summed over all processes first), then the
-    values of the update/compute/reset metrics."""
-    if run.world_size == 1:
-        results = {name: meter.mean() for name, meter in meters.items()}
-    else:
-        results = _global_means(run, meters)
+    """The meters' means, then the values of the update/compute/reset metrics."""
+    results = _means(run, meters)
     for name, metric in run.metrics.items():
         if _is_metric_object(metric):
             value = metric.compute()
@@ -1239,8 +1235,10 @@ def _epoch_results(run, meters):
     return results
 
 
-def _global_means(run, meters):
-    """The meters' means over every process's batches: their sums and counts, all-reduced."""
+def _means(run, meters):
+    """Batch-size-weighted means; under torchrun of every process's batches (sums all-reduced)."""
+    if run.world_size == 1:
+        return {name: meter.mean() for name, meter in meters.items()}
     sums = [meter.sum(run.device).to(run.device, torch.float64) for meter in meters.values()]
     counts = [torch.tensor(float(meter.count), dtype=torch.float64, device=run.device)
               for meter in meters.values()]
