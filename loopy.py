@@ -295,7 +295,6 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
     return {"lr": lrs, "loss": losses, "suggestion": _suggestion(lrs, losses, min_lr, num_steps)}
 
 
-
 def plot_history(history, path=None):
     """Plot a run's curves with matplotlib (``pip install matplotlib``): one panel per metric,
     training against validation, per epoch (the learning rate left out). ``history`` is a
@@ -414,9 +413,8 @@ class Loop:
         if not torch.is_grad_enabled() or \
                 self.batch_index % run.accumulate != _group_size(self, run, epoch) - 1:
             return False
-        optimizer = _optimizer_named(run, name)
         with _outside_autocast(run):
-            _apply_update(self, run, epoch.runner, optimizer)
+            _apply_update(self, run, epoch.runner, _optimizer_named(run, name))
         if isinstance(run.autocast, torch.autocast):  # (the step runs inside it)
             torch.clear_autocast_cache()  # its low-precision copies of the old weights
         epoch.scaled = run.scaler is not None
@@ -531,9 +529,7 @@ def early_stopping(monitor="val_loss", patience=3, mode="auto", min_delta=0.0, r
     try:
         while True:
             loop = yield "epoch"
-            _check_monitor(loop, monitor, "early_stopping",
-                           loop.metric_names is None and loop.metrics)
-            value = loop.metrics.get(monitor, math.nan)
+            value = _monitored(loop, monitor, "early_stopping")
             if better(value, best):
                 best, waited = value, 0
                 if restore_best:
@@ -583,8 +579,7 @@ def checkpoint(path, every="epoch", monitor=None, mode="auto", keep=1):
         if monitor is not None:
             if loop.event != "epoch":
                 continue
-            _check_monitor(loop, monitor, "checkpoint", loop.metric_names is None and loop.metrics)
-            value = loop.metrics.get(monitor, math.nan)
+            value = _monitored(loop, monitor, "checkpoint")
             if not better(value, best):
                 continue
             best = value
@@ -1128,6 +1123,7 @@ def _end_epoch(loop, run, runner):
     """Validation, the epoch's values in loop.metrics and the history, an epoch scheduler's step,
     the "epoch" event."""
     values = _epoch_values(loop, run)
+    values["lr"] = float(run.optimizer.param_groups[0]["lr"])  # before an epoch scheduler
     if run.scheduler_interval == "epoch":
         for scheduler in run.schedulers:
             _step_scheduler(scheduler, run.scheduler_monitor, values)
@@ -1143,7 +1139,7 @@ def _end_epoch(loop, run, runner):
 
 
 def _epoch_values(loop, run):
-    """The epoch's means (checked to be finite), its skipped batches, validation, the rate."""
+    """The epoch's means (checked to be finite), its skipped batches, the validation results."""
     values = _epoch_results(run, loop._epoch.meters)
     _check_finite(loop, values.get("loss"))
     if run.nonfinite == "skip":
@@ -1151,7 +1147,6 @@ def _epoch_values(loop, run):
     if run.val_batches is not None:
         results = _evaluate(run, run.val_batches, "val_loader", loop, loop.val_model)
         values.update({f"val_{name}": value for name, value in results.items()})
-    values["lr"] = float(run.optimizer.param_groups[0]["lr"])  # before an epoch scheduler
     return values
 
 
@@ -1290,7 +1285,7 @@ class _Meter:
         return int(index) if index is not None and int(index) >= 0 else None
 
 
-# --- helpers of predict, lr_find, plot_history and checkpoint ---
+# --- helpers of predict, lr_find, plot_history and the built-in hooks ---
 
 def _predict_batch(run, model, batch):
     """The model's output for one batch (on the CPU), and the batch's size."""
@@ -1358,6 +1353,13 @@ def _plot_curves(plt, history):
                 axis.plot(range(1, len(history[key]) + 1), history[key], label=label)
         axis.set(title=name, xlabel="epoch")
     return figure, axes[0]
+
+
+def _monitored(loop, monitor, who):
+    """This epoch's value of ``monitor`` (NaN when missing); with a manual step, whose metrics
+    are known only now, it is checked to exist."""
+    _check_monitor(loop, monitor, who, loop.metric_names is None and loop.metrics)
+    return loop.metrics.get(monitor, math.nan)
 
 
 def _check_checkpoint_options(template, every, monitor, mode, keep):
