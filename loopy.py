@@ -311,10 +311,8 @@ def plot_history(history, path=None):
     if not isinstance(history, collections.abc.Mapping) or not history:
         raise ValueError(f"plot_history needs a Loop, its history or lr_find's result, with at "
                          f"least one epoch recorded; got {_describe(history)}")
-    if "suggestion" in history:  # lr_find's result
-        figure, axes = _plot_lr_find(plt, history)
-    else:
-        figure, axes = _plot_curves(plt, history)
+    plot = _plot_lr_find if "suggestion" in history else _plot_curves  # (lr_find's result)
+    figure, axes = plot(plt, history)
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend()
