@@ -2597,8 +2597,7 @@ def _restore(loop, state):
     loop.hook_state = state.get("hook_state", {})
     loop.metrics = {name: values[-1] for name, values in loop.history.items() if values}
     _set_rng_state(state["rng"])
-    position = state["position"]
-    return position and dict(position, rng=state["rng"])
+    return state["position"] and dict(state["position"], rng=state["rng"])
 
 
 def _restore_loader(batches, state):
