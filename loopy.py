@@ -502,9 +502,6 @@ def progress(refresh=0.5, bar=True):
             live.close()
 
 
-_default_progress = progress
-
-
 def early_stopping(monitor="val_loss", patience=3, mode="auto", min_delta=0.0, restore_best=False):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience``
     epochs; with ``restore_best``, load the best epoch's weights back when training ends or
@@ -733,9 +730,9 @@ def _with_builtin_hooks(hooks, run):
     """The hooks that fit adds: the first step's checks first, its progress hook last."""
     if run.step_fn is None:
         hooks.insert(0, _first_step_checks())
-    shown = any(hook.gi_code is _default_progress.__code__ for hook in hooks)  # the user's own
+    shown = any(hook.gi_code is progress.__code__ for hook in hooks)  # the user's own
     if run.progress and run.rank == 0 and not shown:  # last: its line sees what hooks changed
-        hooks.append(_default_progress(bar=run.progress == "bar"))
+        hooks.append(progress(bar=run.progress == "bar"))
     return hooks
 
 
@@ -762,7 +759,7 @@ class _Epoch:
     skipped: int = 0  # batches that nonfinite="skip" left out
     pending: bool = False  # gradients that no optimizer step has applied yet
     complete: bool = False  # recorded in the history
-    runner: object = None  # the hooks, for the "backward" event of loop.step_optimizer
+    runner: object = None  # the hooks (loop.step_optimizer's "backward" event, the last step)
     scaled: bool = False  # a manual step stepped through fp16's scaler, which must update
     save_after_step: str = None  # a path that loop.save() got during this step's batches
 
