@@ -514,7 +514,7 @@ def early_stopping(monitor="val_loss", patience=3, mode="auto", min_delta=0.0, r
     """
     better = _improvement_test(monitor, mode, min_delta, "early_stopping")
     loop = yield "start"
-    _check_monitor(loop, monitor, "early_stopping", loop.metric_names)
+    _check_monitor(monitor, "early_stopping", loop.metric_names)
     # after a resume the epochs before it count too, so that the stop comes where it would have
     # (a relaunch of a run that stopped early trains nothing)
     best, waited = _best_so_far(loop.history.get(monitor, []), better)
@@ -566,7 +566,7 @@ def checkpoint(path, every="epoch", monitor=None, mode="auto", keep=1):
     kept = _checkpoint_files(template) if loop.rank == 0 and not loop.dry_run else []
     best, saved_at, started = None, None, (loop.step, loop.epoch, loop.batch_index)
     if monitor is not None:
-        _check_monitor(loop, monitor, "checkpoint", loop.metric_names)
+        _check_monitor(monitor, "checkpoint", loop.metric_names)
         # after a resume, the best of the epochs before it
         best, _ = _best_so_far(loop.history.get(monitor, []), better)
     while True:
@@ -1357,7 +1357,7 @@ def _plot_curves(plt, history):
 def _monitored(loop, monitor, who):
     """This epoch's value of ``monitor`` (NaN when missing); with a manual step, whose metrics
     are known only now, it is checked to exist."""
-    _check_monitor(loop, monitor, who, loop.metric_names is None and loop.metrics)
+    _check_monitor(monitor, who, loop.metric_names is None and loop.metrics)
     return loop.metrics.get(monitor, math.nan)
 
 
@@ -1501,13 +1501,18 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None,
     if resume is not None and not (resume_missing_ok and not os.path.exists(resume)):
         # (a set-and-forget resume's first launch starts afresh)
         run = dataclasses.replace(run, resume=_load_checkpoint(resume, run))
+    _check_passes(run, epochs, loader=loader, val_loader=val_loader)
+    return run
+
+
+def _check_passes(run, epochs, **data):
+    """A one-shot iterator (a generator) can serve one pass only."""
     passes = (run.epochs or 1) - (run.resume["epoch"] if run.resume else 0)  # (None: max_steps)
-    for name, data in (("loader", loader), ("val_loader", val_loader)):
-        if isinstance(data, collections.abc.Iterator) and passes > 1:
-            raise ValueError(f"{name} is a one-shot iterator ({_describe(data)}), empty after "
+    for name, each in data.items():
+        if isinstance(each, collections.abc.Iterator) and passes > 1:
+            raise ValueError(f"{name} is a one-shot iterator ({_describe(each)}), empty after "
                              f"one pass, but this run makes {passes} passes over it (epochs="
                              f"{epochs}): pass a DataLoader, a list of batches or tensors (X, y)")
-    return run
 
 
 def _place(device, model, parameters, *modules):
@@ -2720,7 +2725,7 @@ def _best_so_far(values, better):
     return best, since
 
 
-def _check_monitor(loop, monitor, who, names):
+def _check_monitor(monitor, who, names):
     """At "start", ``names`` is loop.metric_names; with a manual step (None), the first
     epoch's metrics are checked instead."""
     if names and monitor not in names:
