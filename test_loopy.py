@@ -514,7 +514,8 @@ def rank_results(launches, processes, name, mode=""):
 def start_launches_first(request):
     """The subprocesses that the selected tests need start before the first test, and run on
     the second core beside the in-process tests until a test asks for their results."""
-    for name in ("launches", "examples", "straight_training", "sigterm_to_torchrun"):
+    for name in ("launches", "examples", "straight_training", "sigterm_to_torchrun",
+                 "fresh_interpreters", "notebook_outputs"):
         if any(name in item.fixturenames for item in request.session.items):
             request.getfixturevalue(name)
 
@@ -2145,9 +2146,15 @@ def test_progress_shows_a_tqdm_bar_on_a_terminal(monkeypatch, capsys):
     assert captured.out.count("\n") == 2 and "epoch 2/2" in captured.err and "2/2" in captured.err
 
 
-def test_loopy_copied_alone_trains_without_tqdm(tmp_path):
+@pytest.fixture(scope="session")
+def fresh_interpreters(tmp_path_factory):
+    """A function that returns (exit code, stdout, stderr) of "copied alone" (loopy.py copied
+    into a folder of its own, without tqdm, trained) or "imports" (which modules ``import
+    loopy`` adds), each run by a fresh interpreter: no spawner, no loopy imported before. They
+    start at once (see start_launches_first)."""
+    tmp_path = tmp_path_factory.mktemp("copied")
     shutil.copy(os.path.join(HERE, "loopy.py"), tmp_path)
-    script = textwrap.dedent("""
+    copied = textwrap.dedent("""
         import sys
         sys.modules["tqdm"] = None  # as if tqdm were not installed
         sys.stderr.isatty = lambda: True
@@ -2159,12 +2166,25 @@ def test_loopy_copied_alone_trains_without_tqdm(tmp_path):
                          torch.optim.SGD(model.parameters(), lr=0.1), (X, y), epochs=2)
         print("trained", loop.step)
     """)
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120,
-                            env=cpu_env(PYTHONPATH=""))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "trained 4"
-    assert result.stdout.startswith("epoch 1/2: loss ")
+    imports = "import torch, sys; before = set(sys.modules); import loopy; print(sorted(set(sys.modules) - before))"
+    started = {"copied alone": subprocess.Popen(
+                   [sys.executable, "-c", copied, str(tmp_path)], cwd=tmp_path,
+                   env=cpu_env(PYTHONPATH=""), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                   text=True),
+               "imports": subprocess.Popen(
+                   [sys.executable, "-c", imports], cwd=HERE, env=cpu_env(),
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)}
+    waits = {name: in_background(finished, process, 120) for name, process in started.items()}
+    yield lambda name: waits[name]()
+    for process in started.values():
+        process.kill()  # (a no-op once it has ended)
+
+
+def test_loopy_copied_alone_trains_without_tqdm(fresh_interpreters):
+    returncode, stdout, stderr = fresh_interpreters("copied alone")
+    assert returncode == 0, stderr
+    assert stdout.splitlines()[-1] == "trained 4"
+    assert stdout.startswith("epoch 1/2: loss ")
 
 
 def _epoch_line(history, epoch, epochs):
@@ -2328,17 +2348,35 @@ loop
 """
 
 
+@pytest.fixture(scope="session")
+def notebook_outputs(tmp_path_factory):
+    """A function that returns the outputs of NOTEBOOK_CELL run by a Jupyter kernel, as a
+    notebook saved and read again holds them. It runs in a thread from the start (see
+    start_launches_first); without nbformat, nbclient or ipykernel, it returns None."""
+    tmp_path = tmp_path_factory.mktemp("notebook")
+
+    def run():
+        if not all(importlib.util.find_spec(name) for name in ("nbformat", "nbclient",
+                                                               "ipykernel")):
+            return None
+        import nbclient
+        import nbformat
+        notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+            NOTEBOOK_CELL.format(here=HERE))])
+        nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(tmp_path)}}).execute(
+            env=cpu_env())  # (no GPU)
+        nbformat.write(notebook, tmp_path / "saved.ipynb")  # what a reopened notebook holds
+        return nbformat.read(tmp_path / "saved.ipynb", as_version=4).cells[0].outputs
+
+    return in_background(run)
+
+
 @pytest.mark.slow
-def test_a_notebook_keeps_each_epochs_metrics_as_text_and_shows_the_loop(tmp_path, monkeypatch):
-    nbformat, nbclient = pytest.importorskip("nbformat"), pytest.importorskip("nbclient")
+def test_a_notebook_keeps_each_epochs_metrics_as_text_and_shows_the_loop(notebook_outputs):
+    pytest.importorskip("nbformat"), pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        NOTEBOOK_CELL.format(here=HERE))])
-    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    nbformat.write(notebook, tmp_path / "saved.ipynb")  # what a reopened notebook holds
-    outputs = nbformat.read(tmp_path / "saved.ipynb", as_version=4).cells[0].outputs
+    outputs = notebook_outputs()
     stdout = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stdout")
     history = _history(stdout.splitlines())
     lines = stdout.splitlines()
@@ -2370,12 +2408,10 @@ def test_version_is_a_literal_that_setup_cfg_reads():
     assert "version = attr: loopy.__version__" in setup and "name = torch-loopy" in setup
 
 
-def test_importing_loopy_has_no_side_effects():
-    script = "import torch, sys; before = set(sys.modules); import loopy; print(sorted(set(sys.modules) - before))"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            cwd=HERE, timeout=120, env=cpu_env())
-    assert result.returncode == 0 and result.stderr == ""
-    assert eval(result.stdout) == ["loopy"]
+def test_importing_loopy_has_no_side_effects(fresh_interpreters):
+    returncode, stdout, stderr = fresh_interpreters("imports")  # (see fresh_interpreters)
+    assert returncode == 0 and stderr == ""
+    assert eval(stdout) == ["loopy"]
 
 
 # --- training options ---
