@@ -1474,14 +1474,7 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None,
     if training and isinstance(loss_fn, torch.nn.Module):
         _check_loss_parameters(loss_fn, optimizers)
     _place(device, model, parameters, loss_fn, *metrics.values())
-    dist = torch.distributed
-    rank, world_size = 0, 1
-    if distributed and dist.is_available() and dist.is_initialized():
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    if world_size > 1:
-        batches = _shard(batches, rank, world_size, training=training)
-        val_loader = _shard(val_loader, rank, world_size, training=False)
-    batches, val_loader = _sliced(batches), _sliced(val_loader)  # the same batches, faster
+    rank, world_size, batches, val_loader = _shares(batches, val_loader, training, distributed)
     train_model, stop_group, sync_gradients = _wrap(model, device, world_size, training, manual,
                                                     ddp_options)
     if training and manual and accumulate > 1 and _length(batches) is None:
@@ -1513,6 +1506,18 @@ def _check_passes(run, epochs, **data):
             raise ValueError(f"{name} is a one-shot iterator ({_describe(each)}), empty after "
                              f"one pass, but this run makes {passes} passes over it (epochs="
                              f"{epochs}): pass a DataLoader, a list of batches or tensors (X, y)")
+
+
+def _shares(batches, val_batches, training, distributed):
+    """This process's rank, the number of processes, and this process's share of the data."""
+    dist = torch.distributed
+    rank, world_size = 0, 1
+    if distributed and dist.is_available() and dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    if world_size > 1:
+        batches = _shard(batches, rank, world_size, training=training)
+        val_batches = _shard(val_batches, rank, world_size, training=False)
+    return rank, world_size, _sliced(batches), _sliced(val_batches)  # the same batches, faster
 
 
 def _place(device, model, parameters, *modules):
@@ -2442,7 +2447,7 @@ def _lock(file, wait):
 
 def _nbytes(value):
     if isinstance(value, torch.Tensor):
-        return value.nelement() * value.element_size()
+        return value.nbytes
     if isinstance(value, dict):
         value = list(value.values())
     return sum(map(_nbytes, value)) if isinstance(value, (list, tuple)) else 0
