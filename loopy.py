@@ -1625,8 +1625,8 @@ def _shard(loader, rank, world_size, training):
         batches = _ShardedSampler(loader.batch_sampler, rank, world_size, pad=training)
         return data.DataLoader(loader.dataset, batch_sampler=batches, **options)
     sampler, kind = loader.sampler, type(loader.sampler)
-    if kind is data.SequentialSampler or \
-            (kind is data.RandomSampler and not sampler.replacement and sampler._num_samples is None):
+    if kind is data.SequentialSampler or (kind is data.RandomSampler and not
+                                          sampler.replacement and sampler._num_samples is None):
         sampler = data.DistributedSampler(loader.dataset, drop_last=loader.drop_last,
                                           shuffle=kind is data.RandomSampler) if training \
             else range(rank, len(loader.dataset), world_size)
