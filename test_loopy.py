@@ -2,7 +2,10 @@
 
 Most tests train through ``train(**overrides)``: a small MLP, SGD, one epoch, no progress
 output, each argument overridable. ``python -m pytest -m "not slow"`` skips the subprocess
-runs (torchrun, examples, benchmarks) for a quick loop; CI runs everything."""
+runs (torchrun, examples, benchmarks) for a quick loop; CI runs everything. The subprocesses
+are few and shared, and start before the first test, beside the in-process tests: see
+``launches`` (one torchrun launch runs every multi-process scenario) and ``spawner`` (which
+imports torch once and forks each single-process script)."""
 import collections
 import copy
 import contextlib
@@ -239,11 +242,10 @@ def free_port():
 
 def _launch_scenarios(spawn, folder, processes, scenarios, scripts):
     """Start SCENARIOS_SCRIPT in ``processes`` processes (under torchrun when more than one,
-    else through ``spawn``):
-    it runs ``scenarios``, [(name, script, arguments[, environment])], one after another in the
-    same processes (and process group), each as a fresh script: ``__main__``, its own arguments
-    and folder ``folder / name`` (for "{out}" in its arguments), the random state of a fresh
-    process."""
+    else through ``spawn``). It runs ``scenarios``, [(name, script, arguments[, environment])],
+    one after another in the same processes (and process group), each as a fresh script:
+    ``__main__``, its own arguments and folder ``folder / name`` (for "{out}" in its
+    arguments), the random state of a fresh process."""
     runs = []
     for name, script, arguments, *env in scenarios:
         (folder / name).mkdir(parents=True)
