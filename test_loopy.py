@@ -1160,7 +1160,7 @@ class EmptyIterable:
         return iter(())
 
 
-def test_16_an_evaluation_pass_without_batches_is_an_error_naming_the_argument():
+def test_an_evaluation_pass_without_batches_is_an_error_naming_the_argument():
     X, y = make_data(64)
     message = fit_error(ValueError, val_loader=EmptyIterable(), epochs=2)
     assert "val_loader yielded no batches" in message and "DataLoader" in message
@@ -1173,7 +1173,7 @@ def test_16_an_evaluation_pass_without_batches_is_an_error_naming_the_argument()
 
 
 @pytest.mark.parametrize("argument", ["loader", "val_loader"])
-def test_16_a_one_shot_iterator_for_several_passes_is_refused_before_training(argument):
+def test_a_one_shot_iterator_for_several_passes_is_refused_before_training(argument):
     X, y = make_data(64)
     batches = list(tensor_loader(X, y))
     log = []
@@ -1183,7 +1183,7 @@ def test_16_a_one_shot_iterator_for_several_passes_is_refused_before_training(ar
     assert "DataLoader" in message and log == []
 
 
-def test_16_a_one_shot_iterator_for_one_pass_trains_like_a_list():
+def test_a_one_shot_iterator_for_one_pass_trains_like_a_list():
     X, y = make_data(64)
     batches = list(tensor_loader(X, y, batch_size=16))
     runs = []
@@ -1196,7 +1196,7 @@ def test_16_a_one_shot_iterator_for_one_pass_trains_like_a_list():
     assert math.isfinite(runs[1][1]["val_loss"][0])
 
 
-def test_16_batch_size_and_shuffle_given_for_a_dataloader_are_errors():
+def test_batch_size_and_shuffle_given_for_a_dataloader_are_errors():
     X, y = make_data(64)
     loader = tensor_loader(X, y)
     message = fit_error(ValueError, loader=loader, shuffle=True, batch_size=128)
@@ -1212,7 +1212,7 @@ def test_16_batch_size_and_shuffle_given_for_a_dataloader_are_errors():
             call()
 
 
-def test_16_batch_size_applies_to_in_memory_validation_data_beside_a_dataloader():
+def test_batch_size_applies_to_in_memory_validation_data_beside_a_dataloader():
     X, y = make_data(64)
     model = make_mlp()
     sizes = {"n": lambda output, target: torch.tensor(float(len(target)))}
@@ -1223,7 +1223,7 @@ def test_16_batch_size_applies_to_in_memory_validation_data_beside_a_dataloader(
     assert loop.history["val_n"] == [(20 * 20 * 3 + 4 * 4) / 64]  # batches of 20, 20, 20, 4
 
 
-def test_16_every_other_option_that_would_be_ignored_is_an_error():
+def test_every_other_option_that_would_be_ignored_is_an_error():
     X, y = make_data(64)
     model = make_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -2745,7 +2745,7 @@ def test_a_scheduler_must_be_a_scheduler_of_one_of_the_runs_optimizers():
     assert "scheduler['b'] was built for another optimizer" in message
 
 
-def test_16_reduce_lr_on_plateau_counts_a_nan_as_no_improvement_as_torch_does():
+def test_reduce_lr_on_plateau_counts_a_nan_as_no_improvement_as_torch_does():
     X, y = make_data(64)
     model = make_mlp()
     nan_epochs = {1, 2}
@@ -3247,7 +3247,7 @@ def scripted(name, values):
     ("error", [0.5, 0.3, 0.4, 0.45, 0.1], 4, 1),
     ("f1", [math.nan, 0.5, 0.6, math.nan, 0.55, 0.9], 5, 2),  # a NaN is never the best
 ])
-def test_16_early_stopping_auto_mode_and_nan(name, values, stop_after, best):
+def test_early_stopping_auto_mode_and_nan(name, values, stop_after, best):
     X, y = make_data(64)
     model = make_mlp()
     snapshots = []
@@ -3266,7 +3266,7 @@ def test_16_early_stopping_auto_mode_and_nan(name, values, stop_after, best):
     assert all(torch.equal(snapshots[best][k], v) for k, v in model.state_dict().items())
 
 
-def test_16_checkpoint_keeps_the_best_file_by_auto_mode_never_a_nan(tmp_path):
+def test_checkpoint_keeps_the_best_file_by_auto_mode_never_a_nan(tmp_path):
     X, y = make_data(64)
     model = make_mlp()
     loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), (X, y),
@@ -3278,7 +3278,7 @@ def test_16_checkpoint_keeps_the_best_file_by_auto_mode_never_a_nan(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["iou-3.pt", "rmse-3.pt"]
 
 
-def test_16_checkpoint_on_a_real_accuracy_keeps_its_highest_epoch(tmp_path):
+def test_checkpoint_on_a_real_accuracy_keeps_its_highest_epoch(tmp_path):
     X, y = make_data(96)
     model = make_mlp()
     loop = loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.05),
@@ -3291,7 +3291,7 @@ def test_16_checkpoint_on_a_real_accuracy_keeps_its_highest_epoch(tmp_path):
     assert os.listdir(tmp_path) == [f"best-{best + 1}.pt"]
 
 
-def test_16_a_monitor_that_cannot_exist_or_be_classified_fails_before_training():
+def test_a_monitor_that_cannot_exist_or_be_classified_fails_before_training():
     X, y = make_data(64)
     model = make_mlp()
     before = copy.deepcopy(model.state_dict())
@@ -3310,7 +3310,7 @@ def test_16_a_monitor_that_cannot_exist_or_be_classified_fails_before_training()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_16_metric_names_are_known_at_start_and_equal_the_epochs_metrics():
+def test_metric_names_are_known_at_start_and_equal_the_epochs_metrics():
     torchmetrics = pytest.importorskip("torchmetrics")
     X, y = make_data(64)
     model = make_mlp()
@@ -3927,7 +3927,7 @@ def test_a_hook_listed_before_checkpoint_has_its_state_resumed_exactly(tmp_path)
     assert "before `loopy.checkpoint`" in open(README).read()
 
 
-def test_16_a_nonfinite_loss_never_reaches_a_checkpoint_file(tmp_path):
+def test_a_nonfinite_loss_never_reaches_a_checkpoint_file(tmp_path):
     X, y = make_data(96)  # batches of 8: 12 steps an epoch; the loss is NaN at step 7
     calls = []
 
@@ -3952,7 +3952,7 @@ def test_16_a_nonfinite_loss_never_reaches_a_checkpoint_file(tmp_path):
     assert all(torch.equal(saved["model"][k], v) for k, v in by_hand.state_dict().items())
 
 
-def test_16_a_nonfinite_loss_before_a_stop_is_raised_at_the_save_at_end(tmp_path):
+def test_a_nonfinite_loss_before_a_stop_is_raised_at_the_save_at_end(tmp_path):
     X, y = make_data(96)
     calls = []
 
@@ -3975,7 +3975,7 @@ def test_16_a_nonfinite_loss_before_a_stop_is_raised_at_the_save_at_end(tmp_path
     assert os.listdir(tmp_path) == []
 
 
-def test_16_history_stays_a_table_when_a_resume_adds_or_drops_metrics(tmp_path):
+def test_history_stays_a_table_when_a_resume_adds_or_drops_metrics(tmp_path):
     X, y = make_data(64)
     extra = dict(metrics={"acc": loopy.accuracy}, val_loader=(X, y))
 
@@ -4842,7 +4842,7 @@ torch.save(results, os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', 0)}.
 
 
 @pytest.mark.slow
-def test_16_under_torchrun_an_evaluation_without_batches_is_an_error(launches):
+def test_under_torchrun_an_evaluation_without_batches_is_an_error(launches):
     tmp_path = scenario(launches, 2, "empty")
     X = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
