@@ -283,11 +283,11 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
             if len(lrs) == num_steps or not losses[-1] < diverge * best:
                 loop.stop("lr_find finished")
 
-    batches = _as_batches(loader, "loader", batch_size, True)
-    _check_in_memory(batch_size=(batch_size, loader, isinstance(batches, _TensorBatches)))
-    once = iter(batches) is batches  # a generator: one pass
-    epochs = 1 if once else num_steps // _length(batches) + 1 if _length(batches) else None
-    with _restoring(model, optimizer):
+    with _restoring(model, optimizer):  # (a DataLoader's iter() below draws a random seed)
+        batches = _as_batches(loader, "loader", batch_size, True)
+        _check_in_memory(batch_size=(batch_size, loader, isinstance(batches, _TensorBatches)))
+        once = iter(batches) is batches  # a generator: one pass
+        epochs = 1 if once else num_steps // _length(batches) + 1 if _length(batches) else None
         fit(model, loss_fn, optimizer, batches, [sweep()], epochs=epochs, progress=False,
             step=step, nonfinite="ignore", device=device, max_steps=None if epochs else num_steps)
     if once and len(lrs) < num_steps and losses[-1] < diverge * min(losses):

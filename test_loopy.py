@@ -2923,6 +2923,14 @@ def test_lr_find_restores_the_train_or_eval_mode():
     assert not model.training
 
 
+def test_lr_find_over_a_dataloader_leaves_the_rng_as_it_was():
+    model = make_mlp()  # (its iterator draws a seed from the global RNG: restored too)
+    rng = torch.get_rng_state()
+    loopy.lr_find(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                  tensor_loader(*make_data(64), batch_size=16, shuffle=True), num_steps=5)
+    assert torch.equal(rng, torch.get_rng_state())
+
+
 def _recording(records):
     return lambda metrics, step: records.append((step, metrics))
 
