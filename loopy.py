@@ -837,15 +837,16 @@ def _epoch_batches(loop, run, epoch, position):
     """The epoch's numbered batches. A resumed epoch replays its shuffle from the random states
     of its start, skips the batches it had consumed (without loading them where it can), and
     gets back its running means."""
+    if position is not None:  # (before set_epoch, which may draw or reseed, as at the start)
+        torch.set_rng_state(position["epoch_rng"])
+        epoch.rng, epoch.generators = position["epoch_rng"], position.get("epoch_generators", [])
+        _set_generator_states(_generators(run.batches), epoch.generators)
     for name in ("sampler", "batch_sampler"):
         sampler = getattr(run.batches, name, None)
         if hasattr(sampler, "set_epoch"):  # a DistributedSampler reshuffles per epoch
             sampler.set_epoch(epoch.index)
     if position is None:
         return itertools.islice(enumerate(run.batches), run.limit)
-    torch.set_rng_state(position["epoch_rng"])
-    epoch.rng, epoch.generators = position["epoch_rng"], position.get("epoch_generators", [])
-    _set_generator_states(_generators(run.batches), epoch.generators)
     done = position["batches"]
     # a stateful loader continues the epoch from its own state, which _restore loaded
     rest = iter(run.batches) if _stateful(run.batches) else _skip_batches(run.batches, done)

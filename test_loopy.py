@@ -3626,6 +3626,23 @@ def test_a_loaders_or_samplers_own_generator_is_saved_and_restored(tmp_path, sto
     assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
 
 
+class EpochSeededSampler(torch.utils.data.RandomSampler):
+    """Reseeds its own generator in set_epoch (a sampler's other per-epoch shuffle)."""
+    def set_epoch(self, epoch):
+        self.generator.manual_seed(100 + epoch)
+
+
+def test_a_samplers_set_epoch_sees_its_restored_generator_after_a_mid_epoch_resume(tmp_path):
+    X, y = make_data(96)
+    loader = lambda seed: DataLoader(TensorDataset(X, y), 16, sampler=EpochSeededSampler(
+        TensorDataset(X, y), generator=torch.Generator().manual_seed(seed)))
+    straight, straight_loop = preemptible(loader(7))
+    path = tmp_path / "run.pt"
+    preemptible(loader(7), hooks=[stop_when(8), loopy.checkpoint(path)])  # mid-epoch 2
+    resumed, resumed_loop = preemptible(loader(999), resume=path)
+    assert same_weights(resumed, straight) and resumed_loop.history == straight_loop.history
+
+
 class StatefulBatches:
     """A loader that saves its own position, as torchdata's StatefulDataLoader does."""
 
