@@ -558,8 +558,7 @@ def checkpoint(path, every="epoch", monitor=None, mode="auto", keep=1):
         >>> loopy.fit(..., hooks=[loopy.checkpoint("run.pt")])
         >>> loopy.fit(..., epochs=20, resume="run.pt")      # continues the same run exactly
     """
-    template = os.fspath(path)
-    _check_checkpoint_options(template, every, monitor, mode, keep)
+    template = _check_checkpoint_options(path, every, monitor, mode, keep)
     better = _improvement_test(monitor, mode, 0.0, "checkpoint") if monitor is not None else None
     loop = yield "start"
     # checked before training; files that an earlier run kept count towards keep
@@ -1362,11 +1361,13 @@ def _monitored(loop, monitor, who):
     return loop.metrics.get(monitor, math.nan)
 
 
-def _check_checkpoint_options(template, every, monitor, mode, keep):
+def _check_checkpoint_options(path, every, monitor, mode, keep):
+    """checkpoint's options checked; returns its path as a string (the file name template)."""
     if every != "epoch" and not (isinstance(every, int) and every > 0):
         raise ValueError(f"checkpoint(every={every!r}): use 'epoch' or a number of steps > 0")
     if not (isinstance(keep, int) and keep > 0):
         raise ValueError(f"checkpoint(keep={keep!r}): use a number of files > 0")
+    template = os.fspath(path)
     if keep > 1 and _fill(template, 1, 1) == _fill(template, 2, 2):
         raise ValueError(f"checkpoint(keep={keep}) would be ignored: each save replaces "
                          f"{template!r}; put {{epoch}} or {{step}} in the path")
@@ -1376,6 +1377,7 @@ def _check_checkpoint_options(template, every, monitor, mode, keep):
     if monitor is not None and every != "epoch":
         raise ValueError(f"checkpoint(every={every!r}, monitor={monitor!r}): a monitored value "
                          f"exists at an epoch's end only; use every='epoch', or two checkpoints")
+    return template
 
 
 # --- setup, and torchrun ---

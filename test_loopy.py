@@ -1245,6 +1245,8 @@ def test_every_other_option_that_would_be_ignored_is_an_error():
         next(loopy.checkpoint("run.pt", keep=3))
     with pytest.raises(ValueError, match=r"every=5, monitor='val_loss'.*every='epoch'"):
         next(loopy.checkpoint("run-{step}.pt", every=5, monitor="val_loss"))
+    with pytest.raises(ValueError, match=r"checkpoint\(every=0\): use 'epoch'"):
+        next(loopy.checkpoint(None, every=0))  # (before the path's TypeError, as it was)
 
 
 # --- batches, devices, custom steps ---
