@@ -609,6 +609,7 @@ def csv_logger(path, append=False):
 def tensorboard(log_dir=None, every=50):
     """Log the loss and learning rate every ``every`` steps, and every metric each epoch, to
     TensorBoard (``pip install tensorboard``; reading a step's loss is a device sync)."""
+    _check_count("tensorboard(every=...)", every)
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as error:
@@ -815,7 +816,8 @@ def _start_epoch(loop, run, runner, position):
 
 
 def _end_pass(loop, run, epoch, batches):
-    """The last group's optimizer step; whether the epoch is complete (not cut short by a stop)."""
+    """The last group's optimizer step; whether the epoch is complete (not cut short by a stop).
+    A pass without batches is an error."""
     if loop.batch_index < 0:
         raise ValueError(f"loader yielded no batches in epoch {loop.epoch + 1}: pass a non-empty "
                          f"DataLoader or list")
@@ -2617,7 +2619,8 @@ def _restore_loader(batches, state):
             iter(batches)
         warnings.warn("the loader has persistent_workers=True, whose worker processes keep "
                       "their random state from one epoch to the next: random augmentation in "
-                      "them differs from the run before the resume (all else is the same)")
+                      "them differs from the run before the resume (all else is the same)",
+                      stacklevel=4)
     if _stateful(batches) and state.get("loader") is not None:
         batches.load_state_dict(state["loader"])
     _set_generator_states(_generators(batches), state.get("generators", []))
@@ -2734,8 +2737,8 @@ def _best_so_far(values, better):
 
 
 def _check_monitor(monitor, who, names):
-    """At "start", ``names`` is loop.metric_names; with a manual step (None), the first
-    epoch's metrics are checked instead."""
+    """At "start", ``names`` is loop.metric_names; with a manual step (None), each epoch's
+    metrics are checked instead."""
     if names and monitor not in names:
         raise ValueError(f"{who}(monitor={monitor!r}): this run has no such metric"
                          f"{_hint(monitor)}; it has {', '.join(map(repr, names))} "

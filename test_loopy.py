@@ -2900,6 +2900,11 @@ def test_tensorboard_logs_step_and_epoch_scalars(tmp_path):
     assert [e.step for e in events.Scalars("epoch/lr")] == [1, 2, 3]
 
 
+def test_tensorboard_every_must_be_a_count_of_steps():
+    with pytest.raises(ValueError, match=r"tensorboard\(every=\.\.\.\) must be an int >= 1; got 0"):
+        train(hooks=[loopy.tensorboard("runs", every=0)])  # (it divided by zero at step 1)
+
+
 def test_lr_find_suggests_a_rate_and_leaves_model_optimizer_and_rng_as_they_were():
     X, y = make_data(256)
     model = make_mlp()
