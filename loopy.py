@@ -1448,7 +1448,7 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None,
                   for s in schedulers.values())
     if training:
         _check_training_args(parameters, loss_fn, optimizers, step, epochs, accumulate, max_steps,
-                             nonfinite, interval, drop_last, val_batch_size, manual)
+                             nonfinite, interval, drop_last, val_batch_size, manual, clip_grad)
         _check_schedulers(schedulers, optimizers, interval, plateau)
     elif loss_fn is not None and not callable(loss_fn):
         hint = ": metrics go in metrics={...}" if isinstance(loss_fn, dict) else ""
@@ -1838,8 +1838,13 @@ def _check_hooks(hooks):
 # --- argument checks ---
 
 def _check_training_args(parameters, loss_fn, optimizers, step, epochs, accumulate, max_steps,
-                         nonfinite, scheduler_interval, drop_last, val_batch_size, manual):
+                         nonfinite, scheduler_interval, drop_last, val_batch_size, manual,
+                         clip_grad):
     _check_optimizers(parameters, optimizers)
+    if clip_grad is not None and (isinstance(clip_grad, bool) or not isinstance(
+            clip_grad, (int, float)) or not clip_grad > 0):  # (torch flips the gradients' sign)
+        raise ValueError(f"clip_grad must be a number > 0, the largest gradient norm, or None "
+                         f"for no clipping; got {_describe(clip_grad)}")
     if len(optimizers) > 1 and not manual:
         raise ValueError(f"optimizer is {len(optimizers)} optimizers, and loopy steps only one "
                          f"itself: pass a manual step, step=fn(model, batch, loop), which "
