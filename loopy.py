@@ -2083,8 +2083,10 @@ def _as_batches(data, name, batch_size, shuffle, drop_last=False):
                         f"model(x, z), DataLoader([({{'x': a}}, b) for a, b in zip(X, y)], "
                         f"batch_size=32) calls model(x=...)")
     if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        hint = (": batch it, DataLoader(dataset, batch_size=32)"
+                if isinstance(data, torch.utils.data.Dataset) else "")
         raise TypeError(f"{name} must be an iterable of batches (a DataLoader) or tensors "
-                        f"(X, y); got {_describe(data)}")
+                        f"(X, y); got {_describe(data)}{hint}")
     if _length(data) == 0:
         raise ValueError(f"{name} is empty ({_describe(data)} has no batches): check the "
                          f"dataset's size, batch_size and drop_last")

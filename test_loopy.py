@@ -960,6 +960,8 @@ def test_bad_arguments_name_the_argument_and_the_fix():
     assert "model.parameters()" in message
     message = fit_error(TypeError, loader=42)
     assert "loader must be an iterable of batches" in message and "42" in message
+    message = fit_error(TypeError, loader=TensorDataset(*make_data(10)))
+    assert "TensorDataset" in message and "DataLoader(dataset, batch_size=32" in message
     message = fit_error(ValueError, loader=[])
     assert "loader is empty" in message and "batch_size" in message
     message = fit_error(ValueError, loader=DataLoader(TensorDataset(*make_data(10)),
