@@ -257,6 +257,7 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
     """The learning-rate range test: train ``num_steps`` batches while the learning rate grows
     exponentially from ``min_lr`` to ``max_lr``; stop early when the smoothed loss exceeds
     ``diverge`` times its best. Model, optimizer and RNG states are restored afterwards.
+    In-memory tensors ``(X, y)`` are batched by ``batch_size`` (default 32) and shuffled.
 
     Returns ``{"lr": [...], "loss": [...smoothed...], "suggestion": lr}``, the suggestion being
     the learning rate where the smoothed loss falls fastest before its minimum.
