@@ -693,9 +693,10 @@ def ema(decay=0.999, apply_at_end=True):
 
         >>> loopy.fit(..., val_loader=val, hooks=[loopy.ema(decay=0.999)])
     """
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
         raise ValueError(f"ema(decay={decay!r}): use a number between 0 and 1, like 0.999 (the "
-                         f"weight of the old average at each step)")
+                         f"weight of the old average at each step; 1 would never move it from "
+                         f"the initial weights)")
     loop = yield "start"
     if _is_fsdp(loop.model):
         raise ValueError("loopy.ema() cannot average a model sharded with FSDP2's fully_shard, "

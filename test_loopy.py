@@ -3152,7 +3152,7 @@ def test_validation_runs_with_the_averaged_weights():
 def test_ema_with_a_bad_decay_says_what_to_use():
     X, y = make_data()
     model = make_mlp()
-    for decay in (1.5, -0.1, "0.9", None):
+    for decay in (1.5, -0.1, "0.9", None, 1.0):  # 1.0: the average would stay the initial weights
         with pytest.raises(ValueError, match=r"ema\(decay=.*\): use a number between 0 and 1"):
             loopy.fit(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
                       (X, y), hooks=[loopy.ema(decay=decay)], progress=False)
