@@ -240,14 +240,18 @@ def predict(model, loader, device="auto", *, batch_size=None):
 def accuracy(output, target):
     """Top-1 accuracy as a 0-dim tensor (no host sync). Class scores ``(N, C, ...)`` are
     compared by argmax over dim 1 with class indices ``(N, ...)``, or with the argmax of class
-    probabilities or one-hot targets of the output's shape; binary logits (``(N,)`` or ``(N, 1)``,
-    targets 0/1 of either shape) count as positive above 0."""
+    probabilities or one-hot targets of the output's shape. Binary outputs (``(N,)`` or
+    ``(N, 1)``, targets 0/1 of either shape) count as positive above 0.5 when they are all
+    within [0, 1] (a sigmoid's probabilities), else above 0 (logits), as torchmetrics'
+    ``BinaryAccuracy`` decides."""
     if output.dim() > 1 and output.size(1) > 1 and output.shape == target.shape:
         return (output.argmax(dim=1) == target.argmax(dim=1)).float().mean()
     if output.dim() == target.dim() + 1 and output.size(1) > 1:
         predicted = output.argmax(dim=1)
     else:
-        predicted = output.reshape(target.shape) > 0
+        output = output.reshape(target.shape)
+        # decided on the device, per call: no sync
+        predicted = output > torch.where(((output >= 0) & (output <= 1)).all(), 0.5, 0.0)
         target = target > 0.5
     return (predicted == target).float().mean()
 

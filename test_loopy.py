@@ -1381,6 +1381,27 @@ def test_accuracy_matches_by_hand_for_classes_and_binary_logits():
     assert loopy.accuracy(logits.squeeze(1), torch.tensor([1, 0, 1, 1])).item() == 0.75
 
 
+def test_binary_accuracy_of_probabilities_thresholds_at_one_half_as_torchmetrics_does():
+    torchmetrics = pytest.importorskip("torchmetrics")
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, generator=generator)
+    labels = torch.randint(0, 2, (50,), generator=generator)
+    oracle = torchmetrics.classification.BinaryAccuracy()
+    for output in (logits, logits.sigmoid(), (logits + 3).sigmoid()):  # (all above 0)
+        assert loopy.accuracy(output, labels) == oracle(output, labels)
+        assert loopy.accuracy(output[:, None], labels.float()) == oracle(output, labels)
+    # a model ending in a sigmoid, trained with BCELoss: not the fraction of positives
+    X, y = make_data(96)
+    target = (y % 2).float()
+    model = torch.nn.Sequential(make_mlp(), torch.nn.Linear(3, 1), torch.nn.Flatten(0),
+                                torch.nn.Sigmoid())
+    loop = train(model=model, loss_fn=F.binary_cross_entropy, loader=(X, target), lr=0.0,
+                 metrics={"acc": loopy.accuracy})
+    with torch.no_grad():
+        expected = ((model(X) > 0.5) == (target > 0.5)).float().mean().item()
+    assert loop.history["acc"][0] == pytest.approx(expected)
+
+
 def test_evaluate_and_predict_match_by_hand_values():
     X, y = make_data(100)
     model = make_mlp(dropout=0.5)
