@@ -494,7 +494,7 @@ def progress(refresh=0.5, bar=True):
             if due == 0.0:  # an epoch's first step; one bar per run: a notebook keeps no stale bars
                 if live is None:
                     live = bar_class(total=loop.num_batches, unit="batch", leave=False)
-                live.set_description(f"epoch {loop.epoch + 1}{_of(loop.epochs)}", refresh=False)
+                live.set_description_str(f"epoch {loop.epoch + 1}{_of(loop.epochs)}", refresh=False)
                 live.reset(total=loop.num_batches)
             if loop.batch_index + 1 == loop.num_batches or loop.stop_reason is not None:
                 live.clear()  # validation and the "epoch" (or "end") hooks come next

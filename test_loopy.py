@@ -2173,6 +2173,9 @@ def test_progress_shows_a_tqdm_bar_on_a_terminal(monkeypatch, capsys):
     train(epochs=2, progress=True)
     captured = capsys.readouterr()  # the bar on stderr, and a line per epoch on stdout
     assert captured.out.count("\n") == 2 and "epoch 2/2" in captured.err and "2/2" in captured.err
+    X, y = make_data(64)  # without len(), tqdm.set_description gave "epoch 1/1: : 1batch"
+    train(loader=((X[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)), progress=True)
+    assert "epoch 1/1: 1batch" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="session")
