@@ -341,7 +341,8 @@ class Loop:
     the device; a ``"batch"`` hook may replace it), ``output``, ``loss`` (detached tensor; a
     manual step's dict), ``grad_norm`` (with ``clip_grad``), ``metrics`` (the last epoch's
     floats), ``metric_names`` (the names that ``metrics`` will have, known at ``"start"``; a
-    hook that adds its own metric appends its name there; None with a manual step), ``history``
+    hook that adds its own metric appends its name there, and at ``"epoch"`` sets it in
+    ``metrics`` and appends it to ``history``; None with a manual step), ``history``
     (a list of floats per epoch for each name, NaN in the epochs without that value), ``event``
     (the current event), ``stop_reason``, ``rank`` and ``world_size`` (under torchrun; 0 and 1
     otherwise), ``scheduler``, ``scaler``, ``val_loader``, ``dry_run``, ``val_model`` (the module
