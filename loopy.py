@@ -519,6 +519,9 @@ def early_stopping(monitor="val_loss", patience=3, mode="auto", min_delta=0.0, r
         >>> loopy.fit(..., val_loader=val, hooks=[loopy.early_stopping(patience=5)])
     """
     better = _improvement_test(monitor, mode, min_delta, "early_stopping")
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        raise ValueError(f"early_stopping(patience={patience!r}): use an int >= 0, the epochs "
+                         f"without improvement before stopping")
     loop = yield "start"
     _check_monitor(monitor, "early_stopping", loop.metric_names)
     # after a resume the epochs before it count too, so that the stop comes where it would have
@@ -2732,7 +2735,8 @@ def _improvement_test(monitor, mode, min_delta, who):
                              f"higher or lower is better (if it is a metric of the run, check "
                              f"its spelling); pass mode='max' or mode='min'")
         mode = "max" if words[-1] in _SCORES else "min"
-    if not min_delta >= 0:  # (Keras takes abs(): a negative one would count worse as better)
+    # (Keras takes abs(): a negative one would count worse as better)
+    if not isinstance(min_delta, (int, float)) or not min_delta >= 0:
         raise ValueError(f"{who}(min_delta={min_delta!r}): use a number >= 0, the least change "
                          f"that counts as an improvement, in either mode")
     if mode not in ("min", "max"):

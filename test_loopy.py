@@ -3345,6 +3345,8 @@ def test_a_monitor_that_cannot_exist_or_be_classified_fails_before_training():
                         (loopy.early_stopping("val_accc"), ["check its spelling"]),
                         (loopy.early_stopping(min_delta=-0.05), ["min_delta=-0.05", ">= 0"]),
                         (loopy.early_stopping(min_delta=math.nan), ["min_delta=nan"]),
+                        (loopy.early_stopping(min_delta="0.1"), ["min_delta='0.1'"]),
+                        (loopy.early_stopping(patience="3"), ["patience='3'", "int >= 0"]),
                         (loopy.early_stopping("val_loss", mode="best"), ["mode='best'"])):
         message = fit_error(ValueError, model=model, hooks=[recorder(log), hook],
                             optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
