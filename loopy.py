@@ -1379,6 +1379,9 @@ def _check_checkpoint_options(path, every, monitor, mode, keep):
         raise ValueError(f"checkpoint(every={every!r}): use 'epoch' or a number of steps > 0")
     if not (isinstance(keep, int) and keep > 0):
         raise ValueError(f"checkpoint(keep={keep!r}): use a number of files > 0")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint(path={_describe(path)}): pass a file path, like "
+                        f"checkpoint('run.pt')")
     template = os.fspath(path)
     if keep > 1 and _fill(template, 1, 1) == _fill(template, 2, 2):
         raise ValueError(f"checkpoint(keep={keep}) would be ignored: each save replaces "

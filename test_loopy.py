@@ -1251,6 +1251,8 @@ def test_every_other_option_that_would_be_ignored_is_an_error():
         next(loopy.checkpoint("run-{step}.pt", every=5, monitor="val_loss"))
     with pytest.raises(ValueError, match=r"checkpoint\(every=0\): use 'epoch'"):
         next(loopy.checkpoint(None, every=0))  # (before the path's TypeError, as it was)
+    with pytest.raises(TypeError, match=r"checkpoint\(path=None \(type NoneType\)\): pass a file"):
+        next(loopy.checkpoint(None))  # (was os.fspath's "expected str, bytes or os.PathLike")
 
 
 # --- batches, devices, custom steps ---
