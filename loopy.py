@@ -2561,7 +2561,8 @@ def _read_checkpoint(path):
                          f"the file is corrupt or not a loopy checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != "loopy-checkpoint/1":
         raise ValueError(f"resume={path!r} is not a loopy checkpoint (no 'format' entry): "
-                         f"pass a file written by loopy.checkpoint or Loop.save")
+                         f"pass a file written by loopy.checkpoint or Loop.save (to start from "
+                         f"plain weights, model.load_state_dict(torch.load(path)) before fit)")
     missing = [key for key in ("model", "optimizers", "schedulers", "scaler", "epoch", "step",
                                "history", "rng", "position") if key not in state]
     if missing:

@@ -3430,6 +3430,7 @@ def test_resume_errors_name_the_file_and_the_mismatch(tmp_path):
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
     message = fit_error(ValueError, resume=tmp_path / "other.pt")
     assert "not a loopy checkpoint" in message
+    assert "model.load_state_dict(torch.load(" in message  # plain weights: load before fit
     path = tmp_path / "run.pt"
     resumable_run(path, epochs=1)
     wider = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
