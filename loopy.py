@@ -288,13 +288,18 @@ def lr_find(model, loss_fn, optimizer, loader, *, min_lr=1e-7, max_lr=10.0, num_
             if len(lrs) == num_steps or not losses[-1] < diverge * best:
                 loop.stop("lr_find finished")
 
-    with _restoring(model, optimizer):  # (a DataLoader's iter() below draws a random seed)
+    # (a DataLoader's iter() below draws a random seed; fit's advice to resume does not apply)
+    with _restoring(model, optimizer), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "training interrupted by")
         batches = _as_batches(loader, "loader", batch_size, True)
         _check_in_memory(batch_size=(batch_size, loader, isinstance(batches, _TensorBatches)))
         once = iter(batches) is batches  # a generator: one pass
         epochs = 1 if once else num_steps // _length(batches) + 1 if _length(batches) else None
-        fit(model, loss_fn, optimizer, batches, [sweep()], epochs=epochs, progress=False,
-            step=step, nonfinite="ignore", device=device, max_steps=None if epochs else num_steps)
+        loop = fit(model, loss_fn, optimizer, batches, [sweep()], epochs=epochs, progress=False,
+                   step=step, nonfinite="ignore", device=device,
+                   max_steps=None if epochs else num_steps)
+    if loop._interrupted:  # Ctrl+C (a preemption signal has ended the process): abort the sweep
+        raise KeyboardInterrupt
     if once and len(lrs) < num_steps and losses[-1] < diverge * min(losses):
         raise ValueError(f"lr_find: the loader, {_describe(loader)}, ran out after {len(lrs)} of "
                          f"num_steps={num_steps} batches, and a one-shot iterator cannot be "

@@ -3184,6 +3184,24 @@ def test_ema_with_a_bad_decay_says_what_to_use():
                       (X, y), hooks=[loopy.ema(decay=decay)], progress=False)
 
 
+def test_ctrl_c_in_lr_find_restores_the_model_and_raises_keyboard_interrupt(recwarn):
+    model, (X, y) = make_mlp(), make_data(64)
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+
+    def interrupted_loss(output, target):  # Ctrl+C at the third step
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return F.cross_entropy(output, target)
+
+    with pytest.raises(KeyboardInterrupt):
+        loopy.lr_find(model, interrupted_loss, torch.optim.SGD(model.parameters(), lr=0.1),
+                      (X, y), num_steps=20)  # (was: a suggestion from 3 steps, two warnings)
+    assert [str(w.message) for w in recwarn] == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_lr_find_warns_when_the_loss_never_falls_and_explains_a_short_generator():
     model, (X, y) = make_mlp(), make_data(64)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
