@@ -486,7 +486,11 @@ def progress(refresh=0.5, bar=True):
     adds ``progress(bar=False)``.
     """
     bar_class = _bar_class() if bar else None
-    started, due, live = time.monotonic(), 0.0, None
+    started, due, live, shown = time.monotonic(), 0.0, None, warnings.showwarning
+
+    def show(*args, **kwargs):  # a warning under the live bar: on a line of its own
+        with bar_class.external_write_mode():
+            shown(*args, **kwargs)
     try:
         while True:
             loop = yield ("step", "epoch") if bar_class else "epoch"
@@ -500,6 +504,7 @@ def progress(refresh=0.5, bar=True):
             if due == 0.0:  # an epoch's first step; one bar per run: a notebook keeps no stale bars
                 if live is None:
                     live = bar_class(total=loop.num_batches, unit="batch", leave=False)
+                    warnings.showwarning = show
                 live.set_description_str(f"epoch {loop.epoch + 1}{_of(loop.epochs)}", refresh=False)
                 live.reset(total=loop.num_batches)
             if loop.batch_index + 1 == loop.num_batches or loop.stop_reason is not None:
@@ -510,6 +515,7 @@ def progress(refresh=0.5, bar=True):
                 due = time.monotonic() + refresh  # (averages() is a sync: not every step)
     finally:
         if live is not None:
+            warnings.showwarning = shown
             live.close()
 
 

@@ -2180,6 +2180,22 @@ def test_progress_shows_a_tqdm_bar_on_a_terminal(monkeypatch, capsys):
     assert "epoch 1/1: 1batch" in capsys.readouterr().err
 
 
+def test_a_warning_under_a_live_bar_starts_a_line_of_its_own(monkeypatch, capsys):
+    import warnings
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(warnings, "showwarning",  # as Python's own shows one, on stderr
+                        lambda message, *args, **kwargs: sys.stderr.write(f"W: {message}\n"))
+
+    def warns():
+        while True:
+            if (yield "step").step == 2:
+                warnings.warn("careful")
+
+    train(hooks=[warns()], progress=True)
+    assert re.search(r"[\r\n]W: careful", capsys.readouterr().err)  # (was "loss=1.1]W: careful")
+
+
 @pytest.fixture(scope="session")
 def fresh_interpreters(tmp_path_factory):
     """A function that returns (exit code, stdout, stderr) of "copied alone" (loopy.py copied
