@@ -1485,6 +1485,8 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None,
     device = _resolve_device(device)
     device = _join_process_group(device, process_group_timeout) if distributed else device
     if seed is not None:  # before anything draws a random number
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int, like seed=0; got {_describe(seed)}")
         _seed_everything(seed)
     batches, val_loader = _data(loader, val_loader, batch_size, shuffle, drop_last,
                                 val_batch_size)

@@ -983,6 +983,8 @@ def test_bad_arguments_name_the_argument_and_the_fix():
     assert "precision='fp8'" in message and "'bf16'" in message
     message = fit_error(TypeError, hooks=42)
     assert "hooks must be a list" in message
+    message = fit_error(TypeError, seed="1")  # (was numpy's "not all arguments converted ...")
+    assert "seed must be an int" in message and "'1' (type str)" in message
     message = fit_error(ValueError, clip_grad=-1.0)  # torch would flip the gradients' sign
     assert "clip_grad must be a number > 0" in message and "-1.0" in message and "None" in message
 
