@@ -1487,7 +1487,7 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None,
     if seed is not None:  # before anything draws a random number
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int, like seed=0; got {_describe(seed)}")
-        _seed_everything(seed)
+        _seed_everything(int(seed))  # (a NumPy integer too: random.seed refuses one)
     batches, val_loader = _data(loader, val_loader, batch_size, shuffle, drop_last,
                                 val_batch_size)
     _check_effect(loss_fn=(loss_fn, step is None, "step= computes the loss; pass None"),
