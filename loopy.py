@@ -572,7 +572,8 @@ def checkpoint(path, every="epoch", monitor=None, mode="auto", keep=1):
     epoch, every ``every`` optimizer steps when it is a number, and when training ends, stops or
     is interrupted; with ``monitor``, only epochs that improve it. ``path`` may contain
     ``{epoch}`` and ``{step}``; then the ``keep`` newest files are kept (with ``monitor``, the
-    last ``keep`` improvements; ``mode`` as in :func:`early_stopping`). Nothing is saved after a non-finite loss (see ``nonfinite``).
+    last ``keep`` improvements; ``mode`` as in :func:`early_stopping`). Nothing is saved after
+    a non-finite loss (see ``nonfinite``).
     Hooks that keep state in ``loop.hook_state`` come before it in ``hooks``, to be in its saves.
 
         >>> loopy.fit(..., hooks=[loopy.checkpoint("run.pt")])
