@@ -209,6 +209,9 @@ def evaluate(model, loader, loss_fn=None, metrics=None, device="auto", *, step=N
         >>> loopy.evaluate(model, (X_test, y_test), F.cross_entropy, {"acc": loopy.accuracy})
         {'loss': 0.21, 'acc': 0.94}
     """
+    if loss_fn is None and step is None and not metrics:
+        raise ValueError("evaluate has nothing to compute: pass loss_fn, like evaluate(model, "
+                         "loader, F.cross_entropy), metrics={...} or step=")
     run = _prepare(model, loss_fn, None, loader, metrics=metrics, device=device, step=step,
                    batch_size=batch_size, precision=precision)
     return _evaluate(run, run.batches, "loader", Loop(run, loader), model)

@@ -1124,6 +1124,8 @@ def test_evaluate_checks_its_loss_fn_and_speaks_for_itself():
     with pytest.raises(TypeError) as raised:
         loopy.evaluate(model, X, metrics={"acc": loopy.accuracy})
     assert "fit expects" not in str(raised.value) and "(inputs, target)" in str(raised.value)
+    with pytest.raises(ValueError, match=r"evaluate has nothing to compute.*F\.cross_entropy"):
+        loopy.evaluate(model, (X, y))  # (was {}, after a pass over the data)
 
 
 class TwoInputs(torch.nn.Module):
