@@ -1530,7 +1530,36 @@ def _prepare(model, loss_fn, optimizer, loader, *, epochs=None, val_loader=None,
         # (a set-and-forget resume's first launch starts afresh)
         run = dataclasses.replace(run, resume=_load_checkpoint(resume, run))
     _check_passes(run, epochs, loader=loader, val_loader=val_loader)
+    _check_total_steps(run)
     return run
+
+
+def _check_total_steps(run):
+    """A scheduler of a fixed number of steps (OneCycleLR) fits the run it schedules: torch
+    raises past its end, and one counted in optimizer steps but stepped once per epoch never
+    leaves its warm-up. (A resumed, dry or manual run is not checked.)"""
+    length = _limited_length(run)
+    if run.resume is not None or run.dry_run or run.manual or length is None:
+        return
+    per_epoch = -(-length // run.accumulate)  # (an epoch's last, shorter group steps too)
+    steps = min(per_epoch * run.epochs if run.epochs else math.inf, run.max_steps or math.inf)
+    for scheduler in run.schedulers:
+        total = getattr(scheduler, "total_steps", None)
+        if not isinstance(total, int):
+            continue
+        left = total - scheduler.last_epoch
+        count = steps if run.scheduler_interval == "step" else run.epochs or 0
+        if count > left:
+            raise ValueError(f"scheduler {type(scheduler).__name__}(total_steps={total}) has "
+                             f"{left} steps left, but scheduler_interval="
+                             f"{run.scheduler_interval!r} steps it {count} times in this run, "
+                             f"and torch raises after its last step: build it with "
+                             f"total_steps={count}")
+        if run.scheduler_interval == "epoch" and left == steps != run.epochs:
+            raise ValueError(f"scheduler {type(scheduler).__name__}(total_steps={total}) "
+                             f"counts this run's optimizer steps ({per_epoch} per epoch), but "
+                             f"scheduler_interval='epoch' steps it once per epoch, so it would "
+                             f"never leave its warm-up: pass scheduler_interval='step'")
 
 
 def _check_passes(run, epochs, **data):

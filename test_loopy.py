@@ -2503,6 +2503,39 @@ def test_scheduler_per_step_matches_the_hand_loop():
     assert same_weights(model, by_hand)
 
 
+def test_a_one_cycle_schedule_that_does_not_fit_the_run_is_an_error_before_training():
+    X, y = make_data(96)  # batches of 32: 3 optimizer steps per epoch, 6 in 2 epochs
+
+    def one_cycle(total_steps, **options):
+        model = make_mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.5, total_steps=total_steps)
+        return train(model=model, optimizer=optimizer, scheduler=scheduler, loader=(X, y),
+                     epochs=2, **options)
+
+    # torch would raise "Tried to step 6 times" at the run's last step
+    with pytest.raises(ValueError, match=r"OneCycleLR\(total_steps=5\) has 5 steps left, but "
+                                         r"scheduler_interval='step' steps it 6 times .* build "
+                                         r"it with total_steps=6"):
+        one_cycle(5, scheduler_interval="step")
+    # counted in optimizer steps, stepped per epoch: the warm-up would never end
+    with pytest.raises(ValueError, match=r"counts this run's optimizer steps \(3 per epoch\), "
+                                         r"but .* pass scheduler_interval='step'"):
+        one_cycle(6)
+    # 2 groups per epoch (the last one short): 4 steps, no more (torch would raise) and no less
+    with pytest.raises(ValueError, match=r"steps it 4 times .* total_steps=4"):
+        one_cycle(3, scheduler_interval="step", accumulate=2)
+    assert one_cycle(4, scheduler_interval="step", accumulate=2).step == 4
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)])
+    by_hand = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.5, total_steps=2)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    optimizer.step()
+    by_hand.step()
+    lrs.append(optimizer.param_groups[0]["lr"])
+    assert one_cycle(2).history["lr"] == lrs  # built per epoch, stepped per epoch: it fits
+    one_cycle(6, scheduler_interval="step", max_steps=4)  # ends early: fits
+
+
 def test_reduce_lr_on_plateau_gets_the_monitored_metric():
     X, y = make_data(64)
     model = make_mlp()
