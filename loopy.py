@@ -488,6 +488,8 @@ def progress(refresh=0.5, bar=True):
     ``hooks`` has one: ``progress=True`` or ``"bar"`` adds ``progress()``, ``progress="epoch"``
     adds ``progress(bar=False)``.
     """
+    if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or not refresh >= 0:
+        raise ValueError(f"progress(refresh={refresh!r}): use a number of seconds >= 0")
     bar_class = _bar_class() if bar else None
     started, due, live, shown = time.monotonic(), 0.0, None, warnings.showwarning
 
@@ -617,6 +619,7 @@ def checkpoint(path, every="epoch", monitor=None, mode="auto", keep=1):
 def csv_logger(path, append=False):
     """Write one row per epoch (``epoch`` and every metric) to the CSV file ``path``."""
     import csv
+    _check_path("csv_logger", path, "'log.csv'")
     loop = yield "epoch"
     if loop.rank != 0:
         return
@@ -690,6 +693,8 @@ def live_plot(path=None):
     place (an IPython display handle; nothing is cleared, so the progress lines stay); with
     ``path``, also a PNG written there each epoch; elsewhere without ``path``, nothing."""
     notebook = "ipykernel" in sys.modules
+    if path is not None:
+        _check_path("live_plot", path, "'history.png'")
     handle = None
     while notebook or path is not None:
         loop = yield "epoch"
@@ -1388,16 +1393,21 @@ def _monitored(loop, monitor, who):
     return loop.metrics.get(monitor, math.nan)
 
 
+def _check_path(hook, path, example):
+    """A hook's file path as a string; anything else is an error naming the hook."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{hook}(path={_describe(path)}): pass a file path, like "
+                        f"{hook}({example})")
+    return os.fspath(path)
+
+
 def _check_checkpoint_options(path, every, monitor, mode, keep):
     """checkpoint's options checked; returns its path as a string (the file name template)."""
     if every != "epoch" and not (isinstance(every, int) and every > 0):
         raise ValueError(f"checkpoint(every={every!r}): use 'epoch' or a number of steps > 0")
     if not (isinstance(keep, int) and keep > 0):
         raise ValueError(f"checkpoint(keep={keep!r}): use a number of files > 0")
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"checkpoint(path={_describe(path)}): pass a file path, like "
-                        f"checkpoint('run.pt')")
-    template = os.fspath(path)
+    template = _check_path("checkpoint", path, "'run.pt'")
     if keep > 1 and _fill(template, 1, 1) == _fill(template, 2, 2):
         raise ValueError(f"checkpoint(keep={keep}) would be ignored: each save replaces "
                          f"{template!r}; put {{epoch}} or {{step}} in the path")

@@ -2983,6 +2983,18 @@ def test_tensorboard_logs_step_and_epoch_scalars(tmp_path):
     assert [e.step for e in events.Scalars("epoch/lr")] == [1, 2, 3]
 
 
+def test_a_hooks_path_or_refresh_of_the_wrong_kind_is_an_error_before_training():
+    for hook, like in ((loopy.csv_logger(None), "csv_logger('log.csv')"),
+                       (loopy.live_plot(3), "live_plot('history.png')")):
+        with pytest.raises(TypeError, match=rf"path=.* \(type (NoneType|int)\)\): pass a file "
+                                            rf"path, like {re.escape(like)}"):
+            train(hooks=[hook])
+    for refresh in (-1, "1", None):
+        with pytest.raises(ValueError, match=r"progress\(refresh=.*\): use a number of seconds "
+                                             r">= 0"):
+            train(hooks=[loopy.progress(refresh=refresh)])
+
+
 def test_tensorboard_every_must_be_a_count_of_steps():
     with pytest.raises(ValueError, match=r"tensorboard\(every=\.\.\.\) must be an int >= 1; got 0"):
         train(hooks=[loopy.tensorboard("runs", every=0)])  # (it divided by zero at step 1)
