@@ -1861,6 +1861,9 @@ class _HookRunner:
         self.listeners = {}
 
     def __exit__(self, error_type, error, traceback):
+        # no cycle through the epoch's record: the loop, and a loader's worker processes, are
+        # freed as soon as the caller lets go of them, not at the garbage collector's next pass
+        self.loop = None
         failures = []
         for hook in reversed(self.waiting):
             try:

@@ -621,6 +621,23 @@ def test_event_sequence_for_two_epochs_of_three_batches():
                       "closed"]
 
 
+def test_a_finished_loop_is_freed_by_reference_counting_alone():
+    """No cycle keeps a run (its model, its loader's worker processes) until the garbage
+    collector's next pass once the caller lets go of the loop."""
+    import gc
+    import weakref
+    gc.collect()
+    gc.disable()
+    try:
+        loop = train(hooks=[loopy.ema(), loopy.early_stopping("loss"), recorder([])], epochs=2,
+                     metrics={"acc": loopy.accuracy}, progress="epoch")
+        freed = weakref.ref(loop)
+        del loop
+        assert freed() is None
+    finally:
+        gc.enable()
+
+
 def test_hooks_run_in_order_and_close_in_reverse():
     log = []
     train(n=32, hooks=[recorder(log, "a"), recorder(log, "b")])
