@@ -2609,6 +2609,10 @@ def _load_checkpoint(path, run):
 
 def _read_checkpoint(path):
     """A loopy checkpoint's state, read back whole (only what weights_only loading accepts)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"resume={path!r} is a directory; pass the file that a "
+                                f"loopy.checkpoint hook wrote in it, like "
+                                f"{os.path.join(path, 'run.pt')!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"resume={path!r}: no such file; pass the path that a "
                                 f"loopy.checkpoint hook wrote (or resume_missing_ok=True to "

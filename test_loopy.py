@@ -3524,6 +3524,8 @@ def test_resuming_twice_from_the_final_checkpoint_trains_nothing_more(tmp_path):
 def test_resume_errors_name_the_file_and_the_mismatch(tmp_path):
     message = fit_error(FileNotFoundError, resume=tmp_path / "missing.pt")
     assert "missing.pt" in message and "no such file" in message
+    message = fit_error(IsADirectoryError, resume=tmp_path)  # (the folder checkpoints go in)
+    assert f"resume={str(tmp_path)!r} is a directory" in message and "like" in message
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     message = fit_error(ValueError, resume=tmp_path / "junk.pt")
     assert "junk.pt" in message and "corrupt" in message
